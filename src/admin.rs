@@ -1,0 +1,101 @@
+//! The admin port: liveness, readiness, metrics and (with `--debug`) the store's content.
+//!
+//! Kept off the app port, which every pod reaches through 169.254.169.254: in kube2iam,
+//! `/metrics` and `/debug/store` were one request away for any pod.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode, header};
+use serde_json::json;
+
+use crate::cluster::{NamespaceStore, PodStore};
+use crate::credentials::CredentialCache;
+use crate::http::{Body, text};
+use crate::metrics::Metrics;
+
+/// A named condition `/readyz` waits for.
+pub type ReadinessCheck = (&'static str, Box<dyn Fn() -> bool + Send + Sync>);
+
+pub struct AdminService {
+    pub pods: Arc<PodStore>,
+    pub namespaces: Option<Arc<NamespaceStore>>,
+    pub credentials: Arc<CredentialCache>,
+    pub metrics: Arc<Metrics>,
+    pub debug: bool,
+    /// Extra readiness conditions (the netfilter rules, when iamlet installs them).
+    pub readiness: Vec<ReadinessCheck>,
+}
+
+impl AdminService {
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body> {
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.ready(),
+            "/metrics" => {
+                let mut response = text(StatusCode::OK, self.metrics.encode());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                response
+            }
+            "/debug/store" if self.debug => self.store(),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn ready(&self) -> Response<Body> {
+        let mut waiting = Vec::new();
+        if !self.pods.is_synced() {
+            waiting.push("pod cache not synced");
+        }
+        if self.namespaces.as_ref().is_some_and(|ns| !ns.is_synced()) {
+            waiting.push("namespace cache not synced");
+        }
+        waiting.extend(self.readiness.iter().filter(|(_, check)| !check()).map(|(name, _)| *name));
+        if waiting.is_empty() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", waiting.join(", ")))
+        }
+    }
+
+    /// The index, the namespace rules and the cached keys: never a secret.
+    fn store(&self) -> Response<Body> {
+        let mut pods: Vec<_> = self.pods.read(|index| {
+            index
+                .pods()
+                .map(|p| {
+                    json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "ips": p.ips,
+                           "role": p.role_annotation, "running": p.running, "terminating": p.terminating})
+                })
+                .collect()
+        });
+        pods.sort_by_key(|p| (p["namespace"].to_string(), p["name"].to_string()));
+        let namespaces: Vec<_> = self
+            .namespaces
+            .iter()
+            .flat_map(|store| store.snapshot())
+            .map(|(name, rule)| match rule.as_ref() {
+                Ok(allowed) => {
+                    json!({"namespace": name, "allowed": allowed.entries.iter().map(|e| &e.source).collect::<Vec<_>>()})
+                }
+                Err(error) => json!({"namespace": name, "error": error.to_string()}),
+            })
+            .collect();
+        let credentials: Vec<_> = self
+            .credentials
+            .snapshot()
+            .into_iter()
+            .map(|(key, expiration)| {
+                json!({"role": key.role.as_str(), "session": key.session_name.as_ref(),
+                       "external_id": key.external_id.is_some(),
+                       "expiration": humantime::format_rfc3339_seconds(expiration).to_string()})
+            })
+            .collect();
+        let body = json!({"pods": pods, "namespaces": namespaces, "credentials": credentials});
+        let mut response = text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default());
+        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        response
+    }
+}

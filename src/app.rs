@@ -1,0 +1,236 @@
+//! Startup order and graceful shutdown. Owns the tasks.
+//!
+//! Order matters: discovery first (policy needs the base ARN), then the listeners (so a port
+//! conflict fails fast, before any watch starts), then the watches and the prefetcher, then
+//! serving. `/readyz` turns ready once the caches have synced.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::StartupError;
+use crate::admin::AdminService;
+use crate::cli::{BaseArnSource, Config, DefaultRoleSource};
+use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
+use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
+use crate::credentials::{AwsSts, CacheSettings, CredentialCache, Prefetcher, RoleAssumer};
+use crate::imds::{ImdsService, TokenIssuer, UpstreamImds};
+use crate::metrics::Metrics;
+use crate::policy::{BaseArn, Policy, RoleArn};
+
+/// How often every cached credential is checked for a due refresh.
+const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
+/// How long iamlet waits for the node's metadata service.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The outside services the agent talks to, built from the environment by [`run`] and
+/// passed explicitly by tests.
+pub struct Dependencies {
+    pub kube: kube::Client,
+    pub sts: Arc<dyn RoleAssumer>,
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    /// Where the metadata API listens.
+    pub app_addr: SocketAddr,
+    /// Where the admin endpoints listen.
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    servers: JoinSet<()>,
+    background: JoinSet<()>,
+}
+
+impl RunningAgent {
+    /// Stops accepting, lets in-flight requests finish (bounded by the grace period), and
+    /// stops the watches.
+    pub async fn stop(mut self) {
+        self.stop.send_replace(true);
+        while self.servers.join_next().await.is_some() {}
+        self.background.shutdown().await;
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let kube = crate::cluster::client::client(&config).await?;
+    let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await.into_assumer();
+    let agent = start(config, Dependencies { kube, sts }).await?;
+    let signal = crate::shutdown::signalled().await;
+    tracing::info!(signal, "shutting down: draining in-flight requests");
+    crate::shutdown::abort_on_second_signal();
+    agent.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts the agent: discovery, listeners, watches, prefetcher, servers.
+pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, StartupError> {
+    let metrics = Arc::new(Metrics::new());
+    let upstream = Arc::new(UpstreamImds::new(config.metadata_authority.clone(), UPSTREAM_TIMEOUT));
+    let policy = Arc::new(discover_policy(&config, &upstream).await?);
+    tracing::info!(
+        base_arn = policy.base.as_ref().map(BaseArn::as_str),
+        default_role = policy.default_role.as_ref().map(RoleArn::as_str),
+        node = %config.node,
+        "policy ready"
+    );
+
+    let bind_ip = config.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let app_listener = bind("--app-port", SocketAddr::new(bind_ip, config.app_port)).await?;
+    let admin_listener = bind("--metrics-port", SocketAddr::new(bind_ip, config.metrics_port)).await?;
+    let app_addr = app_listener.local_addr().expect("a bound socket has an address");
+    let admin_addr = admin_listener.local_addr().expect("a bound socket has an address");
+
+    let pods = PodStore::new();
+    let namespaces = config.namespace_restrictions.map(|_| NamespaceStore::new());
+    let credentials = CredentialCache::new(
+        deps.sts,
+        CacheSettings {
+            refresh_before: config.session_ttl,
+            error_ttl: config.error_ttl,
+            sts_timeout: config.sts_timeout,
+            capacity: 20_000,
+        },
+        metrics.clone(),
+    );
+
+    let mut background = JoinSet::new();
+    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+    let sink = PodSink {
+        store: pods.clone(),
+        keys: AnnotationKeys {
+            role: config.role_annotation.clone(),
+            external_id: config.external_id_annotation.clone(),
+        },
+        changes: changes_tx,
+        metrics: metrics.clone(),
+    };
+    let (kube, node) = (deps.kube.clone(), config.node.clone());
+    background.spawn(async move { watch_pods(kube, &node, sink).await });
+    if let (Some(store), Some(format)) = (&namespaces, config.namespace_restrictions) {
+        let rules =
+            NamespaceRules { annotation: config.namespace_annotation.clone(), format, base: policy.base.clone() };
+        let sink = NamespaceSink { store: store.clone(), rules };
+        background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
+    }
+    let prefetcher = Prefetcher::new(credentials.clone(), policy.clone(), namespaces.clone());
+    background.spawn(prefetcher.run(changes_rx));
+    let refresher = credentials.clone();
+    background.spawn(async move {
+        let mut ticks = tokio::time::interval(REFRESH_SCAN_PERIOD);
+        loop {
+            ticks.tick().await;
+            refresher.refresh_due();
+        }
+    });
+
+    let imds = Arc::new(ImdsService {
+        pods: pods.clone(),
+        namespaces: namespaces.clone(),
+        policy,
+        credentials: credentials.clone(),
+        tokens: TokenIssuer::new(),
+        upstream,
+        allow_route: config.allow_route.clone(),
+        require_imdsv2: config.require_imdsv2,
+        pod_wait: config.pod_wait,
+        node: config.node.clone(),
+        metrics: metrics.clone(),
+    });
+    let admin =
+        Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: config.debug, readiness: Vec::new() });
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut servers = JoinSet::new();
+    let grace = config.shutdown_grace;
+    servers.spawn(crate::http::serve(
+        app_listener,
+        move |peer, request| {
+            let imds = imds.clone();
+            async move { imds.handle(peer.ip(), request).await }
+        },
+        until_stopped(stopped.clone()),
+        grace,
+    ));
+    servers.spawn(crate::http::serve(
+        admin_listener,
+        move |_, request| {
+            let admin = admin.clone();
+            async move { admin.handle(request).await }
+        },
+        until_stopped(stopped),
+        grace,
+    ));
+    tracing::info!(%app_addr, %admin_addr, "serving");
+    Ok(RunningAgent { app_addr, admin_addr, stop, servers, background })
+}
+
+async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr).await.map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                " (another process holds this port: kube2iam or a previous iamlet still running on this node? stop it or choose another port)"
+            }
+            std::io::ErrorKind::AddrNotAvailable => " (the address is not on this host: check --host-ip)",
+            std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+            _ => "",
+        };
+        StartupError::Bind { flag, addr, source, hint }
+    })
+}
+
+/// Resolves the base ARN and default role, asking the node's metadata service when told to.
+async fn discover_policy(config: &Config, upstream: &UpstreamImds) -> Result<Policy, StartupError> {
+    let discovery = |flag, message| StartupError::Discovery { flag, message };
+    let base = match &config.base_arn {
+        BaseArnSource::None => None,
+        BaseArnSource::Given(base) => Some(base.clone()),
+        BaseArnSource::Discover => {
+            let flag = "--auto-discover-base-arn";
+            let info =
+                upstream.get_text("/latest/meta-data/iam/info").await.map_err(|e| discovery(flag, e.to_string()))?;
+            let profile = serde_json::from_str::<serde_json::Value>(&info)
+                .ok()
+                .and_then(|v| v.get("InstanceProfileArn")?.as_str().map(str::to_string))
+                .ok_or_else(|| {
+                    discovery(
+                        flag,
+                        "iam/info has no InstanceProfileArn: does the node have an instance profile?".into(),
+                    )
+                })?;
+            let base = BaseArn::from_instance_profile_arn(&profile).map_err(|e| discovery(flag, e.to_string()))?;
+            tracing::info!(base_arn = base.as_str(), "discovered the base role ARN");
+            Some(base)
+        }
+    };
+    let mut policy = Policy { base, default_role: None, restrictions: config.namespace_restrictions };
+    policy.default_role = match &config.default_role {
+        DefaultRoleSource::None => None,
+        DefaultRoleSource::Given(role) => Some(
+            policy
+                .role_from_annotation(role)
+                .map_err(|denial| StartupError::Flag { flag: "--default-role", message: denial.to_string() })?,
+        ),
+        DefaultRoleSource::Discover => {
+            let flag = "--auto-discover-default-role";
+            let listing = upstream
+                .get_text("/latest/meta-data/iam/security-credentials/")
+                .await
+                .map_err(|e| discovery(flag, e.to_string()))?;
+            let name = listing.lines().next().map(str::trim).filter(|n| !n.is_empty());
+            let name = name.ok_or_else(|| discovery(flag, "the node has no instance role".into()))?;
+            let role = policy.role_from_annotation(name).map_err(|d| discovery(flag, d.to_string()))?;
+            tracing::info!(default_role = role.as_str(), "discovered the default role");
+            Some(role)
+        }
+    };
+    Ok(policy)
+}

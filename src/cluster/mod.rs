@@ -1,0 +1,16 @@
+//! The Kubernetes side: which pod owns a source IP, and what its namespace allows.
+//!
+//! [`PodIndex`] is the pure part (plain data, unit-tested by building pods by hand);
+//! [`PodStore`] shares it with requests and lets them wait for a pod; [`watch`] feeds it.
+
+pub mod client;
+mod index;
+mod namespaces;
+mod pod;
+mod store;
+pub mod watch;
+
+pub use index::{Change, PodIndex};
+pub use namespaces::{NamespaceRules, NamespaceStore};
+pub use pod::{AnnotationKeys, PodIdentity};
+pub use store::PodStore;

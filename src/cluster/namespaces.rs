@@ -1,0 +1,105 @@
+//! Namespace allow lists (`--namespace-restrictions`), compiled once per namespace update.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use k8s_openapi::api::core::v1::Namespace;
+use tokio::sync::watch;
+
+use crate::policy::{AllowedRoles, BaseArn, NamespaceRule, RestrictionFormat};
+
+/// How namespace annotations are read.
+#[derive(Debug, Clone)]
+pub struct NamespaceRules {
+    pub annotation: String,
+    pub format: RestrictionFormat,
+    pub base: Option<BaseArn>,
+}
+
+impl NamespaceRules {
+    /// The rule a namespace object carries, or `None` when it has no annotation.
+    pub fn rule_of(&self, namespace: &Namespace) -> Option<NamespaceRule> {
+        let value = namespace.metadata.annotations.as_ref()?.get(&self.annotation)?;
+        Some(AllowedRoles::parse(value, self.format, self.base.as_ref()))
+    }
+}
+
+/// The compiled rule of every annotated namespace.
+#[derive(Debug)]
+pub struct NamespaceStore {
+    rules: RwLock<HashMap<String, Arc<NamespaceRule>>>,
+    synced: watch::Sender<bool>,
+}
+
+impl Default for NamespaceStore {
+    fn default() -> Self {
+        Self { rules: RwLock::default(), synced: watch::channel(false).0 }
+    }
+}
+
+impl NamespaceStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The namespace's rule; `None` if it has no annotation (or is not known yet).
+    pub fn rule(&self, namespace: &str) -> Option<Arc<NamespaceRule>> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).get(namespace).cloned()
+    }
+
+    /// Sets (or, with `None`, clears) a namespace's rule.
+    pub fn set(&self, namespace: &str, rule: Option<NamespaceRule>) {
+        let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+        match rule {
+            Some(rule) => rules.insert(namespace.to_string(), Arc::new(rule)),
+            None => rules.remove(namespace),
+        };
+    }
+
+    /// Replaces every rule with a fresh listing and marks the store synced.
+    pub fn replace_all(&self, listing: impl IntoIterator<Item = (String, NamespaceRule)>) {
+        let fresh = listing.into_iter().map(|(name, rule)| (name, Arc::new(rule))).collect();
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.synced.send_replace(true);
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Names and rules of all annotated namespaces, sorted, for `/debug/store`.
+    pub fn snapshot(&self) -> Vec<(String, Arc<NamespaceRule>)> {
+        let mut all: Vec<_> =
+            self.rules.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_the_annotation_of_a_namespace() {
+        let rules = NamespaceRules {
+            annotation: "iam.amazonaws.com/allowed-roles".into(),
+            format: RestrictionFormat::Glob,
+            base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+        };
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "a",
+            "annotations": {"iam.amazonaws.com/allowed-roles": "[\"app-*\"]"}}}))
+        .unwrap();
+        let rule = rules.rule_of(&ns).unwrap().unwrap();
+        assert_eq!(rule.entries[0].source, "app-*");
+        let bare: Namespace = serde_json::from_value(json!({"metadata": {"name": "b"}})).unwrap();
+        assert!(rules.rule_of(&bare).is_none());
+
+        let store = NamespaceStore::default();
+        store.replace_all([("a".to_string(), Ok(rule))]);
+        assert!(store.is_synced() && store.rule("a").is_some() && store.rule("b").is_none());
+        store.set("a", None);
+        assert!(store.rule("a").is_none());
+    }
+}

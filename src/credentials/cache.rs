@@ -1,0 +1,370 @@
+//! The credential cache: one STS call per key however many requests arrive, credentials
+//! refreshed ahead of expiry in the background, and cached credentials kept while STS fails.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::Expiry;
+use moka::future::Cache;
+
+use super::sts::{RoleAssumer, StsError};
+use super::{CredentialKey, Issued};
+use crate::metrics::{Metrics, StsLabels};
+
+/// Credentials closer to expiry than this are never handed out, even while STS is failing.
+const MIN_VALIDITY: Duration = Duration::from_secs(60);
+
+/// How the cache behaves; from `--iam-role-session-ttl`, `--iam-role-error-ttl`, `--sts-timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// Refresh once less than this remains. Sessions are asked for twice as long, so what a
+    /// pod receives always has more than this left while STS is healthy.
+    pub refresh_before: Duration,
+    /// How long a failed AssumeRole is remembered (zero: not at all).
+    pub error_ttl: Duration,
+    /// Longest wait for one AssumeRole.
+    pub sts_timeout: Duration,
+    /// Most keys kept (pods with roles on this node, with room to spare).
+    pub capacity: u64,
+}
+
+impl CacheSettings {
+    /// The `DurationSeconds` asked of STS.
+    pub fn session_duration(&self) -> Duration {
+        self.refresh_before * 2
+    }
+}
+
+/// Why no credentials could be handed out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CredentialError {
+    #[error("cannot assume role {role}: {error}")]
+    Sts { role: String, error: Arc<StsError> },
+}
+
+/// Entries live until their credentials are about to expire.
+struct UntilExpiry;
+
+impl Expiry<CredentialKey, Arc<Issued>> for UntilExpiry {
+    fn expire_after_create(&self, _: &CredentialKey, value: &Arc<Issued>, _: Instant) -> Option<Duration> {
+        Some(value.remaining(SystemTime::now()).saturating_sub(MIN_VALIDITY))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &CredentialKey,
+        value: &Arc<Issued>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.remaining(SystemTime::now()).saturating_sub(MIN_VALIDITY))
+    }
+}
+
+/// Credentials by (role, external ID, session name).
+pub struct CredentialCache {
+    entries: Cache<CredentialKey, Arc<Issued>>,
+    failures: Option<Cache<CredentialKey, Arc<StsError>>>,
+    refreshing: Mutex<HashSet<CredentialKey>>,
+    assumer: Arc<dyn RoleAssumer>,
+    settings: CacheSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl CredentialCache {
+    pub fn new(assumer: Arc<dyn RoleAssumer>, settings: CacheSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        let entries = Cache::builder().max_capacity(settings.capacity).expire_after(UntilExpiry).build();
+        let failures = (!settings.error_ttl.is_zero())
+            .then(|| Cache::builder().max_capacity(settings.capacity).time_to_live(settings.error_ttl).build());
+        Arc::new(Self { entries, failures, refreshing: Mutex::default(), assumer, settings, metrics })
+    }
+
+    /// Credentials for `key`: from memory when possible (starting a background refresh if
+    /// they are due for one), else from STS, one call for all concurrent requests.
+    pub async fn get(self: &Arc<Self>, key: &CredentialKey) -> Result<Arc<Issued>, CredentialError> {
+        if let Some(issued) = self.entries.get(key).await {
+            self.metrics.cache_hits.inc();
+            self.refresh_if_due(key, &issued);
+            return Ok(issued);
+        }
+        let sts_error = |error: Arc<StsError>| CredentialError::Sts { role: key.role.to_string(), error };
+        if let Some(error) = self.recent_failure(key).await {
+            return Err(sts_error(error));
+        }
+        self.metrics.cache_misses.inc();
+        self.entries.try_get_with_by_ref(key, self.fetch(key)).await.map_err(sts_error)
+    }
+
+    /// Starts fetching credentials for `key` without waiting: a pod's first request then
+    /// finds them in memory.
+    pub fn prefetch(self: &Arc<Self>, key: CredentialKey) {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = cache.get(&key).await {
+                tracing::warn!(role = %key.role, session = %key.session_name, %error, "prefetch failed");
+            }
+        });
+    }
+
+    /// Drops `key` (its pod is gone): no more refreshes for it.
+    pub async fn forget(&self, key: &CredentialKey) {
+        self.entries.invalidate(key).await;
+        if let Some(failures) = &self.failures {
+            failures.invalidate(key).await;
+        }
+    }
+
+    /// Refreshes every entry that is due, so pods that have not asked lately still find fresh
+    /// credentials. Called periodically.
+    pub fn refresh_due(self: &Arc<Self>) {
+        for (key, issued) in self.entries.iter() {
+            self.refresh_if_due(&key, &issued);
+        }
+    }
+
+    /// Number of cached credentials.
+    pub fn len(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every cached key with its expiry, for `/debug/store`.
+    pub fn snapshot(&self) -> Vec<(Arc<CredentialKey>, SystemTime)> {
+        self.entries.iter().map(|(key, issued)| (key, issued.credentials.expiration)).collect()
+    }
+
+    async fn recent_failure(&self, key: &CredentialKey) -> Option<Arc<StsError>> {
+        self.failures.as_ref()?.get(key).await
+    }
+
+    fn refresh_if_due(self: &Arc<Self>, key: &CredentialKey, issued: &Issued) {
+        if issued.remaining(SystemTime::now()) >= self.settings.refresh_before {
+            return;
+        }
+        if !self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+            return; // already under way
+        }
+        let cache = self.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            match cache.fetch(&key).await {
+                // A pod deleted meanwhile has been forgotten: do not bring it back.
+                Ok(fresh) if cache.entries.contains_key(&key) => cache.entries.insert(key.clone(), fresh).await,
+                Ok(_) => {}
+                Err(error) => tracing::warn!(
+                    role = %key.role, session = %key.session_name, %error,
+                    "refresh failed; serving the cached credentials while they last"
+                ),
+            }
+            cache.refreshing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        });
+    }
+
+    /// One AssumeRole call, timed, counted, and bounded by the STS timeout.
+    async fn fetch(&self, key: &CredentialKey) -> Result<Arc<Issued>, StsError> {
+        let started = Instant::now();
+        let duration = self.settings.session_duration();
+        let result =
+            match tokio::time::timeout(self.settings.sts_timeout, self.assumer.assume_role(key, duration)).await {
+                Ok(result) => result,
+                Err(_) => Err(StsError::other(format!(
+                    "STS did not answer within {}",
+                    humantime::format_duration(self.settings.sts_timeout)
+                ))),
+            };
+        self.metrics.sts_duration.observe(started.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "success" } else { "error" };
+        self.metrics.sts_calls.get_or_create(&StsLabels { result: outcome }).inc();
+        match result {
+            Ok(credentials) => {
+                tracing::debug!(role = %key.role, session = %key.session_name, "assumed role");
+                Ok(Arc::new(Issued::new(credentials, SystemTime::now())))
+            }
+            Err(error) => {
+                tracing::warn!(role = %key.role, session = %key.session_name, %error, "AssumeRole failed");
+                if let Some(failures) = &self.failures {
+                    failures.insert(key.clone(), Arc::new(error.clone())).await;
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::credentials::Credentials;
+    use crate::policy::RoleArn;
+
+    /// A fake STS: counts calls, can fail, hands out credentials valid for `validity`.
+    struct FakeSts {
+        calls: AtomicUsize,
+        failing: AtomicBool,
+        validity: Duration,
+        delay: Duration,
+    }
+
+    impl FakeSts {
+        fn new(validity: Duration, delay: Duration) -> Arc<Self> {
+            Arc::new(Self { calls: AtomicUsize::new(0), failing: AtomicBool::new(false), validity, delay })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl RoleAssumer for FakeSts {
+        fn assume_role<'a>(
+            &'a self,
+            key: &'a CredentialKey,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<Credentials, StsError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err(StsError { code: Some("AccessDenied".into()), message: "no".into() });
+                }
+                Ok(Credentials {
+                    access_key_id: format!("ASIA{n}-{}", key.session_name),
+                    secret_access_key: "secret".into(),
+                    session_token: "token".into(),
+                    expiration: SystemTime::now() + self.validity,
+                })
+            })
+        }
+    }
+
+    fn key(session: &str) -> CredentialKey {
+        CredentialKey {
+            role: RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap(),
+            external_id: None,
+            session_name: session.into(),
+        }
+    }
+
+    fn cache(sts: &Arc<FakeSts>, error_ttl: Duration) -> Arc<CredentialCache> {
+        let settings = CacheSettings {
+            refresh_before: Duration::from_secs(1800),
+            error_ttl,
+            sts_timeout: Duration::from_secs(2),
+            capacity: 100,
+        };
+        CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()))
+    }
+
+    async fn settle(sts: &FakeSts, calls: usize) {
+        for _ in 0..200 {
+            if sts.calls() >= calls {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_make_one_sts_call() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(50));
+        let cache = cache(&sts, Duration::ZERO);
+        let shared = key("ns.pod");
+        let results = futures::future::join_all((0..50).map(|_| cache.get(&shared))).await;
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(sts.calls(), 1);
+        let again = cache.get(&key("ns.pod")).await.unwrap();
+        assert_eq!(again.credentials.access_key_id, "ASIA0-ns.pod");
+        assert_eq!(sts.calls(), 1, "served from memory");
+        cache.get(&key("ns.other")).await.unwrap();
+        assert_eq!(sts.calls(), 2, "another session is another key");
+    }
+
+    #[tokio::test]
+    async fn credentials_due_for_refresh_are_served_and_refreshed_in_the_background() {
+        // 20 minutes of validity is less than the 30-minute refresh point.
+        let sts = FakeSts::new(Duration::from_secs(1200), Duration::from_millis(10));
+        let cache = cache(&sts, Duration::ZERO);
+        let first = cache.get(&key("ns.pod")).await.unwrap();
+        let second = cache.get(&key("ns.pod")).await.unwrap();
+        assert_eq!(first.credentials, second.credentials, "the request does not wait for the refresh");
+        settle(&sts, 2).await;
+        assert_eq!(sts.calls(), 2);
+        let third = cache.get(&key("ns.pod")).await.unwrap();
+        assert_eq!(third.credentials.access_key_id, "ASIA1-ns.pod", "the refreshed credentials are served");
+    }
+
+    #[tokio::test]
+    async fn cached_credentials_are_served_while_sts_fails() {
+        let sts = FakeSts::new(Duration::from_secs(1200), Duration::ZERO);
+        let cache = cache(&sts, Duration::from_secs(5));
+        let first = cache.get(&key("ns.pod")).await.unwrap();
+        sts.failing.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let served = cache.get(&key("ns.pod")).await.unwrap();
+            assert_eq!(served.credentials, first.credentials);
+            settle(&sts, 2).await;
+        }
+        assert!(sts.calls() >= 2, "refreshes were attempted");
+    }
+
+    #[tokio::test]
+    async fn failures_are_remembered_for_the_error_ttl() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::ZERO);
+        sts.failing.store(true, Ordering::SeqCst);
+        let cache = cache(&sts, Duration::from_millis(300));
+        let error = cache.get(&key("ns.pod")).await.unwrap_err();
+        assert!(error.to_string().contains("AccessDenied"), "{error}");
+        cache.get(&key("ns.pod")).await.unwrap_err();
+        assert_eq!(sts.calls(), 1, "the failure is remembered");
+        sts.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        cache.get(&key("ns.pod")).await.unwrap();
+        assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn prefetch_fills_the_cache_and_forget_empties_it() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::ZERO);
+        let cache = cache(&sts, Duration::ZERO);
+        cache.prefetch(key("ns.pod"));
+        settle(&sts, 1).await;
+        cache.get(&key("ns.pod")).await.unwrap();
+        assert_eq!(sts.calls(), 1, "the request found the prefetched credentials");
+        cache.forget(&key("ns.pod")).await;
+        cache.get(&key("ns.pod")).await.unwrap();
+        assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn refresh_due_refreshes_idle_entries() {
+        let sts = FakeSts::new(Duration::from_secs(1200), Duration::ZERO);
+        let cache = cache(&sts, Duration::ZERO);
+        cache.get(&key("ns.pod")).await.unwrap(); // a miss: fetched, no refresh yet
+        assert_eq!(sts.calls(), 1);
+        cache.refresh_due();
+        settle(&sts, 2).await;
+        assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_slow_sts_is_cut_off_at_the_timeout() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_secs(10));
+        let settings = CacheSettings {
+            refresh_before: Duration::from_secs(1800),
+            error_ttl: Duration::ZERO,
+            sts_timeout: Duration::from_millis(100),
+            capacity: 10,
+        };
+        let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
+        let error = cache.get(&key("ns.pod")).await.unwrap_err();
+        assert!(error.to_string().contains("did not answer"), "{error}");
+    }
+}

@@ -1,0 +1,136 @@
+//! STS AssumeRole, behind a small trait so the cache can be tested without a network.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sts::config::{Region, timeout::TimeoutConfig};
+use futures::future::BoxFuture;
+
+use super::{CredentialKey, Credentials};
+
+/// An AssumeRole failure, as STS (or the way to it) reported it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
+pub struct StsError {
+    /// STS's error code (`AccessDenied`, `RegionDisabledException`...), if it answered.
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl StsError {
+    pub fn other(message: impl Into<String>) -> Self {
+        Self { code: None, message: message.into() }
+    }
+}
+
+/// Something that can assume a role: STS in production, a fake in unit tests.
+pub trait RoleAssumer: Send + Sync + 'static {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredentialKey,
+        duration: Duration,
+    ) -> BoxFuture<'a, Result<Credentials, StsError>>;
+}
+
+/// AssumeRole through aws-sdk-sts.
+#[derive(Debug, Clone)]
+pub struct AwsSts {
+    client: aws_sdk_sts::Client,
+}
+
+/// The global STS endpoint, used when `--use-regional-sts-endpoint` is off (kube2iam's
+/// default), unless an endpoint was configured explicitly (`AWS_ENDPOINT_URL_STS`,
+/// `AWS_ENDPOINT_URL`) or the partition has no global endpoint (China, GovCloud, ISO).
+/// Returns the URL and the region requests to it are signed for.
+pub fn global_endpoint(
+    regional: bool,
+    explicit_endpoint: bool,
+    region: Option<&str>,
+) -> Option<(&'static str, &'static str)> {
+    let partition_has_global =
+        region.is_none_or(|r| !(r.starts_with("cn-") || r.starts_with("us-gov-") || r.starts_with("us-iso")));
+    (!regional && !explicit_endpoint && partition_has_global).then_some(("https://sts.amazonaws.com", "us-east-1"))
+}
+
+impl AwsSts {
+    /// Builds the client from the SDK's standard configuration: environment, profile, web
+    /// identity, the node's instance profile; `AWS_REGION`; `AWS_ENDPOINT_URL_STS`.
+    pub async fn from_environment(regional: bool, timeout: Duration) -> Self {
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        let explicit = sdk.endpoint_url().is_some()
+            || std::env::var_os("AWS_ENDPOINT_URL_STS").is_some()
+            || std::env::var_os("AWS_ENDPOINT_URL").is_some();
+        let mut builder = aws_sdk_sts::config::Builder::from(&sdk);
+        if let Some((url, signing_region)) = global_endpoint(regional, explicit, sdk.region().map(|r| r.as_ref())) {
+            builder = builder.endpoint_url(url).region(Region::new(signing_region));
+        }
+        Self::from_builder(builder, timeout)
+    }
+
+    /// Builds the client from an explicit configuration (tests, embedding).
+    pub fn from_builder(builder: aws_sdk_sts::config::Builder, timeout: Duration) -> Self {
+        let timeouts = TimeoutConfig::builder()
+            .operation_timeout(timeout)
+            .operation_attempt_timeout(timeout / 2)
+            .connect_timeout(Duration::from_secs(2).min(timeout))
+            .build();
+        Self { client: aws_sdk_sts::Client::from_conf(builder.timeout_config(timeouts).build()) }
+    }
+
+    pub fn into_assumer(self) -> Arc<dyn RoleAssumer> {
+        Arc::new(self)
+    }
+}
+
+impl RoleAssumer for AwsSts {
+    fn assume_role<'a>(
+        &'a self,
+        key: &'a CredentialKey,
+        duration: Duration,
+    ) -> BoxFuture<'a, Result<Credentials, StsError>> {
+        Box::pin(async move {
+            let output =
+                self.client
+                    .assume_role()
+                    .role_arn(key.role.as_str())
+                    .role_session_name(key.session_name.as_ref())
+                    .duration_seconds(duration.as_secs() as i32)
+                    .set_external_id(key.external_id.as_deref().map(str::to_string))
+                    .send()
+                    .await
+                    .map_err(|error| {
+                        use aws_sdk_sts::error::ProvideErrorMetadata;
+                        let service = error.as_service_error();
+                        let code = service.and_then(|e| e.code()).map(str::to_string);
+                        let message = service.and_then(|e| e.message()).map(str::to_string).unwrap_or_else(|| {
+                            aws_smithy_types::error::display::DisplayErrorContext(&error).to_string()
+                        });
+                        StsError { code, message }
+                    })?;
+            let creds = output.credentials.ok_or_else(|| StsError::other("AssumeRole answered without credentials"))?;
+            let expiration = SystemTime::try_from(creds.expiration)
+                .map_err(|_| StsError::other("AssumeRole answered an unusable expiration"))?;
+            Ok(Credentials {
+                access_key_id: creds.access_key_id,
+                secret_access_key: creds.secret_access_key,
+                session_token: creds.session_token,
+                expiration,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regional_flag_selects_the_endpoint() {
+        assert_eq!(global_endpoint(false, false, Some("eu-west-1")), Some(("https://sts.amazonaws.com", "us-east-1")));
+        assert_eq!(global_endpoint(true, false, Some("eu-west-1")), None, "the SDK's regional default");
+        assert_eq!(global_endpoint(false, true, Some("eu-west-1")), None, "an explicit endpoint wins");
+        assert_eq!(global_endpoint(false, false, Some("cn-north-1")), None, "no global endpoint in China");
+        assert_eq!(global_endpoint(false, false, Some("us-gov-west-1")), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! One metadata request, from the caller's IP to the answer IMDS would give.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use regex::Regex;
+
+use super::render;
+use super::routes::{Route, classify};
+use super::token::{TokenIssuer, parse_ttl};
+use super::upstream::UpstreamImds;
+use crate::cluster::{NamespaceStore, PodIdentity, PodStore};
+use crate::credentials::{CredentialCache, CredentialKey};
+use crate::http::{Body, text};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::policy::{Assignment, Policy};
+
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+
+/// Everything a metadata request needs.
+pub struct ImdsService {
+    pub pods: Arc<PodStore>,
+    /// Present when namespace restrictions are on.
+    pub namespaces: Option<Arc<NamespaceStore>>,
+    pub policy: Arc<Policy>,
+    pub credentials: Arc<CredentialCache>,
+    pub tokens: TokenIssuer,
+    pub upstream: Arc<UpstreamImds>,
+    pub allow_route: Regex,
+    pub require_imdsv2: bool,
+    /// How long a request from an unknown IP waits for the watch.
+    pub pod_wait: Duration,
+    pub node: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ImdsService {
+    /// Answers `request` from `peer`, recording metrics. Never panics on input.
+    pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Body> {
+        let started = Instant::now();
+        let peer = peer.to_canonical();
+        let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
+        let route = classify(path, &self.allow_route);
+        let mut response = self.respond(peer, method, path, route, headers).await;
+        response.headers_mut().insert(http::header::SERVER, http::HeaderValue::from_static("EC2ws"));
+        let label = route.label();
+        self.metrics.requests.get_or_create(&RequestLabels { route: label, code: response.status().as_u16() }).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&RouteLabels { route: label })
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn respond(
+        &self,
+        peer: IpAddr,
+        method: &Method,
+        path: &str,
+        route: Route<'_>,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
+        if route == Route::Token {
+            return self.issue_token(peer, method, headers);
+        }
+        if let Some(refusal) = self.check_token(peer, headers) {
+            return refusal;
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        match route {
+            Route::RoleName => match self.assignment(peer).await {
+                Ok((_, assignment)) => text(StatusCode::OK, assignment.role.name().to_string()),
+                Err(refusal) => refusal,
+            },
+            Route::Credentials(name) => self.credentials(peer, name).await,
+            Route::Proxy => self.proxy(path).await,
+            Route::NotAllowed => text(StatusCode::NOT_FOUND, "not found: this path is not served to pods\n"),
+            Route::Malformed => text(StatusCode::BAD_REQUEST, "bad request: path is not canonical\n"),
+            Route::Token => unreachable!("handled above"),
+        }
+    }
+
+    /// `PUT /latest/api/token`, as IMDS answers it.
+    fn issue_token(&self, peer: IpAddr, method: &Method, headers: &HeaderMap) -> Response<Body> {
+        if method != Method::PUT {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        // IMDS refuses token requests that went through a proxy, so a pod-side proxy (or an
+        // SSRF through one) cannot obtain a token.
+        if headers.contains_key("x-forwarded-for") {
+            return text(StatusCode::FORBIDDEN, "forbidden: X-Forwarded-For is not accepted\n");
+        }
+        let Some(ttl) = parse_ttl(headers.get(TTL_HEADER).and_then(|v| v.to_str().ok())) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "bad request: X-aws-ec2-metadata-token-ttl-seconds must be 1 to 21600\n",
+            );
+        };
+        let mut response = text(StatusCode::OK, self.tokens.issue(peer, ttl, SystemTime::now()));
+        response.headers_mut().insert(TTL_HEADER, ttl.as_secs().into());
+        response
+    }
+
+    /// A present token must be valid for this IP; an absent one is fine unless IMDSv2 is required.
+    fn check_token(&self, peer: IpAddr, headers: &HeaderMap) -> Option<Response<Body>> {
+        match headers.get(TOKEN_HEADER) {
+            Some(token) => {
+                let verdict = token
+                    .to_str()
+                    .map_err(|_| super::token::TokenError::Malformed)
+                    .and_then(|token| self.tokens.verify(token, peer, SystemTime::now()));
+                verdict.err().map(|error| text(StatusCode::UNAUTHORIZED, format!("unauthorized: {error}\n")))
+            }
+            None if self.require_imdsv2 => {
+                Some(text(StatusCode::UNAUTHORIZED, "unauthorized: IMDSv2 is required; PUT /latest/api/token first\n"))
+            }
+            None => None,
+        }
+    }
+
+    /// The pod behind `peer` and the role it may use, or the 404 that says why not.
+    async fn assignment(&self, peer: IpAddr) -> Result<(Arc<PodIdentity>, Assignment), Response<Body>> {
+        let Some(pod) = self.pods.wait_for(&peer, self.pod_wait).await else {
+            tracing::info!(%peer, node = %self.node, "request from an IP with no known pod");
+            return Err(text(
+                StatusCode::NOT_FOUND,
+                format!("not found: no pod with IP {peer} is known on node {}\n", self.node),
+            ));
+        };
+        let rule = self.namespaces.as_ref().and_then(|store| store.rule(&pod.namespace));
+        match self.policy.resolve(&pod, rule.as_deref()) {
+            Ok(assignment) => Ok((pod, assignment)),
+            Err(denial) => {
+                tracing::info!(namespace = %pod.namespace, pod = %pod.name, reason = %denial, "role denied");
+                Err(text(StatusCode::NOT_FOUND, format!("not found: {denial}\n")))
+            }
+        }
+    }
+
+    async fn credentials(&self, peer: IpAddr, requested: &str) -> Response<Body> {
+        let (pod, assignment) = match self.assignment(peer).await {
+            Ok(found) => found,
+            Err(refusal) => return refusal,
+        };
+        if requested != assignment.role.name() {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("not found: this pod's role is {}, not {requested}\n", assignment.role.name()),
+            );
+        }
+        let key = CredentialKey::for_pod(&pod, &assignment);
+        match self.credentials.get(&key).await {
+            Ok(issued) => text(StatusCode::OK, issued.rendered(render::credentials)),
+            Err(error) => {
+                tracing::warn!(namespace = %pod.namespace, pod = %pod.name, role = %assignment.role, %error, "no credentials");
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {error}\n"))
+            }
+        }
+    }
+
+    /// Relays an allow-listed path. Only the path goes upstream: no pod header is forwarded.
+    async fn proxy(&self, path: &str) -> Response<Body> {
+        match self.upstream.get(path).await {
+            Ok(answer) => text(answer.status, answer.body),
+            Err(error) => {
+                tracing::warn!(%path, %error, "metadata service unavailable");
+                text(StatusCode::BAD_GATEWAY, format!("bad gateway: {error}\n"))
+            }
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! iamlet: a per-node agent that gives every Kubernetes pod the AWS IAM role named on it.
+//!
+//! Pods reach the EC2 instance metadata service (IMDS) at 169.254.169.254 like on any EC2
+//! instance; iamlet answers in its place, so the standard SDK credential chain hands each pod
+//! the credentials of *its* role instead of the node's.
+//!
+//! The modules, each with one concern:
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`cli`] | kube2iam-compatible flags, validated into a [`cli::Config`] |
+//! | [`app`] | startup order, the tasks, graceful shutdown |
+//! | [`cluster`] | the pods on this node (watch → [`cluster::PodIndex`]) and namespace annotations |
+//! | [`policy`] | which role a pod may have: annotation, default role, base ARN, namespace rules |
+//! | [`credentials`] | STS AssumeRole, the credential cache, prefetch and refresh-ahead |
+//! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
+//! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |
+//! | [`metrics`] | the Prometheus metrics every module records into |
+//! | [`shutdown`] | signals: the first drains, a second aborts |
+//!
+//! Pure logic (policy, ARNs, tokens, routes, index updates, session names) is plain functions
+//! over plain data and is unit-tested without I/O; the I/O lives at the edges.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod cluster;
+pub mod credentials;
+pub mod http;
+pub mod imds;
+pub mod metrics;
+pub mod policy;
+pub mod shutdown;
+
+/// Errors that stop the agent from starting. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A flag's value is unusable.
+    #[error("invalid {flag}: {message}")]
+    Flag {
+        /// The flag, with its dashes (`--base-role-arn`).
+        flag: &'static str,
+        /// What is wrong and, where it helps, what would be right.
+        message: String,
+    },
+    /// A listening port could not be bound.
+    #[error("cannot listen on {addr} ({flag}): {source}{hint}")]
+    Bind { flag: &'static str, addr: std::net::SocketAddr, source: std::io::Error, hint: &'static str },
+    /// The Kubernetes API server configuration could not be loaded.
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Kube(String),
+    /// Discovery through the node's metadata service failed.
+    #[error("{flag}: {message}")]
+    Discovery { flag: &'static str, message: String },
+}

@@ -1,0 +1,39 @@
+//! The `iamlet` binary: parse the command line, start logging, run the agent.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use iamlet::cli::{Cli, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.agent.validate() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("iamlet: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format, config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the tokio runtime");
+    match runtime.block_on(iamlet::app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("iamlet: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: tracing::Level) {
+    // RUST_LOG, when set, refines the level (e.g. `iamlet=debug,kube=info`).
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::from_level(level).into())
+        .from_env_lossy();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

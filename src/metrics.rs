@@ -1,0 +1,100 @@
+//! Prometheus metrics, registered once and recorded into by every module.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StsLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub watch: &'static str,
+}
+
+/// Every metric iamlet exports. Cheap to record into from any task.
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub sts_calls: Family<StsLabels, Counter>,
+    pub sts_duration: Histogram,
+    pub pods_indexed: Gauge,
+    pub watch_errors: Family<WatchLabels, Counter>,
+    pub registry: Registry,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0].into_iter()
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let sts_calls = Family::<StsLabels, Counter>::default();
+        let sts_duration = Histogram::new(latency_buckets());
+        let pods_indexed = Gauge::default();
+        let watch_errors = Family::<WatchLabels, Counter>::default();
+
+        let mut registry = Registry::with_prefix("iamlet");
+        registry.register("http_requests", "Metadata API requests by route and status code", requests.clone());
+        registry.register("http_request_duration_seconds", "Metadata API latency by route", request_duration.clone());
+        registry.register("credential_cache_hits", "Credential requests served from memory", cache_hits.clone());
+        registry.register(
+            "credential_cache_misses",
+            "Credential requests that had to wait for STS",
+            cache_misses.clone(),
+        );
+        registry.register("sts_assume_role_calls", "STS AssumeRole calls by result", sts_calls.clone());
+        registry.register("sts_assume_role_duration_seconds", "STS AssumeRole latency", sts_duration.clone());
+        registry.register("pods_indexed", "Pods of this node in the index", pods_indexed.clone());
+        registry.register("watch_errors", "Kubernetes watch errors by watch", watch_errors.clone());
+
+        Self {
+            requests,
+            request_duration,
+            cache_hits,
+            cache_misses,
+            sts_calls,
+            sts_duration,
+            pods_indexed,
+            watch_errors,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
