@@ -1,0 +1,586 @@
+//! A fake Kubernetes API server, faithful where iamlet depends on it.
+//!
+//! No real API server can run here, so this one implements the parts of the protocol a
+//! watch client meets: lists with `resourceVersion`, `limit`/`continue` paging and field
+//! selectors (unknown fields are a 400, as on a real server); watches as chunked JSON lines
+//! resuming from a `resourceVersion`, with ADDED/MODIFIED/DELETED computed against the field
+//! selector (an object that stops matching is DELETED for that watch), BOOKMARK events,
+//! `timeoutSeconds`, `410 Gone` (an ERROR event, or a 410 on a stale `continue`) once
+//! history is compacted, bearer-token checks, and dropped connections on demand.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Pod,
+    Namespace,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+        }
+    }
+}
+
+/// One change, as kept in the history watches replay from.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    kind: Kind,
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    pods: BTreeMap<(String, String), Value>,
+    namespaces: BTreeMap<String, Value>,
+    history: VecDeque<Change>,
+    /// Watches and continues from before this resourceVersion get 410 Gone.
+    compacted: u64,
+    uid_counter: u64,
+}
+
+struct State {
+    inner: Mutex<Inner>,
+    changes: broadcast::Sender<Change>,
+    /// Bumped to drop every open watch connection.
+    kill: watch::Sender<u64>,
+    requests: Mutex<Vec<String>>,
+    token: Option<String>,
+    bookmark_every: Duration,
+}
+
+/// A running fake API server.
+pub struct FakeApiServer {
+    pub url: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeApiServer {
+    /// Starts on a free loopback port, accepting any (or no) credentials.
+    pub async fn start() -> Self {
+        Self::start_with(None, Duration::from_secs(1)).await
+    }
+
+    /// Starts requiring `Authorization: Bearer <token>` when `token` is set.
+    pub async fn start_with(token: Option<&str>, bookmark_every: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(State {
+            inner: Mutex::new(Inner { rv: 100, ..Inner::default() }),
+            changes: broadcast::channel(4096).0,
+            kill: watch::channel(0).0,
+            requests: Mutex::default(),
+            token: token.map(str::to_string),
+            bookmark_every,
+        });
+        let serving = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = serving.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(handle(&state, request)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { url, state, task }
+    }
+
+    /// Creates a pod (from [`PodBuilder::build`]); assigns uid, creationTimestamp, rv.
+    pub fn create_pod(&self, mut pod: Value) -> String {
+        let mut inner = self.state.inner.lock().unwrap();
+        inner.uid_counter += 1;
+        let uid = format!("uid-{}", inner.uid_counter);
+        let meta = pod["metadata"].as_object_mut().unwrap();
+        meta.entry("uid").or_insert(json!(uid));
+        meta.entry("creationTimestamp").or_insert(json!(now_rfc3339()));
+        let key = key_of(&pod);
+        assert!(!inner.pods.contains_key(&key), "pod {key:?} exists");
+        let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+        self.commit(&mut inner, Kind::Pod, None, Some(pod));
+        uid
+    }
+
+    /// Changes a pod in place (status, annotations, deletionTimestamp...).
+    pub fn update_pod(&self, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let old = inner.pods.get(&(namespace.to_string(), name.to_string())).cloned().expect("pod exists");
+        let mut new = old.clone();
+        change(&mut new);
+        self.commit(&mut inner, Kind::Pod, Some(old), Some(new));
+    }
+
+    /// Deletes a pod at once (no grace period).
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let old = inner.pods.get(&(namespace.to_string(), name.to_string())).cloned().expect("pod exists");
+        self.commit(&mut inner, Kind::Pod, Some(old), None);
+    }
+
+    /// Creates or replaces a namespace with these annotations.
+    pub fn put_namespace(&self, name: &str, annotations: Value) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let old = inner.namespaces.get(name).cloned();
+        let uid = format!("ns-uid-{name}");
+        let new = json!({"metadata": {"name": name, "uid": uid, "annotations": annotations,
+                                      "creationTimestamp": now_rfc3339()},
+                         "status": {"phase": "Active"}});
+        self.commit(&mut inner, Kind::Namespace, old, Some(new));
+    }
+
+    /// Closes every open watch connection mid-stream, as an API server restart or a load
+    /// balancer timeout does.
+    pub fn drop_watches(&self) {
+        self.state.kill.send_modify(|n| *n += 1);
+    }
+
+    /// Forgets the change history: resuming a watch (or a paged list) from any earlier
+    /// resourceVersion now gets 410 Gone, forcing a re-list.
+    pub fn compact(&self) {
+        let mut inner = self.state.inner.lock().unwrap();
+        inner.history.clear();
+        inner.compacted = inner.rv;
+    }
+
+    /// Changes the store without any watch seeing it (as if made while every watch was down
+    /// and its events then compacted away).
+    pub fn delete_pod_unseen(&self, namespace: &str, name: &str) {
+        let mut inner = self.state.inner.lock().unwrap();
+        inner.pods.remove(&(namespace.to_string(), name.to_string()));
+        inner.rv += 1;
+        inner.history.clear();
+        inner.compacted = inner.rv;
+    }
+
+    /// The requests seen so far, as `METHOD path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Number of watch requests that have been made for `path`.
+    pub fn watch_count(&self, path: &str) -> usize {
+        self.requests().iter().filter(|r| r.starts_with(&format!("GET {path}?")) && r.contains("watch=true")).count()
+    }
+
+    fn commit(&self, inner: &mut Inner, kind: Kind, old: Option<Value>, new: Option<Value>) {
+        inner.rv += 1;
+        let rv = inner.rv;
+        let mut new = new;
+        if let Some(object) = new.as_mut() {
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            object["kind"] = json!(kind.name());
+            object["apiVersion"] = json!("v1");
+        }
+        let stored = new.clone();
+        match kind {
+            Kind::Pod => {
+                let key = key_of(stored.as_ref().or(old.as_ref()).unwrap());
+                match stored {
+                    Some(object) => inner.pods.insert(key, object),
+                    None => inner.pods.remove(&key),
+                };
+            }
+            Kind::Namespace => {
+                let name = stored.as_ref().or(old.as_ref()).unwrap()["metadata"]["name"].as_str().unwrap().to_string();
+                match stored {
+                    Some(object) => inner.namespaces.insert(name, object),
+                    None => inner.namespaces.remove(&name),
+                };
+            }
+        }
+        // A deletion is reported with the object's last state at the new resourceVersion.
+        let old = old.map(|mut o| {
+            if new.is_none() {
+                o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            }
+            o
+        });
+        let change = Change { rv, kind, old, new };
+        inner.history.push_back(change.clone());
+        let _ = self.state.changes.send(change);
+    }
+}
+
+fn key_of(pod: &Value) -> (String, String) {
+    (pod["metadata"]["namespace"].as_str().unwrap().to_string(), pod["metadata"]["name"].as_str().unwrap().to_string())
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Builds pod objects as the API server would hold them.
+pub struct PodBuilder {
+    pod: Value,
+}
+
+/// A pod `namespace/name` on node `node-a`, Running, without IPs yet.
+pub fn pod(namespace: &str, name: &str) -> PodBuilder {
+    PodBuilder {
+        pod: json!({
+            "metadata": {"name": name, "namespace": namespace, "annotations": {}},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "default", "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running"}
+        }),
+    }
+}
+
+impl PodBuilder {
+    pub fn node(mut self, node: &str) -> Self {
+        self.pod["spec"]["nodeName"] = json!(node);
+        self
+    }
+    pub fn ip(self, ip: &str) -> Self {
+        self.ips(&[ip])
+    }
+    pub fn ips(mut self, ips: &[&str]) -> Self {
+        self.pod["status"]["podIP"] = json!(ips[0]);
+        self.pod["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+        self
+    }
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.pod["metadata"]["annotations"][key] = json!(value);
+        self
+    }
+    pub fn role(self, role: &str) -> Self {
+        self.annotation("iam.amazonaws.com/role", role)
+    }
+    pub fn phase(mut self, phase: &str) -> Self {
+        self.pod["status"]["phase"] = json!(phase);
+        self
+    }
+    pub fn created(mut self, rfc3339: &str) -> Self {
+        self.pod["metadata"]["creationTimestamp"] = json!(rfc3339);
+        self
+    }
+    pub fn host_network(mut self) -> Self {
+        self.pod["spec"]["hostNetwork"] = json!(true);
+        self
+    }
+    pub fn build(self) -> Value {
+        self.pod
+    }
+}
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}).boxed())
+        .unwrap()
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    full(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code.as_u16()}),
+    )
+}
+
+/// `spec.nodeName=a,status.phase!=Failed`-style selectors over the fields a real server
+/// supports for pods and namespaces; `Err` for an unsupported field, as a real server does.
+struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    fn parse(text: Option<&str>, kind: Kind) -> Result<Self, String> {
+        let mut terms = Vec::new();
+        for term in text.unwrap_or_default().split(',').filter(|t| !t.is_empty()) {
+            let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (f, true, v)
+            } else {
+                return Err(format!("invalid selector: {term}"));
+            };
+            let supported: &[&str] = match kind {
+                Kind::Pod => &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"],
+                Kind::Namespace => &["metadata.name", "status.phase"],
+            };
+            if !supported.contains(&field) {
+                return Err(format!("field label not supported: {field}"));
+            }
+            terms.push((field.to_string(), equal, value.to_string()));
+        }
+        Ok(Self(terms))
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(field, equal, value)| {
+            let actual = field.split('.').fold(object, |v, part| &v[part]).as_str().unwrap_or("");
+            (actual == value) == *equal
+        })
+    }
+}
+
+fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
+    url_decode_pairs(query.unwrap_or_default())
+}
+
+fn url_decode_pairs(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (super::percent_decode(k), super::percent_decode(v))
+        })
+        .collect()
+}
+
+fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
+    let uri = request.uri().clone();
+    state.requests.lock().unwrap().push(format!("{} {}", request.method(), uri));
+    if let Some(token) = &state.token {
+        let given = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+        if given != Some(&format!("Bearer {token}")) {
+            return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+        }
+    }
+    if request.method() != http::Method::GET {
+        return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only GET is served by this fake");
+    }
+    let query = query_map(uri.query());
+    let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let (kind, namespace, name) = match segments.as_slice() {
+        ["api", "v1", "pods"] => (Kind::Pod, None, None),
+        ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
+        ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
+        ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
+        ["api", "v1", "namespaces", name] => (Kind::Namespace, None, Some(*name)),
+        _ => return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
+    };
+    if let Some(name) = name {
+        let inner = state.inner.lock().unwrap();
+        let found = match kind {
+            Kind::Pod => inner.pods.get(&(namespace.unwrap().to_string(), name.to_string())),
+            Kind::Namespace => inner.namespaces.get(name),
+        };
+        return match found {
+            Some(object) => full(StatusCode::OK, object.clone()),
+            None => status(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{name}\" not found", kind.name())),
+        };
+    }
+    let selector = match FieldSelector::parse(query.get("fieldSelector").map(String::as_str), kind) {
+        Ok(selector) => selector,
+        Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+    };
+    let namespace = namespace.map(str::to_string);
+    let in_scope = move |object: &Value| {
+        namespace.as_deref().is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
+            && selector.matches(object)
+    };
+    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        watch_response(state, kind, &query, in_scope)
+    } else {
+        list_response(state, kind, &query, in_scope)
+    }
+}
+
+fn list_response(
+    state: &Arc<State>,
+    kind: Kind,
+    query: &BTreeMap<String, String>,
+    in_scope: impl Fn(&Value) -> bool,
+) -> Response<Body> {
+    let inner = state.inner.lock().unwrap();
+    let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    // continue = "<rv>/<index of the next item>"
+    let (list_rv, start) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let parsed =
+                token.split_once('/').and_then(|(rv, i)| Some((rv.parse::<u64>().ok()?, i.parse::<usize>().ok()?)));
+            match parsed {
+                Some((rv, _)) if rv < inner.compacted => {
+                    return status(
+                        StatusCode::GONE,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result.",
+                    );
+                }
+                Some(parsed) => parsed,
+                None => return status(StatusCode::BAD_REQUEST, "BadRequest", "invalid continue token"),
+            }
+        }
+        None => (inner.rv, 0),
+    };
+    let objects: Vec<&Value> = match kind {
+        Kind::Pod => inner.pods.values().filter(|o| in_scope(o)).collect(),
+        Kind::Namespace => inner.namespaces.values().filter(|o| in_scope(o)).collect(),
+    };
+    let page: Vec<Value> = objects.iter().skip(start).take(limit).map(|o| (*o).clone()).collect();
+    let next = start + page.len();
+    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+    if next < objects.len() {
+        metadata["continue"] = json!(format!("{list_rv}/{next}"));
+        metadata["remainingItemCount"] = json!(objects.len() - next);
+    }
+    full(
+        StatusCode::OK,
+        json!({"kind": format!("{}List", kind.name()), "apiVersion": "v1", "metadata": metadata, "items": page}),
+    )
+}
+
+fn watch_response(
+    state: &Arc<State>,
+    kind: Kind,
+    query: &BTreeMap<String, String>,
+    in_scope: impl Fn(&Value) -> bool + Send + 'static,
+) -> Response<Body> {
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+    let send = move |tx: &futures::channel::mpsc::UnboundedSender<_>, event: Value| {
+        let mut line = event.to_string();
+        line.push('\n');
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(line)))).is_ok()
+    };
+
+    // Under the lock: subscribe to live changes, then replay history, so nothing falls between.
+    let inner = state.inner.lock().unwrap();
+    let mut live = state.changes.subscribe();
+    let mut kill = state.kill.subscribe();
+    let from: u64 = match query.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => {
+            // "Any": synthetic ADDED events for the current state, then changes.
+            let objects: Vec<Value> = match kind {
+                Kind::Pod => inner.pods.values().filter(|o| in_scope(o)).cloned().collect(),
+                Kind::Namespace => inner.namespaces.values().filter(|o| in_scope(o)).cloned().collect(),
+            };
+            for object in objects {
+                send(&tx, json!({"type": "ADDED", "object": object}));
+            }
+            inner.rv
+        }
+        Some(text) => match text.parse::<u64>() {
+            Ok(rv) if rv < inner.compacted => {
+                send(
+                    &tx,
+                    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "message": format!("too old resource version: {rv} ({})", inner.compacted),
+                        "reason": "Expired", "code": 410}}),
+                );
+                drop(tx);
+                drop(inner);
+                return stream_response(rx);
+            }
+            Ok(rv) => {
+                for change in inner.history.iter().filter(|c| c.rv > rv && c.kind == kind) {
+                    if let Some(event) = event_for(change, &in_scope) {
+                        send(&tx, event);
+                    }
+                }
+                inner.rv.max(rv)
+            }
+            Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "invalid resourceVersion"),
+        },
+    };
+    let current_rv = inner.rv;
+    drop(inner);
+    kill.mark_unchanged();
+
+    let bookmark_every = state.bookmark_every;
+    tokio::spawn(async move {
+        let mut last_rv = from.max(current_rv);
+        let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(deadline);
+        let mut ticks = tokio::time::interval(bookmark_every);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                change = live.recv() => match change {
+                    Ok(change) if change.rv <= from || change.kind != kind => {}
+                    Ok(change) => {
+                        last_rv = change.rv;
+                        if let Some(event) = event_for(&change, &in_scope)
+                            && !send(&tx, event)
+                        {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => {
+                        // A real server closes watches it cannot keep up with.
+                        return;
+                    }
+                },
+                _ = ticks.tick(), if bookmarks => {
+                    let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind.name(), "apiVersion": "v1",
+                        "metadata": {"resourceVersion": last_rv.to_string()}}});
+                    if !send(&tx, bookmark) { return; }
+                }
+                _ = kill.changed() => {
+                    // Abort the response mid-stream: the client sees the connection drop.
+                    let _ = tx.unbounded_send(Err(std::io::Error::other("connection dropped by the fake API server")));
+                    return;
+                }
+                () = &mut deadline => return, // timeoutSeconds: end the stream cleanly
+            }
+        }
+    });
+    stream_response(rx)
+}
+
+/// The watch event `change` is for a watch whose scope is `in_scope`, if any.
+fn event_for(change: &Change, in_scope: &impl Fn(&Value) -> bool) -> Option<Value> {
+    let was = change.old.as_ref().is_some_and(in_scope);
+    let is = change.new.as_ref().is_some_and(in_scope);
+    let (kind, object) = match (was, is) {
+        (false, true) => ("ADDED", change.new.clone()?),
+        (true, true) => ("MODIFIED", change.new.clone()?),
+        (true, false) => {
+            // Deleted, or no longer matching the selector: the last state, at this rv.
+            let mut last = change.new.clone().unwrap_or_else(|| change.old.clone().unwrap());
+            last["metadata"]["resourceVersion"] = json!(change.rv.to_string());
+            ("DELETED", last)
+        }
+        (false, false) => return None,
+    };
+    Some(json!({"type": kind, "object": object}))
+}
+
+fn stream_response(
+    rx: futures::channel::mpsc::UnboundedReceiver<Result<Frame<Bytes>, std::io::Error>>,
+) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(rx.map(|frame| frame))))
+        .unwrap()
+}

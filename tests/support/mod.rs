@@ -1,0 +1,54 @@
+//! Test support: the fakes (Kubernetes API server, node IMDS), moto behind a recording
+//! proxy, an agent harness, and a "pod" HTTP client that sends from a chosen loopback IP.
+//!
+//! The whole 127.0.0.0/8 range is local on Linux, so a client bound to 127.0.0.7 is the
+//! pod with IP 127.0.0.7: one test can have many pods without root or namespaces.
+
+#![allow(dead_code)]
+
+pub mod apiserver;
+pub mod imds;
+pub mod moto;
+pub mod node;
+pub mod pod_client;
+pub mod sts_proxy;
+
+/// Decodes `application/x-www-form-urlencoded` text (`%XX` and `+`).
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%' && i + 3 <= bytes.len())
+            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .flatten();
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The account every test role lives in.
+pub const ACCOUNT: &str = "123456789012";
+
+/// `arn:aws:iam::123456789012:role/<name>`.
+pub fn role_arn(name: &str) -> String {
+    format!("arn:aws:iam::{ACCOUNT}:role/{name}")
+}
+
+/// Polls `check` every 20 ms until it holds, failing the test after `seconds`.
+pub async fn eventually(seconds: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

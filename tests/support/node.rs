@@ -1,0 +1,109 @@
+//! A "node": the fake API server, STS (moto behind the recording proxy), the fake node IMDS,
+//! and the iamlet agent itself, started in-process against them.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sts::config::{Credentials, Region};
+use clap::Parser;
+use iamlet::app::{Dependencies, RunningAgent};
+use iamlet::cli::Cli;
+use iamlet::credentials::AwsSts;
+
+use super::apiserver::FakeApiServer;
+use super::imds::FakeImds;
+use super::pod_client::{self, Reply};
+use super::sts_proxy::StsProxy;
+use super::{ACCOUNT, eventually};
+
+pub struct TestNode {
+    pub api: FakeApiServer,
+    pub sts: StsProxy,
+    pub imds: FakeImds,
+    pub agent: RunningAgent,
+}
+
+/// The STS client an in-process agent uses: moto (through the proxy), test credentials.
+pub fn sts_client(url: &str, timeout: Duration) -> AwsSts {
+    let builder = aws_sdk_sts::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "iamlet-tests"));
+    AwsSts::from_builder(builder, timeout)
+}
+
+impl TestNode {
+    /// Starts everything, with the agent given `args` on top of the defaults, and waits
+    /// until the agent is ready.
+    pub async fn start(args: &[&str]) -> Self {
+        let api = FakeApiServer::start().await;
+        Self::start_with_api(api, args).await
+    }
+
+    pub async fn start_with_api(api: FakeApiServer, args: &[&str]) -> Self {
+        let sts = StsProxy::start().await;
+        let imds = FakeImds::start().await;
+        let agent = start_agent(&api, &sts, &imds, args).await;
+        let node = Self { api, sts, imds, agent };
+        node.wait_ready().await;
+        node
+    }
+
+    pub fn app(&self) -> SocketAddr {
+        self.agent.app_addr
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.agent.admin_addr
+    }
+
+    /// `GET path` from the pod at `ip`.
+    pub async fn get(&self, ip: &str, path: &str) -> Reply {
+        pod_client::get(ip, self.app(), path).await
+    }
+
+    /// `GET path` on the admin port.
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        pod_client::get("127.0.0.1", self.admin(), path).await
+    }
+
+    pub async fn wait_ready(&self) {
+        eventually(10, "the agent to be ready", async || self.admin_get("/readyz").await.status == 200).await;
+    }
+
+    /// The value of a metric line (first match of `prefix`), 0 when absent.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.admin_get("/metrics").await.body;
+        text.lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// Starts an agent against these fakes.
+pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, args: &[&str]) -> RunningAgent {
+    let base = format!("--base-role-arn=arn:aws:iam::{ACCOUNT}:role/");
+    let mut argv = vec![
+        "iamlet".to_string(),
+        "--node=node-a".into(),
+        format!("--api-server={}", api.url),
+        format!("--metadata-addr={}", imds.addr),
+        "--host-ip=127.0.0.1".into(),
+    ];
+    if !args.iter().any(|a| a.starts_with("--auto-discover")) {
+        argv.push(base);
+    }
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let mut config = cli.agent.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    config.app_port = 0;
+    config.metrics_port = 0;
+    let kube = iamlet::cluster::client::client(&config).await.unwrap();
+    let sts = sts_client(&sts.url, config.sts_timeout).into_assumer();
+    iamlet::app::start(config, Dependencies { kube, sts }).await.unwrap()
+}

@@ -1,0 +1,64 @@
+//! An HTTP client that is "a pod": it sends from a chosen source IP.
+
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
+
+/// What the agent answered.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A connection from `from` to `to`.
+pub async fn connect(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let from: IpAddr = from.parse().unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// One request from the pod at `from`.
+pub async fn request(from: &str, to: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let stream = connect(from, to).await;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let mut builder = Request::builder().method(method).uri(path).header("host", "169.254.169.254");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = sender.send_request(builder.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// `GET path` from the pod at `from`.
+pub async fn get(from: &str, to: SocketAddr, path: &str) -> Reply {
+    request(from, to, "GET", path, &[]).await
+}
+
+/// An IMDSv2 token for the pod at `from`.
+pub async fn token(from: &str, to: SocketAddr) -> String {
+    let reply = request(from, to, "PUT", "/latest/api/token", &[("x-aws-ec2-metadata-token-ttl-seconds", "300")]).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.body
+}

@@ -1,0 +1,133 @@
+//! A recording proxy in front of moto: counts AssumeRole calls, keeps their parameters
+//! (ExternalId, RoleSessionName, DurationSeconds), and can make STS fail or slow on demand.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use super::moto::moto;
+
+/// One STS request's form parameters.
+pub type Call = BTreeMap<String, String>;
+
+#[derive(Default)]
+struct State {
+    calls: Mutex<Vec<Call>>,
+    failing: AtomicBool,
+    delay_ms: AtomicU64,
+}
+
+pub struct StsProxy {
+    pub url: String,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StsProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StsProxy {
+    pub async fn start() -> Self {
+        let upstream = moto().url.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(State::default());
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let serving = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (state, client, upstream) = (serving.clone(), client.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let (state, client, upstream) = (state.clone(), client.clone(), upstream.clone());
+                        async move { Ok::<_, Infallible>(forward(&state, &client, &upstream, request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { url, state, task }
+    }
+
+    /// The AssumeRole calls seen so far.
+    pub fn assume_role_calls(&self) -> Vec<Call> {
+        self.state
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("Action").map(String::as_str) == Some("AssumeRole"))
+            .cloned()
+            .collect()
+    }
+
+    /// Makes every STS call fail with 503 (as an outage or throttling does) until unset.
+    pub fn set_failing(&self, failing: bool) {
+        self.state.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Delays every STS answer.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+async fn forward(
+    state: &State,
+    client: &Client<HttpConnector, Full<Bytes>>,
+    upstream: &str,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let form: Call = url_form(&body);
+    state.calls.lock().unwrap().push(form);
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if state.failing.load(Ordering::SeqCst) {
+        let xml = "<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code>\
+                   <Message>injected outage</Message></Error><RequestId>test</RequestId></ErrorResponse>";
+        return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Full::new(Bytes::from(xml))).unwrap();
+    }
+    let uri = format!("{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let mut forwarded = Request::builder().method(parts.method).uri(uri);
+    for (name, value) in &parts.headers {
+        if name != http::header::HOST {
+            forwarded = forwarded.header(name, value);
+        }
+    }
+    let response = client.request(forwarded.body(Full::new(body)).unwrap()).await.expect("moto answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Response::from_parts(parts, Full::new(body))
+}
+
+fn url_form(body: &[u8]) -> Call {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (super::percent_decode(k), super::percent_decode(v)))
+        .collect()
+}
