@@ -1,0 +1,172 @@
+//! Pods come and go: the race at pod start, deletion, IP reuse, other nodes' pods, watch
+//! disconnects and 410 Gone, namespace restrictions, readiness and API credentials.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::apiserver::{FakeApiServer, pod};
+use support::eventually;
+use support::node::TestNode;
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+#[tokio::test]
+async fn a_request_that_arrives_before_its_pod_is_answered_once_the_watch_delivers_it() {
+    let node = TestNode::start(&["--backoff-max-elapsed-time=5s"]).await;
+    let started = Instant::now();
+    let request = tokio::spawn({
+        let app = node.app();
+        async move { support::pod_client::get("127.0.0.20", app, CREDS).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!request.is_finished(), "the request waits for the pod");
+    node.api.create_pod(pod("shop", "early").ip("127.0.0.20").role("app").build());
+    let reply = request.await.unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "app"));
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(3), "answered when the pod arrived, not at the deadline: {waited:?}");
+}
+
+#[tokio::test]
+async fn a_pod_that_never_arrives_gets_a_404_at_the_deadline() {
+    let node = TestNode::start(&["--backoff-max-elapsed-time=400ms"]).await;
+    let started = Instant::now();
+    let reply = node.get("127.0.0.21", CREDS).await;
+    assert_eq!(reply.status, 404);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}
+
+#[tokio::test]
+async fn a_deleted_pod_loses_access() {
+    let node = TestNode::start(&["--backoff-max-elapsed-time=100ms"]).await;
+    node.api.create_pod(pod("shop", "gone").ip("127.0.0.22").role("app").build());
+    assert_eq!(node.get("127.0.0.22", &format!("{CREDS}app")).await.status, 200);
+    node.api.delete_pod("shop", "gone");
+    eventually(5, "the deleted pod to lose access", async || node.get("127.0.0.22", CREDS).await.status == 404).await;
+
+    // A pod that finishes (Succeeded) loses access too, though it is not deleted.
+    node.api.create_pod(pod("shop", "job").ip("127.0.0.23").role("app").build());
+    assert_eq!(node.get("127.0.0.23", CREDS).await.status, 200);
+    node.api.update_pod("shop", "job", |p| p["status"]["phase"] = json!("Succeeded"));
+    eventually(5, "the finished pod to lose access", async || node.get("127.0.0.23", CREDS).await.status == 404).await;
+}
+
+#[tokio::test]
+async fn a_reused_ip_belongs_to_the_new_pod_not_the_terminating_one() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(pod("shop", "old").ip("127.0.0.24").role("old-role").created("2026-01-01T00:00:00Z").build());
+    assert_eq!(node.get("127.0.0.24", CREDS).await.body, "old-role");
+
+    node.api.update_pod("shop", "old", |p| p["metadata"]["deletionTimestamp"] = json!("2026-01-01T01:00:00Z"));
+    node.api.create_pod(
+        pod("shop", "new").ip("127.0.0.24").role("new-role").phase("Pending").created("2026-01-01T01:00:01Z").build(),
+    );
+    eventually(5, "the new pod to own the IP", async || node.get("127.0.0.24", CREDS).await.body == "new-role").await;
+    node.api.delete_pod("shop", "old");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(node.get("127.0.0.24", CREDS).await.body, "new-role", "deleting the old pod keeps the new one");
+    assert_eq!(node.get("127.0.0.24", &format!("{CREDS}old-role")).await.status, 404);
+}
+
+#[tokio::test]
+async fn only_this_nodes_pod_network_pods_are_served() {
+    let node = TestNode::start(&["--backoff-max-elapsed-time=200ms"]).await;
+    node.api.create_pod(pod("shop", "elsewhere").node("node-b").ip("127.0.0.25").role("app").build());
+    node.api.create_pod(pod("kube-system", "proxy").ip("127.0.0.26").role("app").host_network().build());
+    node.api.create_pod(pod("shop", "here").ip("127.0.0.27").role("app").build());
+    assert_eq!(node.get("127.0.0.27", CREDS).await.status, 200);
+    assert_eq!(node.get("127.0.0.25", CREDS).await.status, 404, "another node's pod");
+    assert_eq!(node.get("127.0.0.26", CREDS).await.status, 404, "a host-network pod shares the node's IP");
+    let watches: Vec<String> = node.api.requests().into_iter().filter(|r| r.starts_with("GET /api/v1/pods?")).collect();
+    assert!(!watches.is_empty());
+    assert!(
+        watches.iter().all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "every list and watch is scoped to the node: {watches:?}"
+    );
+    let calls = node.sts.assume_role_calls();
+    assert_eq!(calls.len(), 1, "only this node's pod was prefetched: {calls:?}");
+}
+
+#[tokio::test]
+async fn the_index_survives_dropped_watches_and_410_gone() {
+    let node = TestNode::start(&["--backoff-max-elapsed-time=100ms"]).await;
+    node.api.create_pod(pod("shop", "a").ip("127.0.0.28").role("app").build());
+    assert_eq!(node.get("127.0.0.28", CREDS).await.status, 200);
+
+    // The connection drops: the watch resumes from its resourceVersion and misses nothing.
+    let watches = node.api.watch_count("/api/v1/pods");
+    node.api.drop_watches();
+    node.api.create_pod(pod("shop", "b").ip("127.0.0.29").role("app").build());
+    eventually(10, "the pod created across the disconnect", async || node.get("127.0.0.29", CREDS).await.status == 200)
+        .await;
+    assert!(node.api.watch_count("/api/v1/pods") > watches, "the watch reconnected");
+
+    // A pod deleted while the watch was down, with its event compacted away: resuming gets
+    // 410 Gone, the agent re-lists, and the stale pod is dropped.
+    node.api.delete_pod_unseen("shop", "a");
+    node.api.drop_watches();
+    eventually(15, "the re-list to drop the pod deleted unseen", async || {
+        node.get("127.0.0.28", CREDS).await.status == 404
+    })
+    .await;
+    assert_eq!(node.get("127.0.0.29", CREDS).await.status, 200, "the re-list keeps live pods");
+    assert_eq!(node.admin_get("/readyz").await.status, 200);
+}
+
+#[tokio::test]
+async fn namespace_restrictions_allow_only_listed_roles() {
+    let api = FakeApiServer::start().await;
+    api.put_namespace("team", json!({"iam.amazonaws.com/allowed-roles": "[\"app-*\"]"}));
+    api.put_namespace("open", json!({}));
+    let node = TestNode::start_with_api(api, &["--namespace-restrictions"]).await;
+    node.api.create_pod(pod("team", "web").ip("127.0.0.30").role("app-web").build());
+    node.api.create_pod(pod("team", "admin").ip("127.0.0.31").role("admin").build());
+    node.api.create_pod(pod("open", "web").ip("127.0.0.32").role("app-web").build());
+
+    assert_eq!(node.get("127.0.0.30", &format!("{CREDS}app-web")).await.status, 200);
+    let denied = node.get("127.0.0.31", CREDS).await;
+    assert_eq!(denied.status, 404);
+    assert!(denied.body.contains("not allowed in namespace team"), "{}", denied.body);
+    assert_eq!(node.get("127.0.0.32", CREDS).await.status, 404, "a namespace without the annotation allows nothing");
+
+    node.api.put_namespace("team", json!({"iam.amazonaws.com/allowed-roles": "[\"app-*\", \"admin\"]"}));
+    eventually(5, "the namespace update to allow admin", async || node.get("127.0.0.31", CREDS).await.status == 200)
+        .await;
+    let calls = node.sts.assume_role_calls();
+    assert!(calls.iter().all(|c| c["RoleArn"] != support::role_arn("admin") || c["RoleSessionName"] == "team.admin"));
+}
+
+#[tokio::test]
+async fn regexp_restrictions_are_anchored() {
+    let api = FakeApiServer::start().await;
+    api.put_namespace("team", json!({"iam.amazonaws.com/allowed-roles": "[\"app-[a-z]+\"]"}));
+    let node =
+        TestNode::start_with_api(api, &["--namespace-restrictions", "--namespace-restriction-format=regexp"]).await;
+    node.api.create_pod(pod("team", "ok").ip("127.0.0.33").role("app-web").build());
+    node.api.create_pod(pod("team", "no").ip("127.0.0.34").role("app-web-2").build());
+    assert_eq!(node.get("127.0.0.33", CREDS).await.status, 200);
+    assert_eq!(node.get("127.0.0.34", CREDS).await.status, 404);
+}
+
+#[tokio::test]
+async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
+    let api = FakeApiServer::start_with(Some("s3cret"), Duration::from_secs(1)).await;
+    let sts = support::sts_proxy::StsProxy::start().await;
+    let imds = support::imds::FakeImds::start().await;
+
+    let refused = support::node::start_agent(&api, &sts, &imds, &["--api-token=wrong"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reply = support::pod_client::get("127.0.0.1", refused.admin_addr, "/readyz").await;
+    assert_eq!(reply.status, 503);
+    assert!(reply.body.contains("pod cache not synced"), "{}", reply.body);
+    assert_eq!(support::pod_client::get("127.0.0.1", refused.admin_addr, "/healthz").await.status, 200);
+    refused.stop().await;
+
+    let accepted = support::node::start_agent(&api, &sts, &imds, &["--api-token=s3cret"]).await;
+    eventually(10, "readiness with the right token", async || {
+        support::pod_client::get("127.0.0.1", accepted.admin_addr, "/readyz").await.status == 200
+    })
+    .await;
+}

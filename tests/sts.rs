@@ -1,0 +1,118 @@
+//! What reaches STS and when: parameters, prefetch, one call per key, refresh and outages.
+//! STS is moto's server behind a proxy that records every call.
+
+mod support;
+
+use std::time::Duration;
+
+use support::apiserver::pod;
+use support::node::TestNode;
+use support::{eventually, role_arn};
+
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+#[tokio::test]
+async fn assume_role_carries_the_external_id_a_named_session_and_twice_the_ttl() {
+    let node = TestNode::start(&["--iam-role-session-ttl=20m"]).await;
+    node.api.create_pod(
+        pod("payments", "api-7d9f")
+            .ip("127.0.0.40")
+            .role("app")
+            .annotation("iam.amazonaws.com/external-id", "ext-42")
+            .build(),
+    );
+    assert_eq!(node.get("127.0.0.40", &format!("{CREDS}app")).await.status, 200);
+    let calls = node.sts.assume_role_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let call = &calls[0];
+    assert_eq!(call["RoleArn"], role_arn("app"));
+    assert_eq!(call["ExternalId"], "ext-42");
+    assert_eq!(call["RoleSessionName"], "payments.api-7d9f", "CloudTrail shows the pod");
+    assert_eq!(call["DurationSeconds"], "2400");
+}
+
+#[tokio::test]
+async fn the_same_role_with_another_external_id_is_another_session() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(
+        pod("a", "p").ip("127.0.0.41").role("app").annotation("iam.amazonaws.com/external-id", "one").build(),
+    );
+    node.api.create_pod(
+        pod("a", "q").ip("127.0.0.42").role("app").annotation("iam.amazonaws.com/external-id", "two").build(),
+    );
+    let first = node.get("127.0.0.41", &format!("{CREDS}app")).await.json();
+    let second = node.get("127.0.0.42", &format!("{CREDS}app")).await.json();
+    assert_ne!(first["AccessKeyId"], second["AccessKeyId"]);
+    let mut ids: Vec<String> = node.sts.assume_role_calls().iter().map(|c| c["ExternalId"].clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["one", "two"]);
+}
+
+#[tokio::test]
+async fn credentials_are_prefetched_when_the_pod_appears() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(pod("shop", "web").ip("127.0.0.43").role("app").build());
+    eventually(5, "the prefetch", async || node.sts.assume_role_calls().len() == 1).await;
+    // Make STS slow: a request that waited on it would now take over a second.
+    node.sts.set_delay(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    assert_eq!(node.get("127.0.0.43", &format!("{CREDS}app")).await.status, 200);
+    assert!(started.elapsed() < Duration::from_millis(500), "served from memory: {:?}", started.elapsed());
+    assert_eq!(node.sts.assume_role_calls().len(), 1);
+    assert_eq!(node.metric("iamlet_credential_cache_hits_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn many_concurrent_first_requests_make_one_sts_call() {
+    let node = TestNode::start(&[]).await;
+    node.sts.set_delay(Duration::from_millis(700));
+    node.api.create_pod(pod("shop", "burst").ip("127.0.0.44").role("app").build());
+    let app = node.app();
+    let requests =
+        (0..30).map(|_| support::pod_client::get("127.0.0.44", app, "/latest/meta-data/iam/security-credentials/app"));
+    let replies = futures::future::join_all(requests).await;
+    let keys: std::collections::HashSet<String> =
+        replies.iter().map(|r| r.json()["AccessKeyId"].as_str().unwrap().to_string()).collect();
+    assert_eq!(keys.len(), 1, "every request got the same credentials");
+    assert_eq!(node.sts.assume_role_calls().len(), 1);
+}
+
+#[tokio::test]
+async fn cached_credentials_are_served_through_an_sts_outage() {
+    let node = TestNode::start(&["--sts-timeout=2s", "--iam-role-error-ttl=1s"]).await;
+    node.api.create_pod(pod("shop", "steady").ip("127.0.0.45").role("app").build());
+    let before = node.get("127.0.0.45", &format!("{CREDS}app")).await.json();
+
+    node.sts.set_failing(true);
+    for _ in 0..5 {
+        let during = node.get("127.0.0.45", &format!("{CREDS}app")).await;
+        assert_eq!(during.status, 200);
+        assert_eq!(during.json()["AccessKeyId"], before["AccessKeyId"]);
+    }
+    // A pod with nothing cached gets a clear error, not somebody else's credentials.
+    node.api.create_pod(pod("shop", "newcomer").ip("127.0.0.46").role("other").build());
+    let refused = node.get("127.0.0.46", &format!("{CREDS}other")).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("cannot assume role") && refused.body.contains("other"), "{}", refused.body);
+
+    node.sts.set_failing(false);
+    eventually(10, "recovery after the outage", async || {
+        node.get("127.0.0.46", &format!("{CREDS}other")).await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_pods_credentials_are_forgotten() {
+    let node = TestNode::start(&["--debug"]).await;
+    node.api.create_pod(pod("shop", "brief").ip("127.0.0.47").role("app").build());
+    eventually(5, "the prefetch", async || {
+        node.admin_get("/debug/store").await.json()["credentials"].as_array().unwrap().len() == 1
+    })
+    .await;
+    node.api.delete_pod("shop", "brief");
+    eventually(5, "the credentials to be forgotten", async || {
+        node.admin_get("/debug/store").await.json()["credentials"].as_array().unwrap().is_empty()
+    })
+    .await;
+}
