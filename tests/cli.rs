@@ -29,7 +29,10 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
     let cases: &[(&[&str], &str)] = &[
         (&["--node=n", "--base-role-arn=arn:aws:s3:::bucket"], "--base-role-arn"),
         (&["--node=n", "--iam-role-session-ttl=0s"], "--iam-role-session-ttl"),
-        (&["--node=n", "--auto-discover-base-arn", "--base-role-arn=arn:aws:iam::123456789012:role/"], "--auto-discover-base-arn"),
+        (
+            &["--node=n", "--auto-discover-base-arn", "--base-role-arn=arn:aws:iam::123456789012:role/"],
+            "--auto-discover-base-arn",
+        ),
         (&["--node=n", "--log-format=xml"], "--log-format"),
         (&["--node=n", "--app-port=http"], "--app-port"),
         (&["--node=n", "--no-such-flag"], "--no-such-flag"),
@@ -55,7 +58,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn agent_command(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, app_port: u16, admin_port: u16) -> tokio::process::Command {
+fn agent_command(
+    api: &FakeApiServer,
+    sts: &StsProxy,
+    imds: &FakeImds,
+    app_port: u16,
+    admin_port: u16,
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
     command
         .args([
@@ -92,7 +101,8 @@ async fn the_binary_serves_then_drains_and_exits_0_on_sigterm() {
     let app = std::net::SocketAddr::from(([127, 0, 0, 1], app_port));
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
     eventually(20, "the binary to be ready", async || {
-        tokio::net::TcpStream::connect(admin).await.is_ok() && pod_client::get("127.0.0.1", admin, "/readyz").await.status == 200
+        tokio::net::TcpStream::connect(admin).await.is_ok()
+            && pod_client::get("127.0.0.1", admin, "/readyz").await.status == 200
     })
     .await;
 
@@ -111,14 +121,19 @@ async fn the_binary_serves_then_drains_and_exits_0_on_sigterm() {
     assert_eq!(send_signal(pid, "TERM"), 0);
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits after the drain").unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits after the drain").unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(tokio::net::TcpStream::connect(app).await.is_err(), "the port is released");
 
     let mut stderr = String::new();
     tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
-    let lines: Vec<serde_json::Value> = stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
-    assert!(lines.iter().any(|l| l["message"] == "shutting down: draining in-flight requests" && l["signal"] == "SIGTERM"), "{stderr}");
+    let lines: Vec<serde_json::Value> =
+        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+    assert!(
+        lines.iter().any(|l| l["message"] == "shutting down: draining in-flight requests" && l["signal"] == "SIGTERM"),
+        "{stderr}"
+    );
 }
 
 /// Sends a signal with the `kill` command (no libc binding needed for one call).

@@ -75,8 +75,9 @@ fn run_botocore(app: std::net::SocketAddr) -> (i32, serde_json::Value) {
         .expect("running python");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().unwrap_or_default();
-    let parsed = serde_json::from_str(last)
-        .unwrap_or_else(|_| panic!("botocore printed {stdout:?}, stderr {:?}", String::from_utf8_lossy(&output.stderr)));
+    let parsed = serde_json::from_str(last).unwrap_or_else(|_| {
+        panic!("botocore printed {stdout:?}, stderr {:?}", String::from_utf8_lossy(&output.stderr))
+    });
     (output.status.code().unwrap_or(-1), parsed)
 }
 
