@@ -11,7 +11,6 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,8 +19,6 @@ use futures::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
@@ -77,13 +74,7 @@ struct State {
 pub struct FakeApiServer {
     pub url: String,
     state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakeApiServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    task: super::ServerTask,
 }
 
 impl FakeApiServer {
@@ -105,20 +96,9 @@ impl FakeApiServer {
             bookmark_every,
         });
         let serving = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let state = serving.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(&state, request)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let task = super::serve(listener, move |request| {
+            let state = serving.clone();
+            async move { handle(&state, request) }
         });
         Self { url, state, task }
     }

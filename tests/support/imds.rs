@@ -3,15 +3,12 @@
 
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 /// Strings that only the node's own metadata holds: a pod must never see any of them.
@@ -30,13 +27,7 @@ pub struct Seen {
 pub struct FakeImds {
     pub addr: String,
     seen: Arc<Mutex<Vec<Seen>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakeImds {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    task: super::ServerTask,
 }
 
 impl FakeImds {
@@ -45,20 +36,9 @@ impl FakeImds {
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recording = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let seen = recording.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let seen = seen.clone();
-                        async move { Ok::<_, Infallible>(answer(&seen, request)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let task = super::serve(listener, move |request| {
+            let seen = recording.clone();
+            async move { answer(&seen, request) }
         });
         Self { addr, seen, task }
     }

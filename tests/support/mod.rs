@@ -52,3 +52,38 @@ pub async fn eventually(seconds: u64, what: &str, mut check: impl AsyncFnMut() -
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A fake server's accept loop; aborted (and its port closed) when dropped.
+pub struct ServerTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ServerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves HTTP/1.1 on `listener`, each request answered by `handler`.
+pub fn serve<H, F, B>(listener: tokio::net::TcpListener, handler: H) -> ServerTask
+where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    ServerTask(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let response = handler(request);
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }))
+}

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,10 +12,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 use super::moto::moto;
@@ -34,13 +32,7 @@ struct State {
 pub struct StsProxy {
     pub url: String,
     state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for StsProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    task: super::ServerTask,
 }
 
 impl StsProxy {
@@ -51,20 +43,9 @@ impl StsProxy {
         let state = Arc::new(State::default());
         let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let serving = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (state, client, upstream) = (serving.clone(), client.clone(), upstream.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let (state, client, upstream) = (state.clone(), client.clone(), upstream.clone());
-                        async move { Ok::<_, Infallible>(forward(&state, &client, &upstream, request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let task = super::serve(listener, move |request| {
+            let (state, client, upstream) = (serving.clone(), client.clone(), upstream.clone());
+            async move { forward(&state, &client, &upstream, request).await }
         });
         Self { url, state, task }
     }
