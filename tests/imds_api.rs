@@ -249,3 +249,20 @@ async fn garbage_requests_get_errors_and_the_agent_keeps_serving() {
     assert_eq!(reply.status, 405);
     assert_eq!(node.get("127.0.0.16", CREDS).await.body, "app", "still serving");
 }
+
+#[tokio::test]
+async fn the_base_arn_and_default_role_can_be_discovered_from_the_nodes_metadata() {
+    let node = TestNode::start(&["--auto-discover-base-arn"]).await;
+    node.api.create_pod(pod("shop", "a").ip("127.0.0.17").role("app").build());
+    assert_eq!(node.get("127.0.0.17", &format!("{CREDS}app")).await.status, 200);
+    // The fake node's instance profile is arn:aws:iam::123456789012:instance-profile/nodes/node-profile.
+    assert_eq!(node.sts.assume_role_calls()[0]["RoleArn"], role_arn("app"));
+
+    let node = TestNode::start(&["--auto-discover-default-role"]).await;
+    node.api.create_pod(pod("shop", "plain").ip("127.0.0.18").build());
+    assert_eq!(node.get("127.0.0.18", CREDS).await.body, "node-role");
+    let reply = node.get("127.0.0.18", &format!("{CREDS}node-role")).await;
+    assert_eq!(reply.status, 200);
+    assert_no_node_secret(&reply.body);
+    assert_eq!(node.sts.assume_role_calls()[0]["RoleArn"], role_arn("node-role"), "assumed, not the node's own keys");
+}
