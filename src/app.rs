@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,12 +15,13 @@ use tokio::task::JoinSet;
 
 use crate::StartupError;
 use crate::admin::AdminService;
-use crate::cli::{BaseArnSource, Config, DefaultRoleSource};
+use crate::cli::{BaseArnSource, Config, DefaultRoleSource, InterfaceSetting};
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
 use crate::credentials::{AwsSts, CacheSettings, CredentialCache, Prefetcher, RoleAssumer};
 use crate::imds::{ImdsService, TokenIssuer, UpstreamImds};
 use crate::metrics::Metrics;
+use crate::netfilter::{Family, FamilyRules, Netfilter};
 use crate::policy::{BaseArn, Policy, RoleArn};
 
 /// How often every cached credential is checked for a due refresh.
@@ -43,15 +45,26 @@ pub struct RunningAgent {
     stop: watch::Sender<bool>,
     servers: JoinSet<()>,
     background: JoinSet<()>,
+    /// iamlet's rules, removed on stop unless `--iptables-keep-on-exit`.
+    netfilter: Option<(Netfilter, bool)>,
 }
 
 impl RunningAgent {
-    /// Stops accepting, lets in-flight requests finish (bounded by the grace period), and
-    /// stops the watches.
+    /// Stops accepting, lets in-flight requests finish (bounded by the grace period), stops
+    /// the watches, and removes iamlet's rules (unless told to keep them).
     pub async fn stop(mut self) {
         self.stop.send_replace(true);
         while self.servers.join_next().await.is_some() {}
         self.background.shutdown().await;
+        match self.netfilter {
+            Some((netfilter, false)) => {
+                if let Err(error) = netfilter.remove().await {
+                    tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
+                }
+            }
+            Some((_, true)) => tracing::info!("keeping iamlet's rules (--iptables-keep-on-exit)"),
+            None => {}
+        }
     }
 }
 
@@ -82,8 +95,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
 
     let bind_ip = config.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let app_listener = bind("--app-port", SocketAddr::new(bind_ip, config.app_port)).await?;
-    let admin_listener = bind("--metrics-port", SocketAddr::new(bind_ip, config.metrics_port)).await?;
     let app_addr = app_listener.local_addr().expect("a bound socket has an address");
+    let mut app_listeners = vec![app_listener];
+    if let Some(v6) = config.host_ipv6 {
+        app_listeners.push(bind("--app-port", SocketAddr::new(IpAddr::V6(v6), app_addr.port())).await?);
+    }
+    let admin_listener = bind("--metrics-port", SocketAddr::new(bind_ip, config.metrics_port)).await?;
     let admin_addr = admin_listener.local_addr().expect("a bound socket has an address");
 
     let pods = PodStore::new();
@@ -142,8 +159,24 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         node: config.node.clone(),
         metrics: metrics.clone(),
     });
-    let admin =
-        Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: config.debug, readiness: Vec::new() });
+    let mut readiness: Vec<crate::admin::ReadinessCheck> = Vec::new();
+    let netfilter = match config.iptables {
+        true => {
+            let netfilter = netfilter_for(&config, app_addr.port()).await?;
+            netfilter.install().await.map_err(|e| StartupError::Netfilter(e.to_string()))?;
+            let rules_ok = Arc::new(AtomicBool::new(true));
+            background.spawn(keep_rules(
+                netfilter.clone(),
+                config.iptables_sync_period,
+                rules_ok.clone(),
+                metrics.clone(),
+            ));
+            readiness.push(("netfilter rules not in place", Box::new(move || rules_ok.load(Ordering::Relaxed))));
+            Some((netfilter, config.iptables_keep_on_exit))
+        }
+        false => None,
+    };
+    let admin = Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: config.debug, readiness });
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -151,15 +184,18 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     };
     let mut servers = JoinSet::new();
     let grace = config.shutdown_grace;
-    servers.spawn(crate::http::serve(
-        app_listener,
-        move |peer, request| {
-            let imds = imds.clone();
-            async move { imds.handle(peer.ip(), request).await }
-        },
-        until_stopped(stopped.clone()),
-        grace,
-    ));
+    for listener in app_listeners {
+        let imds = imds.clone();
+        servers.spawn(crate::http::serve(
+            listener,
+            move |peer, request| {
+                let imds = imds.clone();
+                async move { imds.handle(peer.ip(), request).await }
+            },
+            until_stopped(stopped.clone()),
+            grace,
+        ));
+    }
     servers.spawn(crate::http::serve(
         admin_listener,
         move |_, request| {
@@ -170,7 +206,61 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         grace,
     ));
     tracing::info!(%app_addr, %admin_addr, "serving");
-    Ok(RunningAgent { app_addr, admin_addr, stop, servers, background })
+    Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, netfilter })
+}
+
+/// The rules for each family the agent has an address on, with the interface resolved
+/// (detected, for `auto`) and checked against the node's links.
+async fn netfilter_for(config: &Config, port: u16) -> Result<Netfilter, StartupError> {
+    let links = crate::netfilter::node_links();
+    let interface = match &config.host_interface {
+        InterfaceSetting::Pattern(pattern) => {
+            pattern.check_against(&links).map_err(StartupError::Netfilter)?;
+            pattern.clone()
+        }
+        InterfaceSetting::Auto => {
+            let (cni, pattern) = crate::netfilter::detect_cni(&links).ok_or_else(|| {
+                StartupError::Netfilter(format!(
+                    "--host-interface=auto: no CNI interface found among {}; set --host-interface ({})",
+                    links.join(", "),
+                    crate::netfilter::interfaces::cni_table()
+                ))
+            })?;
+            tracing::info!(cni, interface = %pattern, "detected the pod network's interface");
+            pattern
+        }
+    };
+    let targets = config.host_ip.into_iter().chain(config.host_ipv6.map(IpAddr::V6));
+    let mut families: Vec<FamilyRules> = Vec::new();
+    for ip in targets {
+        let family = Family::of(&ip);
+        let iptables = crate::netfilter::iptables::select(config.iptables_backend, family)
+            .await
+            .map_err(|e| StartupError::Netfilter(e.to_string()))?;
+        families.push(FamilyRules { iptables, interface: interface.clone(), target: SocketAddr::new(ip, port) });
+    }
+    Ok(Netfilter { families })
+}
+
+/// Checks the rules every `period` and repairs drift; readiness follows the outcome.
+async fn keep_rules(netfilter: Netfilter, period: Duration, rules_ok: Arc<AtomicBool>, metrics: Arc<Metrics>) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match netfilter.reconcile().await {
+            Ok(repaired) => {
+                metrics.iptables_repairs.inc_by(repaired as u64);
+                rules_ok.store(true, Ordering::Relaxed);
+            }
+            Err(error) => {
+                metrics.iptables_errors.inc();
+                rules_ok.store(false, Ordering::Relaxed);
+                tracing::error!(%error, "cannot check iamlet's rules");
+            }
+        }
+    }
 }
 
 async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {

@@ -5,7 +5,7 @@
 //! Every value is checked here, before anything starts, and a bad one is reported as one line
 //! naming the flag.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use clap::{Args, Parser, ValueEnum};
 use regex::Regex;
 
 use crate::StartupError;
+use crate::netfilter::{BackendChoice, InterfacePattern};
 use crate::policy::{BaseArn, RestrictionFormat, RoleArn};
 
 /// Paths pods may read from the node's real metadata service: what SDKs need to find their
@@ -22,10 +23,20 @@ pub const DEFAULT_ALLOW_ROUTE_REGEXP: &str = "^/latest/(meta-data/(placement/(re
 
 /// `iamlet`: give each pod on this node the IAM role named in its annotation.
 #[derive(Debug, Parser)]
-#[command(name = "iamlet", version, about, long_about = None)]
+#[command(name = "iamlet", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub agent: AgentArgs,
+}
+
+/// Subcommands; without one, iamlet runs the agent.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Remove every rule iamlet installed (IPv4 and IPv6, nft and legacy backends), e.g.
+    /// after a crash or `kill -9`. Safe to run on a node without iamlet's rules.
+    Cleanup,
 }
 
 /// The agent's flags. Names and meanings follow kube2iam; differences are in the README.
@@ -39,13 +50,31 @@ pub struct AgentArgs {
     #[arg(long, env = "HOST_IP")]
     pub host_ip: Option<IpAddr>,
 
-    /// Interface pod traffic arrives on (`cali+`, `eni+`, `!eth0`, `cni0`, `weave`, `lxc+`).
-    #[arg(long, default_value = "docker0")]
+    /// The agent's IPv6 address, for pods on IPv6 or dual-stack networks ([fd00:ec2::254]).
+    #[arg(long, env = "HOST_IPV6")]
+    pub host_ipv6: Option<Ipv6Addr>,
+
+    /// Interface pod traffic arrives on (`cali+`, `eni+`, `!eth0`, `cni0`, `weave`, `lxc+`),
+    /// or `auto` to detect the CNI's.
+    #[arg(long, default_value = "auto")]
     pub host_interface: String,
 
     /// Install the DNAT rule that sends pod metadata traffic to iamlet.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub iptables: bool,
+
+    /// How often iamlet checks its rules and repairs them if they were changed or removed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub iptables_sync_period: Duration,
+
+    /// Leave the rules in place on exit, so pods never fall through to the node's own role
+    /// while iamlet restarts (fail closed); `iamlet cleanup` removes them.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub iptables_keep_on_exit: bool,
+
+    /// iptables backend: `auto` (the one kube-proxy uses on this node), `nft` or `legacy`.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub iptables_backend: BackendArg,
 
     /// ARN prefix joined to bare role names, e.g. `arn:aws:iam::123456789012:role/`.
     #[arg(long)]
@@ -175,6 +204,31 @@ pub enum RestrictionFormatArg {
     Regexp,
 }
 
+/// `--iptables-backend` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(arg: BackendArg) -> Self {
+        match arg {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Nft => BackendChoice::Nft,
+            BackendArg::Legacy => BackendChoice::Legacy,
+        }
+    }
+}
+
+/// `--host-interface`: a pattern, or detection at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceSetting {
+    Auto,
+    Pattern(InterfacePattern),
+}
+
 /// `--log-format` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -208,8 +262,12 @@ pub enum DefaultRoleSource {
 pub struct Config {
     pub app_port: u16,
     pub host_ip: Option<IpAddr>,
-    pub host_interface: String,
+    pub host_ipv6: Option<Ipv6Addr>,
+    pub host_interface: InterfaceSetting,
     pub iptables: bool,
+    pub iptables_sync_period: Duration,
+    pub iptables_keep_on_exit: bool,
+    pub iptables_backend: BackendChoice,
     pub base_arn: BaseArnSource,
     pub default_role: DefaultRoleSource,
     pub role_annotation: String,
@@ -343,13 +401,32 @@ impl AgentArgs {
                 "is required with --iptables: it is where pod traffic is sent (HOST_IP from status.hostIP)".into(),
             ));
         }
+        let host_interface = match self.host_interface.trim() {
+            "auto" => InterfaceSetting::Auto,
+            text => InterfaceSetting::Pattern(
+                InterfacePattern::parse(text).map_err(|message| flag("--host-interface", message))?,
+            ),
+        };
+        if self.host_ipv6.is_some() && self.host_ip.is_some_and(|ip| ip.is_ipv6()) {
+            return Err(flag(
+                "--host-ipv6",
+                "--host-ip is already IPv6; give --host-ip the node's IPv4 address".into(),
+            ));
+        }
+        if self.iptables_sync_period < Duration::from_secs(1) {
+            return Err(flag("--iptables-sync-period", "must be at least 1s".into()));
+        }
         let log_level = if self.verbose { tracing::Level::DEBUG.max(self.log_level) } else { self.log_level };
 
         Ok(Config {
             app_port: self.app_port,
             host_ip: self.host_ip,
-            host_interface: self.host_interface,
+            host_ipv6: self.host_ipv6,
+            host_interface,
             iptables: self.iptables,
+            iptables_sync_period: self.iptables_sync_period,
+            iptables_keep_on_exit: self.iptables_keep_on_exit,
+            iptables_backend: self.iptables_backend.into(),
             base_arn,
             default_role,
             role_annotation: self.iam_role_key,
@@ -462,6 +539,9 @@ mod tests {
             (&["--api-server=not a url"], "--api-server"),
             (&["--iptables"], "--host-ip"),
             (&["--iam-role-key="], "--iam-role-key"),
+            (&["--host-interface=eth 0"], "--host-interface"),
+            (&["--host-ip=fd00::1", "--host-ipv6=fd00::2"], "--host-ipv6"),
+            (&["--iptables-sync-period=10ms"], "--iptables-sync-period"),
         ];
         for (args, flag) in cases {
             let error = parse(args).expect_err(&format!("{args:?} must be refused"));

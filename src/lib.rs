@@ -16,6 +16,7 @@
 //! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |
 //! | [`metrics`] | the Prometheus metrics every module records into |
+//! | [`netfilter`] | the DNAT rules: install, check and repair, remove; interfaces and CNI detection |
 //! | [`shutdown`] | signals: the first drains, a second aborts |
 //!
 //! Pure logic (policy, ARNs, tokens, routes, index updates, session names) is plain functions
@@ -29,6 +30,7 @@ pub mod credentials;
 pub mod http;
 pub mod imds;
 pub mod metrics;
+pub mod netfilter;
 pub mod policy;
 pub mod shutdown;
 
@@ -49,6 +51,9 @@ pub enum StartupError {
     /// The Kubernetes API server configuration could not be loaded.
     #[error("cannot configure the Kubernetes client: {0}")]
     Kube(String),
+    /// The DNAT rules could not be installed.
+    #[error("{0}")]
+    Netfilter(String),
     /// Discovery through the node's metadata service failed.
     #[error("{flag}: {message}")]
     Discovery { flag: &'static str, message: String },

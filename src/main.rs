@@ -3,10 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use iamlet::cli::{Cli, LogFormat};
+use iamlet::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Cleanup) = cli.command {
+        return cleanup();
+    }
     let config = match cli.agent.validate() {
         Ok(config) => config,
         Err(error) => {
@@ -21,6 +24,22 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("iamlet: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `iamlet cleanup`: one line per iptables program, exit 0 unless iptables could not run.
+fn cleanup() -> ExitCode {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the tokio runtime");
+    match runtime.block_on(iamlet::netfilter::cleanup()) {
+        Ok(report) => {
+            report.iter().for_each(|line| println!("{line}"));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("iamlet cleanup: {error}");
             ExitCode::FAILURE
         }
     }

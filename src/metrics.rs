@@ -39,6 +39,8 @@ pub struct Metrics {
     pub sts_duration: Histogram,
     pub pods_indexed: Gauge,
     pub watch_errors: Family<WatchLabels, Counter>,
+    pub iptables_repairs: Counter,
+    pub iptables_errors: Counter,
     pub registry: Registry,
 }
 
@@ -57,6 +59,8 @@ impl Metrics {
         let sts_duration = Histogram::new(latency_buckets());
         let pods_indexed = Gauge::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
+        let iptables_repairs = Counter::default();
+        let iptables_errors = Counter::default();
 
         let mut registry = Registry::with_prefix("iamlet");
         registry.register("http_requests", "Metadata API requests by route and status code", requests.clone());
@@ -71,6 +75,12 @@ impl Metrics {
         registry.register("sts_assume_role_duration_seconds", "STS AssumeRole latency", sts_duration.clone());
         registry.register("pods_indexed", "Pods of this node in the index", pods_indexed.clone());
         registry.register("watch_errors", "Kubernetes watch errors by watch", watch_errors.clone());
+        registry.register(
+            "iptables_repairs",
+            "Times iamlet's rules were found changed and reinstalled",
+            iptables_repairs.clone(),
+        );
+        registry.register("iptables_errors", "Failed checks or repairs of iamlet's rules", iptables_errors.clone());
 
         Self {
             requests,
@@ -81,6 +91,8 @@ impl Metrics {
             sts_duration,
             pods_indexed,
             watch_errors,
+            iptables_repairs,
+            iptables_errors,
             registry,
         }
     }

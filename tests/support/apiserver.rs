@@ -74,7 +74,8 @@ struct State {
 pub struct FakeApiServer {
     pub url: String,
     state: Arc<State>,
-    task: super::ServerTask,
+    /// The accept loop; `None` for handles used inside the server itself.
+    task: Option<super::ServerTask>,
 }
 
 impl FakeApiServer {
@@ -85,7 +86,11 @@ impl FakeApiServer {
 
     /// Starts requiring `Authorization: Bearer <token>` when `token` is set.
     pub async fn start_with(token: Option<&str>, bookmark_every: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), token, bookmark_every)
+    }
+
+    /// Starts on `listener` (one bound inside a network namespace, say).
+    pub fn start_on(listener: TcpListener, token: Option<&str>, bookmark_every: Duration) -> Self {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(State {
             inner: Mutex::new(Inner { rv: 100, ..Inner::default() }),
@@ -98,9 +103,9 @@ impl FakeApiServer {
         let serving = state.clone();
         let task = super::serve(listener, move |request| {
             let state = serving.clone();
-            async move { handle(&state, request) }
+            async move { handle(&state, request).await }
         });
-        Self { url, state, task }
+        Self { url, state, task: Some(task) }
     }
 
     /// Creates a pod (from [`PodBuilder::build`]); assigns uid, creationTimestamp, rv.
@@ -345,7 +350,7 @@ fn url_decode_pairs(query: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
     let uri = request.uri().clone();
     state.requests.lock().unwrap().push(format!("{} {}", request.method(), uri));
     if let Some(token) = &state.token {
@@ -354,8 +359,10 @@ fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
             return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
         }
     }
-    if request.method() != http::Method::GET {
-        return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only GET is served by this fake");
+    match *request.method() {
+        http::Method::GET => {}
+        http::Method::POST | http::Method::DELETE => return write(state, request).await,
+        _ => return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "GET, POST and DELETE are served"),
     }
     let query = query_map(uri.query());
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
@@ -392,6 +399,47 @@ fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
     } else {
         list_response(state, kind, &query, in_scope)
     }
+}
+
+/// `POST /api/v1/namespaces/{ns}/pods` (create) and `DELETE .../pods/{name}`, as
+/// `kubectl create` and `kubectl delete` use them (for the demo and manual runs).
+async fn write(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
+    let server = FakeApiServer { url: String::new(), state: state.clone(), task: None };
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = request.method().clone();
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let response = match (method, segments.as_slice()) {
+        (http::Method::POST, ["api", "v1", "namespaces", ns, "pods"]) => {
+            let Ok(mut pod) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
+            };
+            if !pod["metadata"]["name"].is_string() {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name: Required value");
+            }
+            pod["metadata"]["namespace"] = json!(ns);
+            let key = key_of(&pod);
+            if state.inner.lock().unwrap().pods.contains_key(&key) {
+                return status(StatusCode::CONFLICT, "AlreadyExists", &format!("pods \"{}\" already exists", key.1));
+            }
+            server.create_pod(pod);
+            let created = state.inner.lock().unwrap().pods.get(&key).cloned().unwrap();
+            full(StatusCode::CREATED, created)
+        }
+        (http::Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let found = state.inner.lock().unwrap().pods.get(&(ns.to_string(), name.to_string())).cloned();
+            match found {
+                Some(pod) => {
+                    server.delete_pod(ns, name);
+                    full(StatusCode::OK, pod)
+                }
+                None => status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{name}\" not found")),
+            }
+        }
+        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only pods can be created or deleted"),
+    };
+    drop(server);
+    response
 }
 
 fn list_response(

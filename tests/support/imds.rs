@@ -32,7 +32,11 @@ pub struct FakeImds {
 
 impl FakeImds {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// Starts on `listener` (one bound inside a network namespace, say).
+    pub fn start_on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recording = seen.clone();

@@ -6,9 +6,11 @@
 
 #![allow(dead_code)]
 
+pub mod agent_process;
 pub mod apiserver;
 pub mod imds;
 pub mod moto;
+pub mod netns;
 pub mod node;
 pub mod pod_client;
 pub mod sts_proxy;

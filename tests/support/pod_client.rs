@@ -37,7 +37,22 @@ pub async fn connect(from: &str, to: SocketAddr) -> tokio::net::TcpStream {
 
 /// One request from the pod at `from`.
 pub async fn request(from: &str, to: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let stream = connect(from, to).await;
+    exchange(connect(from, to).await, method, path, headers).await
+}
+
+/// One request from wherever this task runs (a namespace's thread, say), or `None` if the
+/// connection fails or is not answered within `timeout`.
+pub async fn fetch(
+    to: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> Option<Reply> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(to)).await.ok()?.ok()?;
+    tokio::time::timeout(timeout, exchange(stream, "GET", path, headers)).await.ok()
+}
+
+async fn exchange(stream: tokio::net::TcpStream, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(connection);
     let mut builder = Request::builder().method(method).uri(path).header("host", "169.254.169.254");

@@ -37,8 +37,12 @@ pub struct StsProxy {
 
 impl StsProxy {
     pub async fn start() -> Self {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    }
+
+    /// Starts on `listener` (one bound inside a network namespace, say).
+    pub fn start_on(listener: TcpListener) -> Self {
         let upstream = moto().url.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(State::default());
         let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();

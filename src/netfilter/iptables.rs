@@ -1,0 +1,132 @@
+//! Running iptables: the backend (nft or legacy), the xtables lock, and clear errors.
+//!
+//! The binary is run with tokio's process support, so a slow iptables (a large ruleset, a
+//! held lock) never blocks the runtime. `-w` waits for the xtables lock instead of failing
+//! when kube-proxy or the CNI holds it.
+
+use std::process::Stdio;
+
+use super::rules::Family;
+
+/// Which iptables backend to use (`--iptables-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The one kube-proxy uses on this node (the one holding more Kubernetes rules).
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// Why an iptables command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("{program} not found: install the iptables package (the iamlet image has it)")]
+    Missing { program: String },
+    #[error("{program} was refused: iamlet needs the NET_ADMIN and NET_RAW capabilities ({stderr})")]
+    Permission { program: String, stderr: String },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+/// One iptables program for one family (`iptables-nft`, `ip6tables-legacy`, `iptables`...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iptables {
+    pub program: String,
+    pub family: Family,
+}
+
+impl Iptables {
+    /// Runs `program -w -t nat <args>`; returns stdout.
+    pub async fn nat(&self, args: &[String]) -> Result<String, IptablesError> {
+        let output = tokio::process::Command::new(&self.program)
+            .args(["-w", "-t", "nat"])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => IptablesError::Missing { program: self.program.clone() },
+                _ => IptablesError::Failed { command: self.program.clone(), stderr: e.to_string() },
+            })?;
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        if stderr.contains("Permission denied")
+            || stderr.contains("must be root")
+            || stderr.contains("Operation not permitted")
+        {
+            return Err(IptablesError::Permission { program: self.program.clone(), stderr });
+        }
+        Err(IptablesError::Failed { command: format!("{} -t nat {}", self.program, args.join(" ")), stderr })
+    }
+
+    /// Like [`Iptables::nat`], but a failure is `Ok(false)` (for `-C` checks and removals of
+    /// what may not be there); a missing binary or permission is still an error.
+    pub async fn nat_succeeds(&self, args: &[String]) -> Result<bool, IptablesError> {
+        match self.nat(args).await {
+            Ok(_) => Ok(true),
+            Err(IptablesError::Failed { .. }) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// The programs of a backend for a family, most specific first.
+fn candidates(choice: BackendChoice, family: Family) -> Vec<String> {
+    let tool = family.tool();
+    match choice {
+        BackendChoice::Nft => vec![format!("{tool}-nft")],
+        BackendChoice::Legacy => vec![format!("{tool}-legacy")],
+        BackendChoice::Auto => vec![format!("{tool}-nft"), format!("{tool}-legacy"), tool.to_string()],
+    }
+}
+
+fn exists(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Counts the rules other components (kube-proxy, the CNI) have in a backend's nat table.
+async fn foreign_rules(iptables: &Iptables) -> usize {
+    iptables
+        .nat(&["-S".to_string()])
+        .await
+        .map(|listing| listing.lines().filter(|l| l.starts_with("-A ")).count())
+        .unwrap_or(0)
+}
+
+/// Picks the program for `family`. With `Auto`, the backend holding more rules wins (the one
+/// kube-proxy and the CNI use: rules in the other would be invisible to them and vice versa);
+/// with none anywhere, nft, Debian's and most distributions' default.
+pub async fn select(choice: BackendChoice, family: Family) -> Result<Iptables, IptablesError> {
+    let present: Vec<String> = candidates(choice, family).into_iter().filter(|p| exists(p)).collect();
+    let Some(first) = present.first() else {
+        return Err(IptablesError::Missing { program: candidates(choice, family).join(" or ") });
+    };
+    if choice != BackendChoice::Auto {
+        return Ok(Iptables { program: first.clone(), family });
+    }
+    let nft = Iptables { program: format!("{}-nft", family.tool()), family };
+    let legacy = Iptables { program: format!("{}-legacy", family.tool()), family };
+    if !(present.contains(&nft.program) && present.contains(&legacy.program)) {
+        return Ok(Iptables { program: first.clone(), family });
+    }
+    let (in_nft, in_legacy) = (foreign_rules(&nft).await, foreign_rules(&legacy).await);
+    tracing::debug!(in_nft, in_legacy, "iptables backend rule counts");
+    Ok(if in_legacy > in_nft { legacy } else { nft })
+}
+
+/// Every program present for `family`, for `iamlet cleanup` (which cannot know which backend
+/// a crashed agent used).
+pub fn all_present(family: Family) -> Vec<Iptables> {
+    let tool = family.tool();
+    let variants = [format!("{tool}-nft"), format!("{tool}-legacy")];
+    let mut programs: Vec<String> = variants.into_iter().filter(|p| exists(p)).collect();
+    if programs.is_empty() && exists(tool) {
+        programs.push(tool.to_string());
+    }
+    programs.into_iter().map(|program| Iptables { program, family }).collect()
+}

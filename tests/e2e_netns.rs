@@ -1,0 +1,360 @@
+//! End to end, as root, in network namespaces: a "node" namespace running the real `iamlet`
+//! binary with real iptables, "pod" namespaces wired like a CNI wires them, and real SDK
+//! clients in the pods (botocore, the AWS CLI, aws-config) fetching credentials through
+//! 169.254.169.254 and calling STS (moto) with them.
+//!
+//! These tests are `#[ignore]`d for plain `cargo test` (they need root); scripts/test.sh runs
+//! them as root with `--include-ignored`, and fails in CI rather than skip them.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sts::config::{ProvideCredentials, Region};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use support::agent_process::{self, AgentProcess};
+use support::apiserver::{FakeApiServer, pod};
+use support::imds::FakeImds;
+use support::moto::venv_bin;
+use support::netns::{Attach, HOST_IP, Netns, Topology, require_root};
+use support::pod_client;
+use support::sts_proxy::StsProxy;
+
+/// A node namespace with the fakes listening on the node's address, and its pods.
+struct E2e {
+    topology: Topology,
+    api: FakeApiServer,
+    sts: StsProxy,
+    imds: FakeImds,
+}
+
+impl E2e {
+    fn new(tag: &str) -> Self {
+        require_root();
+        let topology = Topology::node(tag);
+        let api =
+            FakeApiServer::start_on(topology.node.listen(&format!("{HOST_IP}:6443")), None, Duration::from_secs(1));
+        let sts = StsProxy::start_on(topology.node.listen(&format!("{HOST_IP}:0")));
+        let imds = FakeImds::start_on(topology.node.listen(&format!("{HOST_IP}:0")));
+        Self { topology, api, sts, imds }
+    }
+
+    fn node(&self) -> &Netns {
+        &self.topology.node
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--node=node-a".to_string(),
+            format!("--api-server={}", self.api.url),
+            "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
+            format!("--metadata-addr={}", self.imds.addr),
+            format!("--host-ip={HOST_IP}"),
+            "--iptables".into(),
+            "--iptables-sync-period=1s".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    async fn start_agent(&self, extra: &[&str]) -> AgentProcess {
+        let mut agent = agent_process::spawn(self.node(), &self.sts.url, &self.args(extra));
+        agent.wait_ready(self.node()).await;
+        agent
+    }
+
+    /// A pod namespace attached to the node, and the pod object in the API server.
+    fn add_pod(&mut self, link: &str, attach: Attach, ip: &str, role: Option<&str>) -> usize {
+        self.topology.add_pod(link, attach, ip, None);
+        let name = format!("pod-{link}");
+        let mut object = pod("e2e", &name).ip(ip);
+        if let Some(role) = role {
+            object = object.role(role);
+        }
+        self.api.create_pod(object.build());
+        self.topology.pods.len() - 1
+    }
+
+    fn pod_ns(&self, index: usize) -> &Netns {
+        &self.topology.pods[index].ns
+    }
+
+    /// iamlet's jumps in PREROUTING and rules in its chain, from both backends.
+    fn our_rules(&self, family: &str) -> (usize, usize) {
+        let rules = self.node().nat_rules(family);
+        let jumps = rules.lines().filter(|l| l.starts_with("-A PREROUTING") && l.ends_with("-j IAMLET")).count();
+        let chain = rules.lines().filter(|l| l.starts_with("-A IAMLET ")).count();
+        (jumps, chain)
+    }
+}
+
+/// botocore's default chain in a pod namespace; (exit code, its JSON line).
+fn botocore_in(pod: &Netns, sts_url: &str, env: &[(&str, &str)]) -> (i32, Value) {
+    let python = venv_bin("python");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/botocore_identity.py");
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &pod.name, python.to_str().unwrap(), script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
+        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2")
+        .env("STS_URL", sts_url);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let parsed = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("botocore printed {stdout:?}; stderr {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.code().unwrap_or(-1), parsed)
+}
+
+/// `aws sts get-caller-identity` in a pod namespace: the caller ARN, or the CLI's error.
+fn aws_cli_in(pod: &Netns, sts_url: &str) -> Result<String, String> {
+    let aws = venv_bin("aws");
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pod.name, aws.to_str().unwrap()])
+        .args(["sts", "get-caller-identity", "--region", "us-east-1", "--output", "json", "--endpoint-url", sts_url])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    if output.status.success() {
+        let identity: Value = serde_json::from_slice(&output.stdout).unwrap();
+        Ok(identity["Arn"].as_str().unwrap().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// aws-config's IMDS credential provider in a pod namespace, then GetCallerIdentity.
+async fn rust_sdk_in(pod: &Netns, sts_url: String) -> Result<String, String> {
+    pod.run(move || async move {
+        let provider = aws_config::imds::credentials::ImdsCredentialsProvider::builder().build();
+        let credentials = provider.provide_credentials().await.map_err(|e| format!("{e:?}"))?;
+        let config = aws_sdk_sts::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(sts_url)
+            .credentials_provider(credentials)
+            .build();
+        let identity =
+            aws_sdk_sts::Client::from_conf(config).get_caller_identity().send().await.map_err(|e| format!("{e:?}"))?;
+        Ok(identity.arn.unwrap_or_default())
+    })
+    .await
+}
+
+/// Whether anything answers a pod's metadata request within a second.
+async fn metadata_answers(pod: &Netns) -> bool {
+    pod.run(|| async {
+        let imds: SocketAddr = "169.254.169.254:80".parse().unwrap();
+        pod_client::fetch(imds, "/latest/meta-data/iam/security-credentials/", &[], Duration::from_secs(1))
+            .await
+            .is_some()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn bridge_cni_pods_get_their_own_roles_with_real_sdks() {
+    let mut e2e = E2e::new("bridge");
+    let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
+    let plain = e2e.add_pod("veth2", Attach::Bridge, "10.42.0.11", None);
+    let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+    assert_eq!(e2e.our_rules("v4"), (1, 1), "{}", e2e.node().nat_rules("v4"));
+
+    let sts_url = e2e.sts.url.clone();
+    let (code, result) = botocore_in(e2e.pod_ns(app), &sts_url, &[]);
+    assert_eq!(code, 0, "{result}\n{}", agent.log());
+    assert_eq!(result["method"], "iam-role");
+    assert!(result["arn"].as_str().unwrap().ends_with(":assumed-role/e2e-app/e2e.pod-veth1"), "{result}");
+
+    let arn = aws_cli_in(e2e.pod_ns(app), &sts_url).expect("the AWS CLI finds credentials");
+    assert!(arn.ends_with(":assumed-role/e2e-app/e2e.pod-veth1"), "{arn}");
+    let arn = rust_sdk_in(e2e.pod_ns(app), sts_url.clone()).await.expect("aws-config finds credentials");
+    assert!(arn.ends_with(":assumed-role/e2e-app/e2e.pod-veth1"), "{arn}");
+
+    // The pod without a role gets none, and never the node's.
+    let (code, result) = botocore_in(e2e.pod_ns(plain), &sts_url, &[]);
+    assert_eq!(code, 3, "{result}");
+    assert!(aws_cli_in(e2e.pod_ns(plain), &sts_url).is_err());
+
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(20).code(), Some(0), "{}", agent.log());
+    assert_eq!(e2e.our_rules("v4"), (0, 0), "rules removed on exit: {}", e2e.node().nat_rules("v4"));
+    assert!(!e2e.node().nat_rules("v4").contains(":IAMLET"), "the chain is gone too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn calico_interfaces_wildcards_and_negations_match_what_they_should() {
+    let mut e2e = E2e::new("calico");
+    let cali1 = e2e.add_pod("cali1a2b", Attach::PointToPoint, "10.43.0.10", Some("e2e-app"));
+    let cali2 = e2e.add_pod("cali3c4d", Attach::PointToPoint, "10.43.0.11", Some("e2e-app"));
+    let other = e2e.add_pod("ext0", Attach::PointToPoint, "10.43.0.12", Some("e2e-app"));
+    let sts_url = e2e.sts.url.clone();
+
+    for pattern in ["--host-interface=cali+", "--host-interface=!ext0", "--host-interface=auto"] {
+        let mut agent = e2e.start_agent(&[pattern]).await;
+        let (code, result) = botocore_in(e2e.pod_ns(cali1), &sts_url, &[]);
+        assert_eq!(code, 0, "{pattern}: {result}\n{}", agent.log());
+        assert!(metadata_answers(e2e.pod_ns(cali2)).await, "{pattern}: the second cali pod");
+        assert!(!metadata_answers(e2e.pod_ns(other)).await, "{pattern}: traffic on ext0 is not intercepted");
+        if pattern == "--host-interface=auto" {
+            assert!(agent.log().contains("Calico"), "auto names the CNI it found: {}", agent.log());
+        }
+        agent.signal(Signal::SIGTERM);
+        assert_eq!(agent.wait(20).code(), Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_cleanup() {
+    let host_before = (host_nat_rules(), host_nat_rules_v6());
+    let mut e2e = E2e::new("lifecycle");
+    let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
+    let node = e2e.node();
+
+    // A crash (kill -9) leaves the rules; starting again still leaves exactly one set.
+    let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+    agent.signal(Signal::SIGKILL);
+    agent.wait(10);
+    assert_eq!(e2e.our_rules("v4"), (1, 1), "a killed agent cannot clean up");
+    let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+    assert_eq!(e2e.our_rules("v4"), (1, 1), "a restart leaves one set: {}", node.nat_rules("v4"));
+
+    // Someone flushes the chain, then deletes the jump: repaired within the sync period.
+    node.ok("iptables-nft", &["-w", "-t", "nat", "-F", "IAMLET"]);
+    wait_for_rules(&e2e, (1, 1)).await;
+    let jump = node.nat_rules("v4").lines().find(|l| l.ends_with("-j IAMLET")).unwrap().replacen("-A", "-D", 1);
+    let jump_args: Vec<&str> = jump.split_whitespace().collect();
+    node.ok("iptables-nft", &[&["-w", "-t", "nat"][..], &jump_args].concat());
+    wait_for_rules(&e2e, (1, 1)).await;
+    assert!(metadata_answers(e2e.pod_ns(app)).await, "the repaired rules work");
+    let admin = agent.admin;
+    let metrics =
+        node.run(move || async move {
+            pod_client::fetch(admin, "/metrics", &[], Duration::from_secs(2)).await.unwrap().body
+        })
+        .await;
+    let repairs: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("iamlet_iptables_repairs_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(repairs >= 2.0, "{metrics}");
+
+    // kill -9, then `iamlet cleanup` removes the leftovers.
+    agent.signal(Signal::SIGKILL);
+    agent.wait(10);
+    let report = node.ok(agent_process::BIN, &["cleanup"]);
+    assert!(report.contains("iptables-nft (IPv4): removed iamlet's rules"), "{report}");
+    assert_eq!(e2e.our_rules("v4"), (0, 0));
+    let again = node.ok(agent_process::BIN, &["cleanup"]);
+    assert!(again.contains("nothing to remove"), "cleanup is idempotent: {again}");
+
+    // --iptables-keep-on-exit keeps them through a clean exit (fail closed).
+    let mut agent = e2e.start_agent(&["--host-interface=cni0", "--iptables-keep-on-exit"]).await;
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(20).code(), Some(0));
+    assert_eq!(e2e.our_rules("v4"), (1, 1), "kept on exit");
+    assert!(!metadata_answers(e2e.pod_ns(app)).await, "pods fail closed while the agent is away");
+    node.ok(agent_process::BIN, &["cleanup"]);
+    assert_eq!(e2e.our_rules("v4"), (0, 0));
+
+    assert_eq!((host_nat_rules(), host_nat_rules_v6()), host_before, "the host's own tables are never touched");
+}
+
+async fn wait_for_rules(e2e: &E2e, expected: (usize, usize)) {
+    for _ in 0..100 {
+        if e2e.our_rules("v4") == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("rules not repaired: {}", e2e.node().nat_rules("v4"));
+}
+
+fn host_nat_rules() -> String {
+    String::from_utf8_lossy(&Command::new("iptables-nft").args(["-w", "-t", "nat", "-S"]).output().unwrap().stdout)
+        .into_owned()
+}
+
+fn host_nat_rules_v6() -> String {
+    String::from_utf8_lossy(&Command::new("ip6tables-nft").args(["-w", "-t", "nat", "-S"]).output().unwrap().stdout)
+        .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn ipv6_pods_reach_the_agent_through_fd00_ec2_254() {
+    let mut e2e = E2e::new("ipv6");
+    e2e.topology.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("fd42::10"));
+    e2e.api.create_pod(pod("e2e", "dual").ips(&["10.42.0.10", "fd42::10"]).role("e2e-v6").build());
+    let mut agent =
+        e2e.start_agent(&["--host-interface=cni0", &format!("--host-ipv6={}", support::netns::HOST_IPV6)]).await;
+    assert_eq!(e2e.our_rules("v6"), (1, 1), "{}", e2e.node().nat_rules("v6"));
+
+    let sts_url = e2e.sts.url.clone();
+    let (code, result) = botocore_in(e2e.pod_ns(0), &sts_url, &[("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")]);
+    assert_eq!(code, 0, "{result}\n{}", agent.log());
+    assert!(result["arn"].as_str().unwrap().ends_with(":assumed-role/e2e-v6/e2e.dual"), "{result}");
+
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(20).code(), Some(0));
+    assert_eq!(e2e.our_rules("v6"), (0, 0));
+    assert_eq!(e2e.our_rules("v4"), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn the_backend_kube_proxy_uses_is_chosen_and_can_be_forced() {
+    let mut e2e = E2e::new("backend");
+    let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
+    let node = e2e.node();
+    // "kube-proxy" on the legacy backend.
+    node.ok("iptables-legacy", &["-w", "-t", "nat", "-N", "KUBE-SERVICES"]);
+    node.ok("iptables-legacy", &["-w", "-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
+
+    let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+    let legacy = String::from_utf8_lossy(&node.exec("iptables-legacy", &["-w", "-t", "nat", "-S"]).stdout).into_owned();
+    assert!(legacy.contains("-j IAMLET"), "auto follows kube-proxy to legacy: {legacy}");
+    let first = legacy.lines().find(|l| l.starts_with("-A PREROUTING")).unwrap();
+    assert!(first.ends_with("-j IAMLET"), "inserted ahead of kube-proxy's rules: {legacy}");
+    assert!(metadata_answers(e2e.pod_ns(app)).await);
+    agent.signal(Signal::SIGTERM);
+    agent.wait(20);
+
+    let mut agent = e2e.start_agent(&["--host-interface=cni0", "--iptables-backend=nft"]).await;
+    let nft = String::from_utf8_lossy(&node.exec("iptables-nft", &["-w", "-t", "nat", "-S"]).stdout).into_owned();
+    assert!(nft.contains("-j IAMLET"), "forced to nft: {nft}");
+    agent.signal(Signal::SIGTERM);
+    agent.wait(20);
+    assert_eq!(e2e.our_rules("v4"), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn a_missing_interface_is_a_clear_error_listing_the_nodes_interfaces() {
+    let e2e = E2e::new("badiface");
+    let mut agent = agent_process::spawn(e2e.node(), &e2e.sts.url, &e2e.args(&["--host-interface=weave"]));
+    assert_ne!(agent.wait(20).code(), Some(0));
+    let log = agent.log();
+    assert!(log.contains("no interface \"weave\"") && log.contains("cni0") && log.contains("Calico: cali+"), "{log}");
+    assert_eq!(e2e.our_rules("v4"), (0, 0), "nothing installed");
+}

@@ -1,0 +1,211 @@
+//! Network namespaces for the end-to-end tests: a "node" and its "pods", wired like a CNI
+//! would wire them, all created inside namespaces the test owns (the host's own links and
+//! netfilter tables are never touched) and deleted when the test ends.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Fails the test unless it runs as root (the e2e tests are `#[ignore]`d otherwise, and
+/// scripts/test.sh runs them as root).
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root: run scripts/test.sh as root");
+}
+
+/// A unique prefix for this test's namespaces.
+pub fn unique(tag: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    format!("iamlet-{}-{}-{tag}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+fn check(output: Output, what: &str) -> String {
+    assert!(output.status.success(), "`{what}` failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Self {
+        let _ = run("ip", &["netns", "del", name]);
+        check(run("ip", &["netns", "add", name]), &format!("ip netns add {name}"));
+        let ns = Self { name: name.to_string() };
+        ns.ip("link set lo up");
+        ns
+    }
+
+    /// `ip -n <ns> <args>`, which must succeed.
+    pub fn ip(&self, args: &str) {
+        let mut argv = vec!["-n", &self.name];
+        argv.extend(args.split_whitespace());
+        check(run("ip", &argv), &format!("ip -n {} {args}", self.name));
+    }
+
+    /// Runs a program inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut argv = vec!["netns", "exec", &self.name, program];
+        argv.extend_from_slice(args);
+        run("ip", &argv)
+    }
+
+    /// Runs a program inside the namespace, which must succeed; returns its stdout.
+    pub fn ok(&self, program: &str, args: &[&str]) -> String {
+        check(self.exec(program, args), &format!("{program} {}", args.join(" ")))
+    }
+
+    pub fn sysctl(&self, setting: &str) {
+        self.ok("sysctl", &["-q", "-w", setting]);
+    }
+
+    /// Runs `make()`'s future on a thread that has entered this namespace, with a runtime of
+    /// its own: every socket it opens is in the namespace.
+    pub async fn run<F, Fut, T>(&self, make: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            enter(&path);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let _ = tx.send(runtime.block_on(make()));
+        });
+        rx.await.expect("the namespace thread panicked")
+    }
+
+    /// A listener bound inside the namespace, served by the caller's runtime.
+    pub fn listen(&self, addr: &str) -> tokio::net::TcpListener {
+        let path = format!("/run/netns/{}", self.name);
+        let addr = addr.to_string();
+        let listener = std::thread::spawn(move || {
+            enter(&path);
+            std::net::TcpListener::bind(&addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+        })
+        .join()
+        .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        tokio::net::TcpListener::from_std(listener).unwrap()
+    }
+
+    /// `iptables-save`-style rules of the nat table, from both backends.
+    pub fn nat_rules(&self, family: &str) -> String {
+        let tool = if family == "v6" { "ip6tables" } else { "iptables" };
+        let mut all = String::new();
+        for program in [format!("{tool}-nft"), format!("{tool}-legacy")] {
+            all.push_str(&String::from_utf8_lossy(&self.exec(&program, &["-w", "-t", "nat", "-S"]).stdout));
+        }
+        all
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+fn enter(path: &str) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// The node's own address (on `eth0`, as on a node's main interface), where the agent,
+/// the fake API server and STS listen.
+pub const HOST_IP: &str = "10.254.0.1";
+pub const HOST_IPV6: &str = "fd00:1::1";
+
+/// How a pod is attached to the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// flannel / bridge CNI: a veth enslaved to the `cni0` bridge (10.42.0.0/24, fd42::/64).
+    Bridge,
+    /// Calico: a point-to-point veth with a /32 route and proxy ARP.
+    PointToPoint,
+}
+
+/// A pod's network namespace and addresses.
+pub struct PodNet {
+    pub ns: Netns,
+    pub ip: String,
+    pub ipv6: Option<String>,
+}
+
+/// A node namespace and its pods.
+pub struct Topology {
+    pub node: Netns,
+    pub pods: Vec<PodNet>,
+    prefix: String,
+}
+
+impl Topology {
+    /// A node with its main interface and a `cni0` bridge, and no pods yet.
+    pub fn node(tag: &str) -> Self {
+        let prefix = unique(tag);
+        let node = Netns::create(&format!("{prefix}-node"));
+        // The node's main interface: a veth (this kernel may lack the dummy driver).
+        node.ip("link add eth0 type veth peer name uplink0");
+        node.ip("link set uplink0 up");
+        node.ip(&format!("addr add {HOST_IP}/32 dev eth0"));
+        node.ip(&format!("addr add {HOST_IPV6}/128 dev eth0 nodad"));
+        node.ip("link set eth0 up");
+        // A default route, as every node has: proxy ARP (Calico) answers only for addresses
+        // the node can route elsewhere. Nothing leaves the namespace: eth0's peer is here too.
+        node.ip("route add default dev eth0");
+        node.ip("link add cni0 type bridge");
+        node.ip("addr add 10.42.0.1/24 dev cni0");
+        node.ip("addr add fd42::1/64 dev cni0 nodad");
+        node.ip("link set cni0 up");
+        Self { node, pods: Vec::new(), prefix }
+    }
+
+    /// Adds a pod behind the node-side interface `link`, with `ip` (and `ipv6` on a bridge).
+    pub fn add_pod(&mut self, link: &str, attach: Attach, ip: &str, ipv6: Option<&str>) -> &PodNet {
+        let ns = Netns::create(&format!("{}-pod{}", self.prefix, self.pods.len()));
+        let node = &self.node;
+        node.ip(&format!("link add {link} type veth peer name eth0 netns {}", ns.name));
+        node.ip(&format!("link set {link} up"));
+        ns.ip("link set eth0 up");
+        match attach {
+            Attach::Bridge => {
+                node.ip(&format!("link set {link} master cni0"));
+                ns.ip(&format!("addr add {ip}/24 dev eth0"));
+                ns.ip("route add default via 10.42.0.1");
+                if let Some(v6) = ipv6 {
+                    ns.ip(&format!("addr add {v6}/64 dev eth0 nodad"));
+                    ns.ip("-6 route add default via fd42::1");
+                }
+            }
+            Attach::PointToPoint => {
+                node.ip(&format!("route add {ip}/32 dev {link}"));
+                // Calico's wiring: proxy ARP for the pod's gateway 169.254.1.1, which the
+                // kernel only answers on an interface that forwards.
+                node.sysctl(&format!("net.ipv4.conf.{link}.proxy_arp=1"));
+                node.sysctl(&format!("net.ipv4.conf.{link}.forwarding=1"));
+                ns.ip(&format!("addr add {ip}/32 dev eth0"));
+                ns.ip("route add 169.254.1.1 dev eth0 scope link");
+                ns.ip("route add default via 169.254.1.1 dev eth0");
+            }
+        }
+        self.pods.push(PodNet { ns, ip: ip.to_string(), ipv6: ipv6.map(str::to_string) });
+        self.pods.last().unwrap()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Pods first: deleting a namespace deletes its end of each veth, and the peer with it.
+        self.pods.clear();
+    }
+}
