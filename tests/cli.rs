@@ -78,15 +78,7 @@ fn agent_command(
             "--log-format=json".into(),
         ])
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/nonexistent")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("AWS_ENDPOINT_URL_STS", &sts.url)
+        .envs(support::agent_env(&sts.url))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

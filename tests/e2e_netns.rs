@@ -100,12 +100,7 @@ fn botocore_in(pod: &Netns, sts_url: &str, env: &[(&str, &str)]) -> (i32, Value)
     command
         .args(["netns", "exec", &pod.name, python.to_str().unwrap(), script])
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/nonexistent")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
-        .env("AWS_METADATA_SERVICE_NUM_ATTEMPTS", "2")
+        .envs(support::clean_sdk_env())
         .env("STS_URL", sts_url);
     for (k, v) in env {
         command.env(k, v);
@@ -124,11 +119,7 @@ fn aws_cli_in(pod: &Netns, sts_url: &str) -> Result<String, String> {
         .args(["netns", "exec", &pod.name, aws.to_str().unwrap()])
         .args(["sts", "get-caller-identity", "--region", "us-east-1", "--output", "json", "--endpoint-url", sts_url])
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", "/nonexistent")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_METADATA_SERVICE_TIMEOUT", "2")
+        .envs(support::clean_sdk_env())
         .output()
         .unwrap();
     if output.status.success() {
