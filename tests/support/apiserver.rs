@@ -75,7 +75,7 @@ pub struct FakeApiServer {
     pub url: String,
     state: Arc<State>,
     /// The accept loop; `None` for handles used inside the server itself.
-    task: Option<super::ServerTask>,
+    task: Option<super::server::ServerTask>,
 }
 
 impl FakeApiServer {
@@ -101,7 +101,7 @@ impl FakeApiServer {
             bookmark_every,
         });
         let serving = state.clone();
-        let task = super::serve(listener, move |request| {
+        let task = super::server::serve(listener, move |request| {
             let state = serving.clone();
             async move { handle(&state, request).await }
         });
@@ -345,7 +345,7 @@ fn url_decode_pairs(query: &str) -> BTreeMap<String, String> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (super::percent_decode(k), super::percent_decode(v))
+            (super::server::percent_decode(k), super::server::percent_decode(v))
         })
         .collect()
 }

@@ -27,7 +27,7 @@ pub struct Seen {
 pub struct FakeImds {
     pub addr: String,
     seen: Arc<Mutex<Vec<Seen>>>,
-    task: super::ServerTask,
+    task: super::server::ServerTask,
 }
 
 impl FakeImds {
@@ -40,7 +40,7 @@ impl FakeImds {
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recording = seen.clone();
-        let task = super::serve(listener, move |request| {
+        let task = super::server::serve(listener, move |request| {
             let seen = recording.clone();
             async move { answer(&seen, request) }
         });

@@ -13,30 +13,8 @@ pub mod moto;
 pub mod netns;
 pub mod node;
 pub mod pod_client;
+pub mod server;
 pub mod sts_proxy;
-
-/// Decodes `application/x-www-form-urlencoded` text (`%XX` and `+`).
-pub fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%' && i + 3 <= bytes.len())
-            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
-            .flatten();
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// The account every test role lives in.
 pub const ACCOUNT: &str = "123456789012";
@@ -53,41 +31,6 @@ pub async fn eventually(seconds: u64, what: &str, mut check: impl AsyncFnMut() -
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-}
-
-/// A fake server's accept loop; aborted (and its port closed) when dropped.
-pub struct ServerTask(tokio::task::JoinHandle<()>);
-
-impl Drop for ServerTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Serves HTTP/1.1 on `listener`, each request answered by `handler`.
-pub fn serve<H, F, B>(listener: tokio::net::TcpListener, handler: H) -> ServerTask
-where
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = http::Response<B>> + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    ServerTask(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let response = handler(request);
-                    async move { Ok::<_, std::convert::Infallible>(response.await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    }))
 }
 
 /// A clean environment for an AWS SDK client run as a subprocess: nothing of the caller's

@@ -32,7 +32,7 @@ struct State {
 pub struct StsProxy {
     pub url: String,
     state: Arc<State>,
-    task: super::ServerTask,
+    task: super::server::ServerTask,
 }
 
 impl StsProxy {
@@ -47,7 +47,7 @@ impl StsProxy {
         let state = Arc::new(State::default());
         let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let serving = state.clone();
-        let task = super::serve(listener, move |request| {
+        let task = super::server::serve(listener, move |request| {
             let (state, client, upstream) = (serving.clone(), client.clone(), upstream.clone());
             async move { forward(&state, &client, &upstream, request).await }
         });
@@ -113,6 +113,6 @@ fn url_form(body: &[u8]) -> Call {
     String::from_utf8_lossy(body)
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (super::percent_decode(k), super::percent_decode(v)))
+        .map(|(k, v)| (super::server::percent_decode(k), super::server::percent_decode(v)))
         .collect()
 }

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The local demo, as root on a Linux machine: a "node" and two "pods" in network namespaces,
+# the fake Kubernetes API server and moto's STS on the node, and the real iamlet with real
+# iptables. One pod has a role and gets its credentials through 169.254.169.254 with the AWS
+# CLI; the other has none and gets nothing. Everything is removed at the end, also on Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "demo: run as root (it creates network namespaces and iptables rules inside them)" >&2
+  exit 1
+fi
+
+NODE=iamlet-demo-node
+POD_APP=iamlet-demo-app
+POD_PLAIN=iamlet-demo-plain
+HOST_IP=10.254.0.1
+API=http://$HOST_IP:6443
+STS=http://$HOST_IP:5000
+WORK=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for ns in "$POD_APP" "$POD_PLAIN" "$NODE"; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
+in_node() { ip netns exec "$NODE" "$@"; }
+py() { .venv/bin/python "$@"; }
+
+# Waits until something listens on $1:$2 inside the node namespace.
+wait_port() {
+  for _ in $(seq 1 150); do
+    in_node bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "demo: nothing listens on $1:$2" >&2
+  return 1
+}
+
+# `kubectl create` against the fake API server: namespace, name, IP, role (may be empty).
+create_pod() {
+  in_node .venv/bin/python - "$API" "$@" <<'PY'
+import json, sys, urllib.request
+api, ns, name, ip, role = sys.argv[1:6]
+pod = {"metadata": {"name": name, "annotations": {"iam.amazonaws.com/role": role} if role else {}},
+       "spec": {"nodeName": "demo-node", "containers": [{"name": "app", "image": "amazon/aws-cli"}]},
+       "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+request = urllib.request.Request(f"{api}/api/v1/namespaces/{ns}/pods", data=json.dumps(pod).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+created = json.load(urllib.request.urlopen(request))
+print(f"pod/{created['metadata']['name']} created in {ns} (ip {ip}, role {role or 'none'})")
+PY
+}
+
+step "Installing what the demo needs and building iamlet"
+scripts/install-test-deps.sh
+cargo build --quiet --bin iamlet --example fake_apiserver
+BIN=$PWD/target/debug/iamlet
+
+step "A node namespace with a cni0 bridge (flannel-style), and two pod namespaces"
+for ns in "$NODE" "$POD_APP" "$POD_PLAIN"; do ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n "$NODE" link add eth0 type veth peer name uplink0
+ip -n "$NODE" link set uplink0 up
+ip -n "$NODE" addr add "$HOST_IP/32" dev eth0
+ip -n "$NODE" link set eth0 up
+ip -n "$NODE" link add cni0 type bridge
+ip -n "$NODE" addr add 10.42.0.1/24 dev cni0
+ip -n "$NODE" link set cni0 up
+n=0
+for pod in "$POD_APP:10.42.0.10" "$POD_PLAIN:10.42.0.11"; do
+  ns=${pod%%:*} ip=${pod##*:} n=$((n + 1))
+  ip -n "$NODE" link add "veth$n" type veth peer name eth0 netns "$ns"
+  ip -n "$NODE" link set "veth$n" master cni0 up
+  ip -n "$ns" addr add "$ip/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$ns" route add default via 10.42.0.1
+  echo "$ns: $ip on the node's cni0"
+done
+
+step "Starting moto (STS) and the fake Kubernetes API server on the node"
+# Started with `ip netns exec` itself, not a shell function, so $! is the server's own PID.
+ip netns exec "$NODE" .venv/bin/moto_server -H "$HOST_IP" -p 5000 >"$WORK/moto.log" 2>&1 &
+PIDS+=($!)
+ip netns exec "$NODE" target/debug/examples/fake_apiserver --listen "$HOST_IP:6443" >"$WORK/apiserver.log" 2>&1 &
+PIDS+=($!)
+wait_port "$HOST_IP" 5000
+wait_port "$HOST_IP" 6443
+echo "STS at $STS, API server at $API"
+
+step "Starting iamlet with --iptables on the node"
+ip netns exec "$NODE" env -i PATH="$PATH" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 \
+  AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL_STS="$STS" \
+  "$BIN" --node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto \
+  --base-role-arn=arn:aws:iam::123456789012:role/ >"$WORK/iamlet.log" 2>&1 &
+IAMLET=$!
+PIDS+=($IAMLET)
+for _ in $(seq 1 150); do
+  in_node .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$HOST_IP:8182/readyz', timeout=1)" 2>/dev/null && break
+  kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/iamlet.log"; exit 1; }
+  sleep 0.2
+done
+sed 's/^/  iamlet | /' "$WORK/iamlet.log"
+echo "iamlet's rules in the node's nat table:"
+in_node iptables-save -t nat 2>/dev/null | grep -E 'IAMLET' | sed 's/^/  /' || true
+in_node iptables-legacy-save -t nat 2>/dev/null | grep -E 'IAMLET' | sed 's/^/  /' || true
+
+step "Creating a pod with the role 'demo-app', and one without a role"
+create_pod shop web "10.42.0.10" demo-app
+create_pod shop batch "10.42.0.11" ""
+
+step "In the pod with a role: the AWS CLI, with no configuration at all"
+show ip netns exec "$POD_APP" env -i PATH="$PATH" HOME=/nonexistent \
+  .venv/bin/aws sts get-caller-identity --region us-east-1 --endpoint-url "$STS" --output json
+echo "The metadata API as the pod sees it (IMDSv2):"
+ip netns exec "$POD_APP" .venv/bin/python - <<'PY'
+import json, urllib.request
+base = "http://169.254.169.254/latest"
+token = urllib.request.urlopen(urllib.request.Request(f"{base}/api/token", method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})).read().decode()
+get = lambda path: urllib.request.urlopen(urllib.request.Request(f"{base}/{path}",
+        headers={"X-aws-ec2-metadata-token": token})).read().decode()
+role = get("meta-data/iam/security-credentials/")
+doc = json.loads(get(f"meta-data/iam/security-credentials/{role}"))
+doc["SecretAccessKey"] = doc["SecretAccessKey"][:4] + "..."
+doc["Token"] = doc["Token"][:12] + "..."
+print(f"  GET meta-data/iam/security-credentials/ -> {role}")
+print("  " + json.dumps(doc, indent=2).replace("\n", "\n  "))
+PY
+
+step "In the pod without a role: no credentials, and never the node's"
+if ip netns exec "$POD_PLAIN" env -i PATH="$PATH" HOME=/nonexistent AWS_METADATA_SERVICE_TIMEOUT=2 \
+  .venv/bin/aws sts get-caller-identity --region us-east-1 --endpoint-url "$STS" 2>"$WORK/plain.err"; then
+  echo "demo: the pod without a role got credentials" >&2
+  exit 1
+fi
+sed 's/^/  aws: /' "$WORK/plain.err"
+ip netns exec "$POD_PLAIN" .venv/bin/python -c "
+import urllib.request, urllib.error
+try: urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/security-credentials/')
+except urllib.error.HTTPError as e: print('  GET meta-data/iam/security-credentials/ ->', e.code, e.read().decode().strip())"
+
+step "Stopping iamlet (SIGTERM): it drains and removes its rules"
+lines=$(wc -l <"$WORK/iamlet.log")
+kill -TERM "$IAMLET"
+status=0
+wait "$IAMLET" || status=$?
+tail -n +"$((lines + 1))" "$WORK/iamlet.log" | sed 's/^/  iamlet | /'
+echo "iamlet exited $status"
+if in_node iptables-save -t nat 2>/dev/null | grep -q IAMLET; then
+  echo "demo: rules left behind" >&2
+  exit 1
+fi
+echo "no IAMLET rules left in the node's nat table"
+
+step "Done: removing the namespaces"
