@@ -30,7 +30,6 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-show() { printf '$ %s\n' "$*"; "$@"; }
 in_node() { ip netns exec "$NODE" "$@"; }
 py() { .venv/bin/python "$@"; }
 
@@ -116,7 +115,8 @@ create_pod shop web "10.42.0.10" demo-app
 create_pod shop batch "10.42.0.11" ""
 
 step "In the pod with a role: the AWS CLI, with no configuration at all"
-show ip netns exec "$POD_APP" env -i PATH="$PATH" HOME=/nonexistent \
+echo "(pod $POD_APP)\$ aws sts get-caller-identity --region us-east-1 --endpoint-url $STS"
+ip netns exec "$POD_APP" env -i PATH="$PATH" HOME=/nonexistent \
   .venv/bin/aws sts get-caller-identity --region us-east-1 --endpoint-url "$STS" --output json
 echo "The metadata API as the pod sees it (IMDSv2):"
 ip netns exec "$POD_APP" .venv/bin/python - <<'PY'

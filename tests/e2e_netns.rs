@@ -179,6 +179,19 @@ async fn bridge_cni_pods_get_their_own_roles_with_real_sdks() {
     let arn = rust_sdk_in(e2e.pod_ns(app), sts_url.clone()).await.expect("aws-config finds credentials");
     assert!(arn.ends_with(":assumed-role/e2e-app/e2e.pod-veth1"), "{arn}");
 
+    // An IMDSv1 client (no token), as older SDKs and curl scripts are.
+    let v1 = e2e
+        .pod_ns(app)
+        .run(|| async {
+            let imds: SocketAddr = "169.254.169.254:80".parse().unwrap();
+            pod_client::fetch(imds, "/latest/meta-data/iam/security-credentials/e2e-app", &[], Duration::from_secs(2))
+                .await
+        })
+        .await
+        .expect("answered");
+    assert_eq!(v1.status, 200);
+    assert_eq!(v1.json()["Code"], "Success");
+
     // The pod without a role gets none, and never the node's.
     let (code, result) = botocore_in(e2e.pod_ns(plain), &sts_url, &[]);
     assert_eq!(code, 3, "{result}");
@@ -221,13 +234,15 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
     let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
     let node = e2e.node();
 
-    // A crash (kill -9) leaves the rules; starting again still leaves exactly one set.
+    // A crash (kill -9) leaves the rules; each restart still leaves exactly one set.
     let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
-    agent.signal(Signal::SIGKILL);
-    agent.wait(10);
-    assert_eq!(e2e.our_rules("v4"), (1, 1), "a killed agent cannot clean up");
-    let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
-    assert_eq!(e2e.our_rules("v4"), (1, 1), "a restart leaves one set: {}", node.nat_rules("v4"));
+    for restart in 1..=2 {
+        agent.signal(Signal::SIGKILL);
+        agent.wait(10);
+        assert_eq!(e2e.our_rules("v4"), (1, 1), "a killed agent cannot clean up");
+        agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+        assert_eq!(e2e.our_rules("v4"), (1, 1), "restart {restart} leaves one set: {}", node.nat_rules("v4"));
+    }
 
     // Someone flushes the chain, then deletes the jump: repaired within the sync period.
     node.ok("iptables-nft", &["-w", "-t", "nat", "-F", "IAMLET"]);
@@ -348,4 +363,20 @@ async fn a_missing_interface_is_a_clear_error_listing_the_nodes_interfaces() {
     let log = agent.log();
     assert!(log.contains("no interface \"weave\"") && log.contains("cni0") && log.contains("Calico: cali+"), "{log}");
     assert_eq!(e2e.our_rules("v4"), (0, 0), "nothing installed");
+
+    // Without the capabilities (an unprivileged user), the error says which ones.
+    let output = e2e.node().exec(
+        "setpriv",
+        &[
+            &["--reuid=65534", "--regid=65534", "--clear-groups", agent_process::BIN][..],
+            &e2e.args(&["--host-interface=cni0", "--app-port=18181", "--metrics-port=18182"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("NET_ADMIN"), "{stderr}");
 }

@@ -130,3 +130,24 @@ pub fn all_present(family: Family) -> Vec<Iptables> {
     }
     programs.into_iter().map(|program| Iptables { program, family }).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_binary_says_which_package_to_install() {
+        let missing = Iptables { program: "iptables-not-installed".into(), family: Family::V4 };
+        let error = missing.nat(&["-S".to_string()]).await.unwrap_err();
+        assert!(matches!(error, IptablesError::Missing { .. }));
+        assert!(error.to_string().contains("install the iptables package"), "{error}");
+        assert!(missing.nat_succeeds(&["-S".to_string()]).await.is_err(), "a missing binary is not a failed check");
+    }
+
+    #[test]
+    fn forced_backends_name_their_programs() {
+        assert_eq!(candidates(BackendChoice::Nft, Family::V6), ["ip6tables-nft"]);
+        assert_eq!(candidates(BackendChoice::Legacy, Family::V4), ["iptables-legacy"]);
+        assert_eq!(candidates(BackendChoice::Auto, Family::V4), ["iptables-nft", "iptables-legacy", "iptables"]);
+    }
+}
