@@ -278,7 +278,7 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// Resolves the base ARN and default role, asking the node's metadata service when told to.
-async fn discover_policy(config: &Config, upstream: &UpstreamImds) -> Result<Policy, StartupError> {
+pub(crate) async fn discover_policy(config: &Config, upstream: &UpstreamImds) -> Result<Policy, StartupError> {
     let discovery = |flag, message| StartupError::Discovery { flag, message };
     let base = match &config.base_arn {
         BaseArnSource::None => None,

@@ -37,6 +37,22 @@ pub enum Command {
     /// Remove every rule iamlet installed (IPv4 and IPv6, nft and legacy backends), e.g.
     /// after a crash or `kill -9`. Safe to run on a node without iamlet's rules.
     Cleanup,
+    /// Say which role a pod gets and why, or why not, with the agent's own flags.
+    Explain(Box<ExplainArgs>),
+}
+
+/// `iamlet explain <namespace>/<pod> [--check-sts] [agent flags]`.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// The pod, as `namespace/name`.
+    #[arg(value_name = "NAMESPACE/POD")]
+    pub target: String,
+    /// Also try AssumeRole with the agent's AWS configuration.
+    #[arg(long)]
+    pub check_sts: bool,
+    /// The agent's flags, so the answer is the agent's (`--node` is not needed).
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 /// The agent's flags. Names and meanings follow kube2iam; differences are in the README.

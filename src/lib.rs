@@ -14,6 +14,7 @@
 //! | [`policy`] | which role a pod may have: annotation, default role, base ARN, namespace rules |
 //! | [`credentials`] | STS AssumeRole, the credential cache, prefetch and refresh-ahead |
 //! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
+//! | [`explain`] | `iamlet explain <namespace>/<pod>`: the role a pod gets and why |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |
 //! | [`metrics`] | the Prometheus metrics every module records into |
 //! | [`netfilter`] | the DNAT rules: install, check and repair, remove; interfaces and CNI detection |
@@ -27,6 +28,7 @@ pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod credentials;
+pub mod explain;
 pub mod http;
 pub mod imds;
 pub mod metrics;

@@ -7,8 +7,10 @@ use iamlet::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Cleanup) = cli.command {
-        return cleanup();
+    match cli.command {
+        Some(Command::Cleanup) => return cleanup(),
+        Some(Command::Explain(args)) => return explain(args),
+        None => {}
     }
     let config = match cli.agent.validate() {
         Ok(config) => config,
@@ -25,6 +27,29 @@ fn main() -> ExitCode {
             tracing::error!("{error:#}");
             eprintln!("iamlet: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `iamlet explain`: exit 0 when the pod gets a role, 1 when not, 2 for bad flags.
+fn explain(mut args: Box<iamlet::cli::ExplainArgs>) -> ExitCode {
+    // The node only scopes the agent's watch; explain reads one pod.
+    args.agent.node.get_or_insert_with(|| "-".into());
+    let config = match iamlet::explain::parse_target(&args.target).and_then(|_| args.agent.clone().validate()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("iamlet explain: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the tokio runtime");
+    match runtime.block_on(iamlet::explain::run(&config, &args.target, args.check_sts)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("iamlet explain: {error:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -1,0 +1,265 @@
+//! `iamlet explain <namespace>/<pod>`: which role a pod gets and why, or why not.
+//!
+//! It answers in one command the checklist the EKS and kube2iam guides walk through by hand
+//! (is the pod annotated, what ARN does that make, does the namespace allow it, would STS
+//! agree), using the same flags and the same policy code as the agent.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+
+use crate::StartupError;
+use crate::cli::Config;
+use crate::cluster::{AnnotationKeys, NamespaceRules, PodIdentity};
+use crate::credentials::{AwsSts, CredentialKey, RoleAssumer};
+use crate::imds::UpstreamImds;
+use crate::policy::{Assignment, Policy, RoleSource};
+
+/// What `explain` found, line by line, and its verdict.
+#[derive(Debug)]
+pub struct Explanation {
+    pub lines: Vec<(&'static str, String)>,
+    /// The role the pod gets, or why it gets none.
+    pub verdict: Result<Assignment, String>,
+    /// The key its credentials are cached (and its session named) under.
+    pub key: Option<CredentialKey>,
+}
+
+impl Explanation {
+    /// The report, one `label: value` line each, aligned.
+    pub fn render(&self) -> String {
+        let width = self.lines.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 1;
+        let mut out = String::new();
+        for (label, value) in &self.lines {
+            let _ = writeln!(out, "{:<width$} {value}", format!("{label}:"));
+        }
+        out
+    }
+}
+
+/// Explains `pod` (and its `namespace`, when restrictions are on). Pure.
+pub fn explain(
+    pod: &Pod,
+    namespace: Option<&Namespace>,
+    policy: &Policy,
+    keys: &AnnotationKeys,
+    rules: Option<&NamespaceRules>,
+) -> Explanation {
+    let mut lines = Vec::new();
+    let name =
+        format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or("?"), pod.metadata.name.as_deref().unwrap_or("?"));
+    lines.push(("pod", name));
+    lines.push((
+        "node",
+        pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| "(not scheduled)".into()),
+    ));
+    let Some(identity) = PodIdentity::from_pod(pod, keys) else {
+        let reason = "iamlet never serves this pod: it is on the host network or has finished".to_string();
+        lines.push(("served", reason.clone()));
+        return Explanation { lines, verdict: Err(reason), key: None };
+    };
+    let ips = identity.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    lines.push(("ips", if ips.is_empty() { "(none yet)".into() } else { ips }));
+    lines.push((
+        "annotation",
+        match &identity.role_annotation {
+            Some(value) => format!("{} = {value:?}", keys.role),
+            None => format!("{} is not set", keys.role),
+        },
+    ));
+    let rule = match (rules, namespace) {
+        (Some(rules), Some(ns)) => rules.rule_of(ns),
+        _ => None,
+    };
+    let verdict = policy.resolve(&identity, rule.as_ref());
+    match &verdict {
+        Ok(assignment) => {
+            let source = match assignment.source {
+                RoleSource::Annotation => "from the annotation",
+                RoleSource::DefaultRole => "the default role (--default-role)",
+            };
+            lines.push(("role", format!("{} ({source})", assignment.role)));
+        }
+        Err(denial) => lines.push(("role", format!("none: {denial}"))),
+    }
+    lines.push((
+        "namespace",
+        match (rules, &verdict) {
+            (None, _) => "restrictions off (--namespace-restrictions not set)".into(),
+            (Some(rules), Ok(assignment)) => {
+                format!("allowed by {:?} in {}", assignment.allowed_by.as_deref().unwrap_or_default(), rules.annotation)
+            }
+            (Some(rules), Err(_)) => match &rule {
+                Some(Ok(allowed)) => format!(
+                    "{} lists {:?}",
+                    rules.annotation,
+                    allowed.entries.iter().map(|e| e.source.as_str()).collect::<Vec<_>>()
+                ),
+                Some(Err(error)) => format!("{} is malformed: {error}", rules.annotation),
+                None => format!("{} is not set: no role is allowed", rules.annotation),
+            },
+        },
+    ));
+    let key = verdict.as_ref().ok().map(|assignment| CredentialKey::for_pod(&identity, assignment));
+    if let Some(key) = &key {
+        lines.push((
+            "external id",
+            key.external_id.as_deref().map(|id| format!("{id:?}")).unwrap_or_else(|| "(none)".into()),
+        ));
+        lines.push(("session name", key.session_name.to_string()));
+    }
+    Explanation { lines, verdict: verdict.map_err(|denial| denial.to_string()), key }
+}
+
+/// Parses `namespace/name`.
+pub fn parse_target(target: &str) -> Result<(&str, &str), StartupError> {
+    match target.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns, name)),
+        _ => Err(StartupError::Flag { flag: "<namespace>/<pod>", message: format!("{target:?} is not namespace/pod") }),
+    }
+}
+
+/// Runs `iamlet explain`: prints the report; true when the pod gets a role (and, with
+/// `check_sts`, STS agreed).
+pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Result<bool> {
+    let (namespace, name) = parse_target(target)?;
+    let client = crate::cluster::client::client(config).await?;
+    let pod = Api::<Pod>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read pod {namespace}/{name}: {e}"))?;
+    let upstream = UpstreamImds::new(config.metadata_authority.clone(), Duration::from_secs(2));
+    let policy = crate::app::discover_policy(config, &upstream).await?;
+    let rules = config.namespace_restrictions.map(|format| NamespaceRules {
+        annotation: config.namespace_annotation.clone(),
+        format,
+        base: policy.base.clone(),
+    });
+    let ns_object = match rules {
+        Some(_) => Some(
+            Api::<Namespace>::all(client)
+                .get(namespace)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?,
+        ),
+        None => None,
+    };
+    let keys =
+        AnnotationKeys { role: config.role_annotation.clone(), external_id: config.external_id_annotation.clone() };
+    let mut explanation = explain(&pod, ns_object.as_ref(), &policy, &keys, rules.as_ref());
+    let mut ok = explanation.verdict.is_ok();
+    if check_sts && let Some(key) = explanation.key.clone() {
+        let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await;
+        let line = match sts.assume_role(&key, config.session_ttl * 2).await {
+            Ok(credentials) => format!(
+                "AssumeRole succeeded; credentials valid until {}",
+                humantime::format_rfc3339_seconds(credentials.expiration)
+            ),
+            Err(error) => {
+                ok = false;
+                format!("AssumeRole failed: {error}")
+            }
+        };
+        explanation.lines.push(("sts", line));
+    }
+    explanation.lines.push((
+        "verdict",
+        match &explanation.verdict {
+            Ok(assignment) if ok => format!("the pod gets {}", assignment.role),
+            Ok(assignment) => format!("the pod is assigned {} but STS refuses it", assignment.role),
+            Err(reason) => format!("the pod gets no credentials: {reason}"),
+        },
+    ));
+    print!("{}", explanation.render());
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{BaseArn, RestrictionFormat};
+
+    fn keys() -> AnnotationKeys {
+        AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+            default_role: None,
+            restrictions: None,
+        }
+    }
+
+    fn pod(annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1", "annotations": annotations},
+            "spec": {"nodeName": "node-a", "containers": []},
+            "status": {"phase": "Running", "podIP": "10.0.0.5"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn explains_an_annotated_pod() {
+        let report = explain(
+            &pod(json!({"iam.amazonaws.com/role": "app", "iam.amazonaws.com/external-id": "x-1"})),
+            None,
+            &policy(),
+            &keys(),
+            None,
+        );
+        assert!(report.verdict.is_ok());
+        let text = report.render();
+        for expected in [
+            "pod:          shop/web",
+            "node:         node-a",
+            "ips:          10.0.0.5",
+            "annotation:   iam.amazonaws.com/role = \"app\"",
+            "role:         arn:aws:iam::123456789012:role/app (from the annotation)",
+            "namespace:    restrictions off",
+            "external id:  \"x-1\"",
+            "session name: shop.web",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn explains_why_not() {
+        let report = explain(&pod(json!({})), None, &policy(), &keys(), None);
+        assert!(report.verdict.unwrap_err().contains("no role annotation"));
+
+        let mut restricted = policy();
+        restricted.restrictions = Some(RestrictionFormat::Glob);
+        let rules = NamespaceRules {
+            annotation: "iam.amazonaws.com/allowed-roles".into(),
+            format: RestrictionFormat::Glob,
+            base: restricted.base.clone(),
+        };
+        let ns: Namespace = serde_json::from_value(
+            json!({"metadata": {"name": "shop", "annotations": {"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}}}),
+        )
+        .unwrap();
+        let report =
+            explain(&pod(json!({"iam.amazonaws.com/role": "app"})), Some(&ns), &restricted, &keys(), Some(&rules));
+        assert!(report.verdict.is_err());
+        assert!(
+            report.render().contains("namespace:  iam.amazonaws.com/allowed-roles lists [\"batch-*\"]"),
+            "{}",
+            report.render()
+        );
+    }
+
+    #[test]
+    fn targets_are_namespace_slash_pod() {
+        assert_eq!(parse_target("shop/web").unwrap(), ("shop", "web"));
+        for bad in ["web", "/web", "shop/", "a/b/c"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+}
