@@ -146,6 +146,11 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         }
     });
 
+    let events = config.pod_events.then(|| {
+        let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &config.node);
+        background.spawn(publisher);
+        events
+    });
     let imds = Arc::new(ImdsService {
         pods: pods.clone(),
         namespaces: namespaces.clone(),
@@ -158,6 +163,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         pod_wait: config.pod_wait,
         node: config.node.clone(),
         metrics: metrics.clone(),
+        events,
     });
     let mut readiness: Vec<crate::admin::ReadinessCheck> = Vec::new();
     let netfilter = match config.iptables {

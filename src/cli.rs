@@ -188,6 +188,11 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 8182)]
     pub metrics_port: u16,
 
+    /// Record a Kubernetes Event on a pod that is denied its role or whose role STS refuses
+    /// (needs RBAC to create events).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    pub pod_events: bool,
+
     /// Serve /debug/store on the admin port.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub debug: bool,
@@ -304,6 +309,7 @@ pub struct Config {
     pub allow_route: Regex,
     pub metrics_port: u16,
     pub debug: bool,
+    pub pod_events: bool,
     pub log_format: LogFormat,
     pub log_level: tracing::Level,
     pub sts_timeout: Duration,
@@ -466,6 +472,7 @@ impl AgentArgs {
             allow_route,
             metrics_port: self.metrics_port,
             debug: self.debug,
+            pod_events: self.pod_events,
             log_format: self.log_format,
             log_level,
             sts_timeout: self.sts_timeout,

@@ -170,3 +170,28 @@ async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn pod_events_say_why_a_pod_has_no_credentials_once_not_per_request() {
+    let node = TestNode::start(&["--pod-events", "--sts-timeout=2s", "--iam-role-error-ttl=0s"]).await;
+    node.api.create_pod(pod("shop", "plain").ip("127.0.0.35").build());
+    node.api.create_pod(pod("shop", "refused").ip("127.0.0.36").role("forbidden").build());
+    node.sts.set_failing(true);
+    for _ in 0..5 {
+        assert_eq!(node.get("127.0.0.35", CREDS).await.status, 404);
+    }
+    assert_eq!(node.get("127.0.0.36", &format!("{CREDS}forbidden")).await.status, 503);
+    eventually(5, "two events", async || node.api.events().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = node.api.events();
+    assert_eq!(events.len(), 2, "one per pod and reason, not one per request: {events:?}");
+    let denied = events.iter().find(|e| e["regarding"]["name"] == "plain").expect("an event on the pod without a role");
+    assert_eq!(denied["reason"], "IAMRoleDenied");
+    assert_eq!(denied["type"], "Warning");
+    assert_eq!(denied["regarding"]["kind"], "Pod");
+    assert!(denied["note"].as_str().unwrap().contains("no role annotation"), "{denied}");
+    let failed = events.iter().find(|e| e["regarding"]["name"] == "refused").unwrap();
+    assert_eq!(failed["reason"], "IAMAssumeRoleFailed");
+    assert!(failed["note"].as_str().unwrap().contains("forbidden"), "{failed}");
+    assert_eq!(failed["reportingController"], "iamlet");
+}

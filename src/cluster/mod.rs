@@ -4,12 +4,14 @@
 //! [`PodStore`] shares it with requests and lets them wait for a pod; [`watch`] feeds it.
 
 pub mod client;
+pub mod events;
 mod index;
 mod namespaces;
 mod pod;
 mod store;
 pub mod watch;
 
+pub use events::{PodEvents, Reason};
 pub use index::{Change, PodIndex};
 pub use namespaces::{NamespaceRules, NamespaceStore};
 pub use pod::{AnnotationKeys, PodIdentity};

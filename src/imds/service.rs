@@ -11,7 +11,7 @@ use super::render;
 use super::routes::{Route, classify};
 use super::token::{TokenIssuer, parse_ttl};
 use super::upstream::UpstreamImds;
-use crate::cluster::{NamespaceStore, PodIdentity, PodStore};
+use crate::cluster::{NamespaceStore, PodEvents, PodIdentity, PodStore, Reason};
 use crate::credentials::{CredentialCache, CredentialKey};
 use crate::http::{Body, text};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
@@ -35,6 +35,8 @@ pub struct ImdsService {
     pub pod_wait: Duration,
     pub node: String,
     pub metrics: Arc<Metrics>,
+    /// Events on pods that get no credentials (`--pod-events`).
+    pub events: Option<PodEvents>,
 }
 
 impl ImdsService {
@@ -136,7 +138,13 @@ impl ImdsService {
         match self.policy.resolve(&pod, rule.as_deref()) {
             Ok(assignment) => Ok((pod, assignment)),
             Err(denial) => {
-                tracing::info!(namespace = %pod.namespace, pod = %pod.name, reason = %denial, "role denied");
+                tracing::info!(
+                    namespace = %pod.namespace, pod = %pod.name, role = pod.role_annotation.as_deref().unwrap_or_default(),
+                    reason = %denial, "role denied"
+                );
+                if let Some(events) = &self.events {
+                    events.report(&pod, Reason::RoleDenied, denial.to_string());
+                }
                 Err(text(StatusCode::NOT_FOUND, format!("not found: {denial}\n")))
             }
         }
@@ -158,6 +166,9 @@ impl ImdsService {
             Ok(issued) => text(StatusCode::OK, issued.rendered(render::credentials)),
             Err(error) => {
                 tracing::warn!(namespace = %pod.namespace, pod = %pod.name, role = %assignment.role, %error, "no credentials");
+                if let Some(events) = &self.events {
+                    events.report(&pod, Reason::AssumeRoleFailed, error.to_string());
+                }
                 text(StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {error}\n"))
             }
         }

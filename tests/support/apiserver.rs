@@ -55,6 +55,8 @@ struct Inner {
     pods: BTreeMap<(String, String), Value>,
     namespaces: BTreeMap<String, Value>,
     history: VecDeque<Change>,
+    /// Events created through events.k8s.io/v1, with their patches applied.
+    events: Vec<Value>,
     /// Watches and continues from before this resourceVersion get 410 Gone.
     compacted: u64,
     uid_counter: u64,
@@ -172,6 +174,11 @@ impl FakeApiServer {
         inner.rv += 1;
         inner.history.clear();
         inner.compacted = inner.rv;
+    }
+
+    /// The events recorded so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.inner.lock().unwrap().events.clone()
     }
 
     /// The requests seen so far, as `METHOD path?query`.
@@ -361,8 +368,14 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
     }
     match *request.method() {
         http::Method::GET => {}
-        http::Method::POST | http::Method::DELETE => return write(state, request).await,
-        _ => return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "GET, POST and DELETE are served"),
+        http::Method::POST | http::Method::DELETE | http::Method::PATCH => return write(state, request).await,
+        _ => {
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "GET, POST, PATCH and DELETE are served",
+            );
+        }
     }
     let query = query_map(uri.query());
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
@@ -436,7 +449,28 @@ async fn write(state: &Arc<State>, request: Request<Incoming>) -> Response<Body>
                 None => status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{name}\" not found")),
             }
         }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only pods can be created or deleted"),
+        (http::Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
+            let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
+            };
+            event["metadata"]["namespace"] = json!(ns);
+            state.inner.lock().unwrap().events.push(event.clone());
+            full(StatusCode::CREATED, event)
+        }
+        (http::Method::PATCH, ["apis", "events.k8s.io", "v1", "namespaces", _, "events", name]) => {
+            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
+            };
+            let mut inner = state.inner.lock().unwrap();
+            match inner.events.iter_mut().find(|e| e["metadata"]["name"] == json!(name)) {
+                Some(event) => {
+                    event["series"] = patch["series"].clone();
+                    full(StatusCode::OK, event.clone())
+                }
+                None => status(StatusCode::NOT_FOUND, "NotFound", &format!("events \"{name}\" not found")),
+            }
+        }
+        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only pods and events can be written"),
     };
     drop(server);
     response

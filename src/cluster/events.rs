@@ -1,0 +1,98 @@
+//! Kubernetes Events on pods that are denied a role or whose role STS refuses, so
+//! `kubectl describe pod` shows why the pod has no credentials (`--pod-events`).
+//!
+//! Requests never wait for the API server: they hand the event to a bounded queue (dropped
+//! when full) and a background task publishes it, at most once per pod and reason in
+//! [`REPEAT_AFTER`], however often the pod retries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tokio::sync::mpsc;
+
+use super::PodIdentity;
+
+/// The same pod and reason is reported again only after this long.
+pub const REPEAT_AFTER: Duration = Duration::from_secs(300);
+const QUEUE: usize = 256;
+
+/// Why an event is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Policy refused the pod a role (no role, bad annotation, namespace restrictions).
+    RoleDenied,
+    /// AssumeRole failed for the pod's role.
+    AssumeRoleFailed,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::RoleDenied => "IAMRoleDenied",
+            Reason::AssumeRoleFailed => "IAMAssumeRoleFailed",
+        }
+    }
+}
+
+struct Report {
+    pod: Arc<PodIdentity>,
+    reason: Reason,
+    note: String,
+}
+
+/// The handle requests report through. Cheap to clone.
+#[derive(Clone)]
+pub struct PodEvents {
+    queue: mpsc::Sender<Report>,
+}
+
+impl PodEvents {
+    /// Starts the publisher; returns the handle and the task to spawn.
+    pub fn start(client: kube::Client, node: &str) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (queue, reports) = mpsc::channel(QUEUE);
+        let reporter = Reporter { controller: "iamlet".into(), instance: Some(format!("iamlet-{node}")) };
+        (Self { queue }, publish(Recorder::new(client, reporter), reports))
+    }
+
+    /// Queues an event for `pod`; never waits.
+    pub fn report(&self, pod: &Arc<PodIdentity>, reason: Reason, note: String) {
+        let _ = self.queue.try_send(Report { pod: pod.clone(), reason, note });
+    }
+}
+
+async fn publish(recorder: Recorder, mut reports: mpsc::Receiver<Report>) {
+    let mut last_sent: HashMap<(String, Reason), Instant> = HashMap::new();
+    while let Some(report) = reports.recv().await {
+        let now = Instant::now();
+        last_sent.retain(|_, sent| now.duration_since(*sent) < REPEAT_AFTER);
+        let key = (report.pod.uid.clone(), report.reason);
+        if last_sent.contains_key(&key) {
+            continue;
+        }
+        last_sent.insert(key, now);
+        let pod = &report.pod;
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..ObjectReference::default()
+        };
+        let mut note = report.note;
+        note.truncate(1000);
+        let event = Event {
+            type_: EventType::Warning,
+            reason: report.reason.as_str().into(),
+            note: Some(note),
+            action: "ServeCredentials".into(),
+            secondary: None,
+        };
+        if let Err(error) = recorder.publish(&event, &reference).await {
+            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, %error, "cannot record an event on the pod");
+        }
+    }
+}
