@@ -99,7 +99,7 @@ ip netns exec "$NODE" env -i PATH="$PATH" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCE
   "$BIN" --node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto \
   --base-role-arn=arn:aws:iam::123456789012:role/ >"$WORK/iamlet.log" 2>&1 &
 IAMLET=$!
-PIDS+=($IAMLET)
+PIDS+=("$IAMLET")
 for _ in $(seq 1 150); do
   in_node .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$HOST_IP:8182/readyz', timeout=1)" 2>/dev/null && break
   kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/iamlet.log"; exit 1; }

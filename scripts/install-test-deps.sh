@@ -9,6 +9,8 @@ command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
+command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "install-test-deps: need root to install: ${need_apt[*]}" >&2
@@ -24,10 +26,15 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-stamp=.venv/.requirements
-if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt "$stamp"; then
-  echo "install-test-deps: creating .venv with $(tr '\n' ' ' < tests/requirements.txt | sed 's/#[^)]*//')"
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
-  cp tests/requirements.txt "$stamp"
-fi
+# venv DIR REQUIREMENTS: (re)creates DIR when the pinned requirements change.
+venv() {
+  local stamp=$1/.requirements
+  if [ ! -x "$1/bin/python" ] || ! cmp -s "$2" "$stamp"; then
+    echo "install-test-deps: installing $2 into $1"
+    python3 -m venv "$1"
+    "$1/bin/pip" install --quiet --disable-pip-version-check -r "$2"
+    cp "$2" "$stamp"
+  fi
+}
+venv .venv tests/requirements.txt
+venv .venv-deploy tests/requirements-deploy.txt

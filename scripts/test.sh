@@ -10,6 +10,8 @@ scripts/install-test-deps.sh
 filters=()
 if [ "${1:-}" = "--" ]; then shift; filters=("$@"); fi
 
+scripts/check-deploy.sh
+
 if [ "$(id -u)" -eq 0 ]; then
   # The end-to-end tests (real iptables in network namespaces) are #[ignore]d for plain
   # `cargo test` because they need root; here they run with the rest.

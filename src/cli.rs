@@ -72,7 +72,7 @@ pub struct AgentArgs {
 
     /// Interface pod traffic arrives on (`cali+`, `eni+`, `!eth0`, `cni0`, `weave`, `lxc+`),
     /// or `auto` to detect the CNI's.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", env = "IAMLET_HOST_INTERFACE")]
     pub host_interface: String,
 
     /// Install the DNAT rule that sends pod metadata traffic to iamlet.
@@ -85,7 +85,14 @@ pub struct AgentArgs {
 
     /// Leave the rules in place on exit, so pods never fall through to the node's own role
     /// while iamlet restarts (fail closed); `iamlet cleanup` removes them.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = false,
+        default_missing_value = "true",
+        env = "IAMLET_IPTABLES_KEEP_ON_EXIT"
+    )]
     pub iptables_keep_on_exit: bool,
 
     /// iptables backend: `auto` (the one kube-proxy uses on this node), `nft` or `legacy`.

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Checks the deployment files: every kustomization renders, the result validates against the
+# Kubernetes schemas, the manifest security scan (checkov) passes (each accepted finding is
+# justified in a checkov.io/skip annotation), the Dockerfile passes hadolint and the scripts
+# pass shellcheck. Run by scripts/test.sh; needs scripts/install-test-deps.sh first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KUBERNETES_VERSION=1.33.0
+tools=.venv-deploy/bin
+out=target/deploy-check
+rm -rf "$out"
+mkdir -p "$out"
+
+render() { # name, kustomization directory
+  kubectl kustomize --load-restrictor=LoadRestrictionsNone "$2" >"$out/$1.yaml"
+  echo "rendered $2 -> $out/$1.yaml ($(grep -c '^kind:' "$out/$1.yaml") objects)"
+}
+
+render base manifests/base
+render production manifests/overlays/production
+render canary manifests/overlays/canary
+# Each component, on top of the base, as an operator's overlay would use it.
+for component in manifests/components/*/; do
+  name=$(basename "$component")
+  dir=$out/overlay-$name
+  mkdir -p "$dir"
+  printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../manifests/base\ncomponents:\n  - ../../../%s\n' "${component%/}" >"$dir/kustomization.yaml"
+  render "$name" "$dir"
+done
+grep -q 'value: cali+' "$out/cni-calico.yaml" || { echo "the calico component did not set the interface" >&2; exit 1; }
+grep -q 'IAMLET_IPTABLES_KEEP_ON_EXIT' "$out/fail-closed.yaml" || { echo "the fail-closed component did nothing" >&2; exit 1; }
+
+"$tools/kubernetes-validate" --kubernetes-version "$KUBERNETES_VERSION" --strict --quiet "$out"/*.yaml
+echo "kubernetes-validate: every rendered object is valid for Kubernetes $KUBERNETES_VERSION"
+
+# --skip-download: no call home; the checks are all in the package.
+files=()
+for f in "$out"/*.yaml; do files+=(-f "$f"); done
+"$tools/checkov" --framework kubernetes --skip-download --compact --quiet "${files[@]}"
+echo "checkov: no unjustified findings"
+
+"$tools/hadolint" Dockerfile
+echo "hadolint: Dockerfile clean"
+
+"$tools/shellcheck" scripts/*.sh .ci/run
+echo "shellcheck: scripts clean"
