@@ -112,6 +112,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
             error_ttl: config.error_ttl,
             sts_timeout: config.sts_timeout,
             capacity: 20_000,
+            max_concurrent_sts: config.sts_concurrency.into(),
         },
         metrics.clone(),
     );
@@ -126,13 +127,14 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         },
         changes: changes_tx,
         metrics: metrics.clone(),
+        listing: Vec::new(),
     };
     let (kube, node) = (deps.kube.clone(), config.node.clone());
     background.spawn(async move { watch_pods(kube, &node, sink).await });
     if let (Some(store), Some(format)) = (&namespaces, config.namespace_restrictions) {
         let rules =
             NamespaceRules { annotation: config.namespace_annotation.clone(), format, base: policy.base.clone() };
-        let sink = NamespaceSink { store: store.clone(), rules };
+        let sink = NamespaceSink { store: store.clone(), rules, listing: Vec::new() };
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
     let prefetcher = Prefetcher::new(credentials.clone(), policy.clone(), namespaces.clone());
@@ -161,6 +163,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         allow_route: config.allow_route.clone(),
         require_imdsv2: config.require_imdsv2,
         pod_wait: config.pod_wait,
+        credential_wait: config.sts_timeout,
         node: config.node.clone(),
         metrics: metrics.clone(),
         events,

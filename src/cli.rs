@@ -220,6 +220,10 @@ pub struct AgentArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub sts_timeout: Duration,
 
+    /// Most STS AssumeRole calls in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub sts_concurrency: u16,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
@@ -320,6 +324,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: tracing::Level,
     pub sts_timeout: Duration,
+    pub sts_concurrency: u16,
     pub shutdown_grace: Duration,
 }
 
@@ -483,6 +488,7 @@ impl AgentArgs {
             log_format: self.log_format,
             log_level,
             sts_timeout: self.sts_timeout,
+            sts_concurrency: self.sts_concurrency,
             shutdown_grace: self.shutdown_grace_period,
         })
     }

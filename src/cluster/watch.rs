@@ -19,13 +19,19 @@ use super::namespaces::{NamespaceRules, NamespaceStore};
 use super::pod::{AnnotationKeys, PodIdentity};
 use super::store::PodStore;
 use crate::metrics::Metrics;
+use crate::policy::NamespaceRule;
 
 /// Where the events of one watch go.
 pub trait WatchSink<K> {
     fn apply(&mut self, object: K);
     fn delete(&mut self, object: K);
-    /// A complete listing: everything not in it is gone.
-    fn replace_all(&mut self, objects: Vec<K>);
+    /// A (re-)listing starts: objects follow through `init_apply`.
+    fn init(&mut self);
+    /// One object of the listing. Sinks keep only what they need of it, so a listing of
+    /// thousands of pods is never held as full objects.
+    fn init_apply(&mut self, object: K);
+    /// The listing is complete: everything not in it is gone.
+    fn init_done(&mut self);
 }
 
 /// Drives `stream` into `sink` until the stream ends (it does not, in practice: the watcher
@@ -36,15 +42,20 @@ where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     futures::pin_mut!(stream);
-    let mut listing: Option<Vec<K>> = None;
+    let mut listed = 0usize;
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Init) => listing = Some(Vec::new()),
-            Ok(watcher::Event::InitApply(object)) => listing.get_or_insert_with(Vec::new).push(object),
+            Ok(watcher::Event::Init) => {
+                listed = 0;
+                sink.init();
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                listed += 1;
+                sink.init_apply(object);
+            }
             Ok(watcher::Event::InitDone) => {
-                let objects = listing.take().unwrap_or_default();
-                tracing::info!(watch = what, count = objects.len(), "watch (re)synchronised");
-                sink.replace_all(objects);
+                tracing::info!(watch = what, count = listed, "watch (re)synchronised");
+                sink.init_done();
             }
             Ok(watcher::Event::Apply(object)) => sink.apply(object),
             Ok(watcher::Event::Delete(object)) => sink.delete(object),
@@ -62,6 +73,8 @@ pub struct PodSink {
     pub keys: AnnotationKeys,
     pub changes: mpsc::UnboundedSender<Change>,
     pub metrics: Arc<Metrics>,
+    /// The listing under way.
+    pub listing: Vec<PodIdentity>,
 }
 
 impl PodSink {
@@ -88,9 +101,16 @@ impl WatchSink<Pod> for PodSink {
         self.publish(change);
     }
 
-    fn replace_all(&mut self, pods: Vec<Pod>) {
-        let identities = pods.iter().filter_map(|pod| PodIdentity::from_pod(pod, &self.keys)).collect();
-        let changes = self.store.replace_all(identities);
+    fn init(&mut self) {
+        self.listing.clear();
+    }
+
+    fn init_apply(&mut self, pod: Pod) {
+        self.listing.extend(PodIdentity::from_pod(&pod, &self.keys));
+    }
+
+    fn init_done(&mut self) {
+        let changes = self.store.replace_all(std::mem::take(&mut self.listing));
         self.publish(changes);
     }
 }
@@ -99,6 +119,8 @@ impl WatchSink<Pod> for PodSink {
 pub struct NamespaceSink {
     pub store: Arc<NamespaceStore>,
     pub rules: NamespaceRules,
+    /// The listing under way: annotated namespaces and their rules.
+    pub listing: Vec<(String, NamespaceRule)>,
 }
 
 impl WatchSink<Namespace> for NamespaceSink {
@@ -110,9 +132,18 @@ impl WatchSink<Namespace> for NamespaceSink {
         self.store.set(&namespace.name_any(), None);
     }
 
-    fn replace_all(&mut self, namespaces: Vec<Namespace>) {
-        let rules = namespaces.iter().filter_map(|ns| Some((ns.name_any(), self.rules.rule_of(ns)?)));
-        self.store.replace_all(rules);
+    fn init(&mut self) {
+        self.listing.clear();
+    }
+
+    fn init_apply(&mut self, namespace: Namespace) {
+        if let Some(rule) = self.rules.rule_of(&namespace) {
+            self.listing.push((namespace.name_any(), rule));
+        }
+    }
+
+    fn init_done(&mut self) {
+        self.store.replace_all(std::mem::take(&mut self.listing));
     }
 }
 

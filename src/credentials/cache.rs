@@ -27,6 +27,9 @@ pub struct CacheSettings {
     pub sts_timeout: Duration,
     /// Most keys kept (pods with roles on this node, with room to spare).
     pub capacity: u64,
+    /// Most AssumeRole calls in flight at once: a node full of new pods (or a restart on a
+    /// busy node) prefetches without a burst of connections or STS throttling.
+    pub max_concurrent_sts: usize,
 }
 
 impl CacheSettings {
@@ -41,6 +44,8 @@ impl CacheSettings {
 pub enum CredentialError {
     #[error("cannot assume role {role}: {error}")]
     Sts { role: String, error: Arc<StsError> },
+    #[error("credentials for role {role} are still being fetched after {}; try again", humantime::format_duration(*waited))]
+    Busy { role: String, waited: Duration },
 }
 
 /// Entries live until their credentials are about to expire.
@@ -67,6 +72,7 @@ pub struct CredentialCache {
     entries: Cache<CredentialKey, Arc<Issued>>,
     failures: Option<Cache<CredentialKey, Arc<StsError>>>,
     refreshing: Mutex<HashSet<CredentialKey>>,
+    sts_permits: tokio::sync::Semaphore,
     assumer: Arc<dyn RoleAssumer>,
     settings: CacheSettings,
     metrics: Arc<Metrics>,
@@ -77,7 +83,8 @@ impl CredentialCache {
         let entries = Cache::builder().max_capacity(settings.capacity).expire_after(UntilExpiry).build();
         let failures = (!settings.error_ttl.is_zero())
             .then(|| Cache::builder().max_capacity(settings.capacity).time_to_live(settings.error_ttl).build());
-        Arc::new(Self { entries, failures, refreshing: Mutex::default(), assumer, settings, metrics })
+        let sts_permits = tokio::sync::Semaphore::new(settings.max_concurrent_sts.max(1));
+        Arc::new(Self { entries, failures, refreshing: Mutex::default(), sts_permits, assumer, settings, metrics })
     }
 
     /// Credentials for `key`: from memory when possible (starting a background refresh if
@@ -101,9 +108,8 @@ impl CredentialCache {
     pub fn prefetch(self: &Arc<Self>, key: CredentialKey) {
         let cache = self.clone();
         tokio::spawn(async move {
-            if let Err(error) = cache.get(&key).await {
-                tracing::warn!(role = %key.role, session = %key.session_name, %error, "prefetch failed");
-            }
+            // A failure is logged (once) by `fetch`; the pod's request will try again.
+            let _ = cache.get(&key).await;
         });
     }
 
@@ -164,18 +170,20 @@ impl CredentialCache {
         });
     }
 
-    /// One AssumeRole call, timed, counted, and bounded by the STS timeout.
+    /// One AssumeRole call, timed, counted, and bounded by the STS timeout once its turn
+    /// among the concurrent calls has come (a queue of prefetches is not a slow STS).
     async fn fetch(&self, key: &CredentialKey) -> Result<Arc<Issued>, StsError> {
+        let _permit = self.sts_permits.acquire().await.expect("the semaphore is never closed");
         let started = Instant::now();
         let duration = self.settings.session_duration();
-        let result =
-            match tokio::time::timeout(self.settings.sts_timeout, self.assumer.assume_role(key, duration)).await {
-                Ok(result) => result,
-                Err(_) => Err(StsError::other(format!(
-                    "STS did not answer within {}",
-                    humantime::format_duration(self.settings.sts_timeout)
-                ))),
-            };
+        let call = self.assumer.assume_role(key, duration);
+        let result = match tokio::time::timeout(self.settings.sts_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StsError::other(format!(
+                "STS did not answer within {}",
+                humantime::format_duration(self.settings.sts_timeout)
+            ))),
+        };
         self.metrics.sts_duration.observe(started.elapsed().as_secs_f64());
         let outcome = if result.is_ok() { "success" } else { "error" };
         self.metrics.sts_calls.get_or_create(&StsLabels { result: outcome }).inc();
@@ -258,6 +266,7 @@ mod tests {
             error_ttl,
             sts_timeout: Duration::from_secs(2),
             capacity: 100,
+            max_concurrent_sts: 4,
         };
         CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()))
     }
@@ -355,6 +364,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sts_calls_are_limited_in_number_at_once() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(100));
+        let cache = cache(&sts, Duration::ZERO); // 4 at once
+        let keys: Vec<CredentialKey> = (0..12).map(|i| key(&format!("ns.pod-{i}"))).collect();
+        let started = std::time::Instant::now();
+        let results = futures::future::join_all(keys.iter().map(|k| cache.get(k))).await;
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(sts.calls(), 12);
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "12 calls of 100 ms, 4 at a time: {:?}",
+            started.elapsed()
+        );
+
+        // Waiting for a turn is not STS being slow: calls of 60 ms, two at a time, with a
+        // 100 ms timeout all succeed, though the last waits 300 ms for its turn.
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(60));
+        let settings = CacheSettings {
+            refresh_before: Duration::from_secs(1800),
+            error_ttl: Duration::ZERO,
+            sts_timeout: Duration::from_millis(100),
+            capacity: 100,
+            max_concurrent_sts: 2,
+        };
+        let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
+        let results = futures::future::join_all(keys.iter().map(|k| cache.get(k))).await;
+        assert!(results.iter().all(Result::is_ok), "queued calls are not cut off by the call timeout");
+    }
+
+    #[tokio::test]
     async fn a_slow_sts_is_cut_off_at_the_timeout() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_secs(10));
         let settings = CacheSettings {
@@ -362,6 +401,7 @@ mod tests {
             error_ttl: Duration::ZERO,
             sts_timeout: Duration::from_millis(100),
             capacity: 10,
+            max_concurrent_sts: 4,
         };
         let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
         let error = cache.get(&key("ns.pod")).await.unwrap_err();

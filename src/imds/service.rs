@@ -12,7 +12,7 @@ use super::routes::{Route, classify};
 use super::token::{TokenIssuer, parse_ttl};
 use super::upstream::UpstreamImds;
 use crate::cluster::{NamespaceStore, PodEvents, PodIdentity, PodStore, Reason};
-use crate::credentials::{CredentialCache, CredentialKey};
+use crate::credentials::{CredentialCache, CredentialError, CredentialKey};
 use crate::http::{Body, text};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::policy::{Assignment, Policy};
@@ -33,6 +33,8 @@ pub struct ImdsService {
     pub require_imdsv2: bool,
     /// How long a request from an unknown IP waits for the watch.
     pub pod_wait: Duration,
+    /// How long a request waits for credentials that are not cached yet.
+    pub credential_wait: Duration,
     pub node: String,
     pub metrics: Arc<Metrics>,
     /// Events on pods that get no credentials (`--pod-events`).
@@ -162,7 +164,13 @@ impl ImdsService {
             );
         }
         let key = CredentialKey::for_pod(&pod, &assignment);
-        match self.credentials.get(&key).await {
+        // Bounded: behind a queue of prefetches (a restart on a busy node) the answer may take
+        // a while, and SDKs give up long before; the fetch itself goes on for the next try.
+        let fetched = tokio::time::timeout(self.credential_wait, self.credentials.get(&key)).await;
+        let fetched = fetched.unwrap_or_else(|_| {
+            Err(CredentialError::Busy { role: assignment.role.to_string(), waited: self.credential_wait })
+        });
+        match fetched {
             Ok(issued) => text(StatusCode::OK, issued.rendered(render::credentials)),
             Err(error) => {
                 tracing::warn!(namespace = %pod.namespace, pod = %pod.name, role = %assignment.role, %error, "no credentials");

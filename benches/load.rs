@@ -1,0 +1,559 @@
+//! The load benchmark: what operators care about, measured on this machine, side by side with
+//! nginx serving a static file of the same size in the same run.
+//!
+//! `scripts/bench.sh` (or `cargo bench --bench load`) starts the fake API server with pods on
+//! the node (IPs spread over 127.0.0.0/8), moto as STS behind a recording proxy, and the
+//! release `iamlet` binary as its own process, then measures:
+//!
+//! 1. cached credentials in steady state: throughput and latency, keep-alive on and off,
+//!    IMDSv1 and IMDSv2, from many source IPs; and latency at a fixed 10,000 requests/s;
+//! 2. nginx on the same connection patterns: the iamlet/nginx ratios are the figures to quote;
+//! 3. cold start: pod creation to first credentials, 100 pods;
+//! 4. scale: RSS after sync with 110 and 5,000 pods, RSS over a sustained load, startup to ready;
+//! 5. STS calls per distinct (role, pod).
+//!
+//! It prints a table and writes target/bench/load.json. `--quick` shortens every phase.
+
+#[path = "../tests/support/apiserver.rs"]
+mod apiserver;
+#[path = "../tests/support/imds.rs"]
+mod imds;
+#[path = "../tests/support/moto.rs"]
+mod moto;
+#[path = "../tests/support/server.rs"]
+mod server;
+#[path = "../tests/support/sts_proxy.rs"]
+mod sts_proxy;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpSocket;
+
+const ROLE: &str = "bench-role";
+const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/bench-role";
+
+/// How long each phase runs.
+struct Durations {
+    load: Duration,
+    soak: Duration,
+    cold_pods: usize,
+}
+
+fn pod_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 10, (i / 250) as u8, (i % 250 + 2) as u8))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The agent as its own process, so its memory is its own.
+struct Agent {
+    child: Child,
+    app: SocketAddr,
+    admin: SocketAddr,
+    started: Instant,
+}
+
+impl Agent {
+    fn spawn(api: &apiserver::FakeApiServer, sts: &sts_proxy::StsProxy, imds: &imds::FakeImds) -> Self {
+        let (app_port, admin_port) = (free_port(), free_port());
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_iamlet"))
+            .args([
+                "--node=node-a".to_string(),
+                format!("--api-server={}", api.url),
+                "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
+                format!("--metadata-addr={}", imds.addr),
+                "--host-ip=127.0.0.1".into(),
+                format!("--app-port={app_port}"),
+                format!("--metrics-port={admin_port}"),
+                "--log-level=warn".into(),
+            ])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", "/nonexistent")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_ACCESS_KEY_ID", "bench")
+            .env("AWS_SECRET_ACCESS_KEY", "bench")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL_STS", &sts.url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting iamlet");
+        Self {
+            child,
+            app: SocketAddr::from(([127, 0, 0, 1], app_port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            started,
+        }
+    }
+
+    /// Waits for /readyz; returns the time from spawn.
+    async fn ready(&self) -> Duration {
+        loop {
+            if let Ok((200, _)) = get(None, self.admin, "/readyz", &[]).await {
+                return self.started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Resident memory (VmRSS) in MiB.
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+            .unwrap_or(0.0)
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = get(None, self.admin, "/metrics", &[]).await.unwrap();
+        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One GET on a fresh connection, from `from` if given.
+async fn get(
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    let mut sender = connect(from, to).await?;
+    let (status, body) = send(&mut sender, "GET", path, headers, false).await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(from: Option<IpAddr>, to: SocketAddr) -> anyhow::Result<Sender> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(from) = from {
+        socket.bind(SocketAddr::new(from, 0))?;
+    }
+    let stream = socket.connect(to).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+async fn send(
+    sender: &mut Sender,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    close: bool,
+) -> anyhow::Result<(u16, Bytes)> {
+    let mut request = Request::builder().method(method).uri(path).header("host", "169.254.169.254");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    if close {
+        request = request.header("connection", "close");
+    }
+    sender.ready().await?;
+    let response = sender.send_request(request.body(Empty::new())?).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// A load pattern.
+#[derive(Clone)]
+struct Load {
+    target: SocketAddr,
+    path: &'static str,
+    sources: Arc<Vec<IpAddr>>,
+    connections: usize,
+    keepalive: bool,
+    imdsv2: bool,
+    /// Requests per second in all (open loop, latency from the scheduled send time), or
+    /// as fast as possible (closed loop) when `None`.
+    rate: Option<u64>,
+    duration: Duration,
+}
+
+struct LoadResult {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+impl LoadResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile_ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+    fn json(&self) -> Value {
+        json!({"requests": self.requests, "errors": self.errors, "rps": self.rps().round(),
+               "p50_ms": self.percentile_ms(0.5), "p99_ms": self.percentile_ms(0.99), "p999_ms": self.percentile_ms(0.999)})
+    }
+}
+
+async fn run_load(load: Load) -> LoadResult {
+    let start = Instant::now();
+    let deadline = start + load.duration;
+    let errors = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..load.connections)
+        .map(|c| {
+            let load = load.clone();
+            let errors = errors.clone();
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let source = load.sources[c % load.sources.len()];
+                let mut token = String::new();
+                let interval = load.rate.map(|r| Duration::from_secs_f64(load.connections as f64 / r as f64));
+                let mut next =
+                    start + interval.map(|i| i.mul_f64(c as f64 / load.connections as f64)).unwrap_or_default();
+                let mut sender: Option<Sender> = None;
+                while Instant::now() < deadline {
+                    // Open loop: latency counts from the scheduled send time when the previous
+                    // answer came late (coordinated omission), else from the actual send, so
+                    // the timer's own lag (tokio's is up to 1 ms) is not charged to the server.
+                    let scheduled = match interval {
+                        Some(_) if Instant::now() > next => next,
+                        Some(_) => {
+                            tokio::time::sleep_until(next.into()).await;
+                            Instant::now()
+                        }
+                        None => Instant::now(),
+                    };
+                    let outcome: anyhow::Result<u16> = async {
+                        if sender.is_none() {
+                            let mut fresh = connect(Some(source), load.target).await?;
+                            if load.imdsv2 && token.is_empty() {
+                                let (_, body) = send(
+                                    &mut fresh,
+                                    "PUT",
+                                    "/latest/api/token",
+                                    &[("x-aws-ec2-metadata-token-ttl-seconds", "21600")],
+                                    false,
+                                )
+                                .await?;
+                                token = String::from_utf8_lossy(&body).into_owned();
+                            }
+                            sender = Some(fresh);
+                        }
+                        let headers: Vec<(&str, &str)> =
+                            if load.imdsv2 { vec![("x-aws-ec2-metadata-token", token.as_str())] } else { vec![] };
+                        let (status, _) =
+                            send(sender.as_mut().unwrap(), "GET", load.path, &headers, !load.keepalive).await?;
+                        Ok(status)
+                    }
+                    .await;
+                    match outcome {
+                        Ok(200) => {
+                            histogram.saturating_record(scheduled.elapsed().as_micros().max(1) as u64);
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            sender = None;
+                        }
+                    }
+                    if !load.keepalive {
+                        sender = None;
+                    }
+                    if let Some(step) = interval {
+                        next += step;
+                    }
+                }
+                histogram
+            })
+        })
+        .collect();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for task in tasks {
+        latency.add(task.await.unwrap()).unwrap();
+    }
+    LoadResult { requests: latency.len(), errors: errors.load(Ordering::Relaxed), elapsed: start.elapsed(), latency }
+}
+
+/// nginx serving `body` at `/creds` on loopback, with as many workers as cores.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(body: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("www");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("creds"), body).unwrap();
+        for path in [dir.path(), root.as_path()] {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let port = free_port();
+        let config = format!(
+            "worker_processes auto;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000; client_body_temp_path {dir}/tmp;\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ root {root}; default_type text/plain; }} }} }}\n",
+            dir = dir.path().display(),
+            root = root.display()
+        );
+        std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
+        let child = Command::new("nginx")
+            .args(["-c", dir.path().join("nginx.conf").to_str().unwrap(), "-p", dir.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting nginx: scripts/bench.sh installs it");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-QUIT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn create_pods(api: &apiserver::FakeApiServer, range: std::ops::Range<usize>) {
+    for i in range {
+        api.create_pod(apiserver::pod("bench", &format!("pod-{i}")).ip(&pod_ip(i).to_string()).role(ROLE).build());
+    }
+}
+
+/// Waits until every pod is indexed and its credentials fetched; fails after a minute.
+async fn wait_prefetched(agent: &Agent, pods: usize) -> Duration {
+    let started = Instant::now();
+    let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
+    while agent.metric(fetched).await < pods as f64 || agent.metric("iamlet_pods_indexed").await < pods as f64 {
+        assert!(started.elapsed() < Duration::from_secs(60), "prefetch incomplete after 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+fn row(name: &str, r: &LoadResult, reference: Option<&LoadResult>) -> String {
+    let ratio = reference.map(|n| format!("{:.2}", r.rps() / n.rps())).unwrap_or_else(|| "-".into());
+    format!(
+        "| {name:<44} | {:>9.0} | {:>7.3} | {:>7.3} | {:>7.3} | {:>6} | {ratio:>5} |",
+        r.rps(),
+        r.percentile_ms(0.5),
+        r.percentile_ms(0.99),
+        r.percentile_ms(0.999),
+        r.errors
+    )
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let durations = if quick {
+        Durations { load: Duration::from_secs(2), soak: Duration::from_secs(20), cold_pods: 30 }
+    } else {
+        Durations { load: Duration::from_secs(8), soak: Duration::from_secs(300), cold_pods: 100 }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(bench(durations));
+}
+
+async fn bench(d: Durations) {
+    let mut report = json!({"machine": machine(), "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()});
+    let api = apiserver::FakeApiServer::start().await;
+    let sts = sts_proxy::StsProxy::start().await;
+    let imds = imds::FakeImds::start().await;
+
+    // A full node: 110 pods, each with the role.
+    const NODE_PODS: usize = 110;
+    create_pods(&api, 0..NODE_PODS);
+    let agent = Agent::spawn(&api, &sts, &imds);
+    let ready = agent.ready().await;
+    let prefetch = wait_prefetched(&agent, NODE_PODS).await;
+    let rss_110 = agent.rss_mib();
+    println!(
+        "iamlet ready in {:.0} ms with {NODE_PODS} pods; credentials prefetched {:.0} ms later; RSS {rss_110:.1} MiB",
+        ms(ready),
+        ms(prefetch)
+    );
+
+    let (_, body) = get(Some(pod_ip(0)), agent.app, CREDS_PATH, &[]).await.unwrap();
+    let nginx = Nginx::start(body.as_bytes());
+    let sources = Arc::new((0..NODE_PODS).map(pod_ip).collect::<Vec<_>>());
+    let base = |target, path, keepalive, imdsv2, rate| Load {
+        target,
+        path,
+        sources: sources.clone(),
+        connections: 32,
+        keepalive,
+        imdsv2,
+        rate,
+        duration: d.load,
+    };
+
+    println!(
+        "\n| {:<44} | {:>9} | {:>7} | {:>7} | {:>7} | {:>6} | {:>5} |",
+        "load (32 connections)", "req/s", "p50 ms", "p99 ms", "p99.9ms", "errors", "/nginx"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|{}|{}|",
+        "-".repeat(46),
+        "-".repeat(11),
+        "-".repeat(9),
+        "-".repeat(9),
+        "-".repeat(9),
+        "-".repeat(8),
+        "-".repeat(7)
+    );
+    let mut loads = serde_json::Map::new();
+    for (keepalive, label) in [(true, "keep-alive"), (false, "new connection per request")] {
+        let reference = run_load(base(nginx.addr, "/creds", keepalive, false, None)).await;
+        println!("{}", row(&format!("nginx static file, {label}"), &reference, None));
+        loads.insert(format!("nginx_{label}"), reference.json());
+        for imdsv2 in [false, true] {
+            let result = run_load(base(agent.app, CREDS_PATH, keepalive, imdsv2, None)).await;
+            let name = format!("iamlet {}, {label}", if imdsv2 { "IMDSv2" } else { "IMDSv1" });
+            println!("{}", row(&name, &result, Some(&reference)));
+            let mut entry = result.json();
+            entry["ratio_to_nginx"] = json!((result.rps() / reference.rps() * 100.0).round() / 100.0);
+            loads.insert(name, entry);
+        }
+    }
+    for (target, name, path) in [
+        (nginx.addr, "nginx at 10,000 req/s, keep-alive", "/creds"),
+        (agent.app, "iamlet IMDSv2 at 10,000 req/s, keep-alive", CREDS_PATH),
+    ] {
+        let result = run_load(base(target, path, true, name.starts_with("iamlet"), Some(10_000))).await;
+        println!("{}", row(name, &result, None));
+        loads.insert(name.to_string(), result.json());
+    }
+    report["load"] = Value::Object(loads);
+
+    // Cold start: a pod is created and asks at once; the agent waits for the watch, prefetch
+    // and STS (moto) run concurrently with the wait.
+    let mut cold = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut cold_errors = 0;
+    for i in 0..d.cold_pods {
+        let index = 50_000 + i;
+        let started = Instant::now();
+        api.create_pod(apiserver::pod("bench", &format!("cold-{i}")).ip(&pod_ip(index).to_string()).role(ROLE).build());
+        match get(Some(pod_ip(index)), agent.app, CREDS_PATH, &[]).await {
+            Ok((200, _)) => cold.saturating_record(started.elapsed().as_micros() as u64),
+            _ => cold_errors += 1,
+        }
+    }
+    println!(
+        "\ncold start, pod creation to credentials ({} pods): median {:.1} ms, p99 {:.1} ms, errors {cold_errors}",
+        d.cold_pods,
+        cold.value_at_quantile(0.5) as f64 / 1000.0,
+        cold.value_at_quantile(0.99) as f64 / 1000.0
+    );
+    report["cold_start"] = json!({"pods": d.cold_pods, "median_ms": cold.value_at_quantile(0.5) as f64 / 1000.0,
+                                  "p99_ms": cold.value_at_quantile(0.99) as f64 / 1000.0, "errors": cold_errors});
+
+    // Sustained load, RSS sampled: growth after warm-up is the leak signal.
+    let soak = base(agent.app, CREDS_PATH, true, true, Some(2_000));
+    let running = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let running = running.clone();
+        let pid = agent.child.id();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while running.load(Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let rss = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+                samples.push(rss.unwrap_or(0.0) / 1024.0);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            samples
+        })
+    };
+    let soak_result = run_load(Load { duration: d.soak, ..soak }).await;
+    running.store(false, Ordering::Relaxed);
+    let samples = sampler.await.unwrap();
+    let warm = samples.get(samples.len() / 5).copied().unwrap_or(0.0);
+    let last = samples.last().copied().unwrap_or(0.0);
+    println!(
+        "sustained load, {:.0} s at 2,000 req/s IMDSv2: {} requests, {} errors; RSS {warm:.1} MiB after warm-up -> {last:.1} MiB at the end",
+        d.soak.as_secs_f64(),
+        soak_result.requests,
+        soak_result.errors
+    );
+    report["soak"] = json!({"seconds": d.soak.as_secs(), "requests": soak_result.requests, "errors": soak_result.errors,
+                            "rss_warm_mib": warm, "rss_end_mib": last, "p99_ms": soak_result.percentile_ms(0.99)});
+
+    let keys = NODE_PODS + d.cold_pods;
+    let calls = sts.assume_role_calls().len();
+    println!(
+        "STS AssumeRole calls: {calls} for {keys} distinct (role, pod) keys, over {} requests",
+        soak_result.requests
+    );
+    report["sts"] = json!({"calls": calls, "distinct_keys": keys});
+    drop(agent);
+
+    // A very busy node: 5,000 pods.
+    const BIG: usize = 5_000;
+    let big_api = apiserver::FakeApiServer::start().await;
+    let big_sts = sts_proxy::StsProxy::start().await;
+    create_pods(&big_api, 0..BIG);
+    let big = Agent::spawn(&big_api, &big_sts, &imds);
+    let big_ready = big.ready().await;
+    let big_prefetch = wait_prefetched(&big, BIG).await;
+    let rss_5000 = big.rss_mib();
+    println!(
+        "{BIG} pods: ready in {:.0} ms; all credentials prefetched {:.1} s later ({} STS calls); RSS {rss_5000:.1} MiB",
+        ms(big_ready),
+        big_prefetch.as_secs_f64(),
+        big_sts.assume_role_calls().len()
+    );
+    report["scale"] = json!({"rss_110_pods_mib": rss_110, "rss_5000_pods_mib": rss_5000,
+                             "ready_110_pods_ms": ms(ready), "ready_5000_pods_ms": ms(big_ready),
+                             "prefetch_5000_pods_s": big_prefetch.as_secs_f64()});
+
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write("target/bench/load.json", serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("\nwritten: target/bench/load.json");
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)})
+}
