@@ -16,6 +16,8 @@
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
+#[path = "../tests/support/env.rs"]
+mod env;
 #[path = "../tests/support/imds.rs"]
 mod imds;
 #[path = "../tests/support/moto.rs"]
@@ -81,15 +83,7 @@ impl Agent {
                 "--log-level=warn".into(),
             ])
             .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", "/nonexistent")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_ACCESS_KEY_ID", "bench")
-            .env("AWS_SECRET_ACCESS_KEY", "bench")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_ENDPOINT_URL_STS", &sts.url)
+            .envs(env::agent_env(&sts.url))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
