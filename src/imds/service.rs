@@ -85,7 +85,8 @@ impl ImdsService {
             Route::Proxy => self.proxy(path).await,
             Route::NotAllowed => text(StatusCode::NOT_FOUND, "not found: this path is not served to pods\n"),
             Route::Malformed => text(StatusCode::BAD_REQUEST, "bad request: path is not canonical\n"),
-            Route::Token => unreachable!("handled above"),
+            // Answered before the token check above; routed here too so the match is total.
+            Route::Token => self.issue_token(peer, method, headers),
         }
     }
 
