@@ -72,16 +72,8 @@ impl Agent {
         let (app_port, admin_port) = (free_port(), free_port());
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_iamlet"))
-            .args([
-                "--node=node-a".to_string(),
-                format!("--api-server={}", api.url),
-                "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
-                format!("--metadata-addr={}", imds.addr),
-                "--host-ip=127.0.0.1".into(),
-                format!("--app-port={app_port}"),
-                format!("--metrics-port={admin_port}"),
-                "--log-level=warn".into(),
-            ])
+            .args(env::loopback_agent_args(&api.url, &imds.addr, app_port, admin_port))
+            .arg("--log-level=warn")
             .env_clear()
             .envs(env::agent_env(&sts.url))
             .stdout(Stdio::null())
@@ -351,6 +343,21 @@ fn create_pods(api: &apiserver::FakeApiServer, range: std::ops::Range<usize>) {
     }
 }
 
+/// An agent on a node with `pods` pods, each with the role; returns it with its time to
+/// ready and the time from ready until every pod's credentials were fetched.
+async fn start_node(
+    api: &apiserver::FakeApiServer,
+    sts: &sts_proxy::StsProxy,
+    imds: &imds::FakeImds,
+    pods: usize,
+) -> (Agent, Duration, Duration) {
+    create_pods(api, 0..pods);
+    let agent = Agent::spawn(api, sts, imds);
+    let ready = agent.ready().await;
+    let prefetch = wait_prefetched(&agent, pods).await;
+    (agent, ready, prefetch)
+}
+
 /// Waits until every pod is indexed and its credentials fetched; fails after a minute.
 async fn wait_prefetched(agent: &Agent, pods: usize) -> Duration {
     let started = Instant::now();
@@ -393,10 +400,7 @@ async fn bench(d: Durations) {
 
     // A full node: 110 pods, each with the role.
     const NODE_PODS: usize = 110;
-    create_pods(&api, 0..NODE_PODS);
-    let agent = Agent::spawn(&api, &sts, &imds);
-    let ready = agent.ready().await;
-    let prefetch = wait_prefetched(&agent, NODE_PODS).await;
+    let (agent, ready, prefetch) = start_node(&api, &sts, &imds, NODE_PODS).await;
     let (rss_110, anon_110) = agent.rss_mib();
     println!(
         "iamlet ready in {:.0} ms with {NODE_PODS} pods; credentials prefetched {:.0} ms later; RSS {rss_110:.1} MiB ({anon_110:.1} MiB anonymous)",
@@ -525,10 +529,7 @@ async fn bench(d: Durations) {
     const BIG: usize = 5_000;
     let big_api = apiserver::FakeApiServer::start().await;
     let big_sts = sts_proxy::StsProxy::start().await;
-    create_pods(&big_api, 0..BIG);
-    let big = Agent::spawn(&big_api, &big_sts, &imds);
-    let big_ready = big.ready().await;
-    let big_prefetch = wait_prefetched(&big, BIG).await;
+    let (big, big_ready, big_prefetch) = start_node(&big_api, &big_sts, &imds, BIG).await;
     let (rss_5000, anon_5000) = big.rss_mib();
     println!(
         "{BIG} pods: ready in {:.0} ms; all credentials prefetched {:.1} s later ({} STS calls); RSS {rss_5000:.1} MiB ({anon_5000:.1} MiB anonymous)",

@@ -59,7 +59,7 @@ pub struct ExplainArgs {
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// Port the metadata API listens on (the DNAT target).
-    #[arg(long, default_value_t = 8181, env = "IAMLET_APP_PORT")]
+    #[arg(long, default_value_t = 8181)]
     pub app_port: u16,
 
     /// Address the metadata API listens on and the DNAT target; all addresses when unset.

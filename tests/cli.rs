@@ -67,16 +67,8 @@ fn agent_command(
 ) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
     command
-        .args([
-            "--node=node-a".to_string(),
-            format!("--api-server={}", api.url),
-            "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
-            format!("--metadata-addr={}", imds.addr),
-            "--host-ip=127.0.0.1".into(),
-            format!("--app-port={app_port}"),
-            format!("--metrics-port={admin_port}"),
-            "--log-format=json".into(),
-        ])
+        .args(support::loopback_agent_args(&api.url, &imds.addr, app_port, admin_port))
+        .arg("--log-format=json")
         .env_clear()
         .envs(support::agent_env(&sts.url))
         .stdout(Stdio::null())

@@ -116,3 +116,36 @@ async fn a_deleted_pods_credentials_are_forgotten() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_request_behind_a_queue_of_sts_calls_gets_a_bounded_answer() {
+    // One STS call at a time, 500 ms each: six new pods make a 3 s queue, longer than the
+    // 2 s a request may wait (--sts-timeout).
+    let node = TestNode::start(&["--sts-concurrency=1", "--sts-timeout=2s"]).await;
+    node.sts.set_delay(Duration::from_millis(500));
+    for i in 0..6 {
+        node.api.create_pod(pod("shop", &format!("p{i}")).ip(&format!("127.0.1.{}", 10 + i)).role("app").build());
+    }
+    eventually(5, "the prefetches to start", async || !node.sts.assume_role_calls().is_empty()).await;
+    let started = std::time::Instant::now();
+    let node = &node;
+    let replies = futures::future::join_all(
+        (0..6).map(|i| async move { node.get(&format!("127.0.1.{}", 10 + i), &format!("{CREDS}app")).await }),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_millis(2800), "bounded by --sts-timeout: {:?}", started.elapsed());
+    let busy: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    assert!(!busy.is_empty(), "the end of the queue is told to come back: {replies:?}");
+    assert!(busy.iter().all(|r| r.body.contains("still being fetched")), "{busy:?}");
+    // The fetches went on: every pod's next try is answered, with no extra STS call.
+    eventually(10, "the queued credentials", async || {
+        for i in 0..6 {
+            if node.get(&format!("127.0.1.{}", 10 + i), &format!("{CREDS}app")).await.status != 200 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(node.sts.assume_role_calls().len(), 6, "one STS call per pod, 503s included");
+}

@@ -28,3 +28,17 @@ pub fn agent_env(sts_url: &str) -> Vec<(&'static str, String)> {
     ]);
     env
 }
+
+/// The flags of an agent process on loopback: node `node-a`, the fake API server and node
+/// IMDS, the test account's base ARN, and its two ports.
+pub fn loopback_agent_args(api_url: &str, imds_addr: &str, app_port: u16, admin_port: u16) -> Vec<String> {
+    vec![
+        "--node=node-a".to_string(),
+        format!("--api-server={api_url}"),
+        "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
+        format!("--metadata-addr={imds_addr}"),
+        "--host-ip=127.0.0.1".into(),
+        format!("--app-port={app_port}"),
+        format!("--metrics-port={admin_port}"),
+    ]
+}

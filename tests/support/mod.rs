@@ -18,7 +18,7 @@ pub mod server;
 pub mod sts_proxy;
 
 #[allow(unused_imports)] // each test binary uses some of them
-pub use env::{agent_env, clean_sdk_env};
+pub use env::{agent_env, clean_sdk_env, loopback_agent_args};
 
 /// The account every test role lives in.
 pub const ACCOUNT: &str = "123456789012";
