@@ -16,14 +16,45 @@ use crate::metrics::Metrics;
 /// A named condition `/readyz` waits for.
 pub type ReadinessCheck = (&'static str, Box<dyn Fn() -> bool + Send + Sync>);
 
+/// What the agent needs before it may serve: the caches synced, and (with `--iptables`) its
+/// rules in place. Shared by `/readyz` and the startup taint, which is removed only once
+/// the node is protected.
+pub struct Readiness {
+    pub pods: Arc<PodStore>,
+    pub namespaces: Option<Arc<NamespaceStore>>,
+    /// Extra conditions (the netfilter rules, when iamlet installs them).
+    pub checks: Vec<ReadinessCheck>,
+}
+
+impl Readiness {
+    /// The conditions not met yet; empty when ready.
+    pub fn waiting(&self) -> Vec<&'static str> {
+        let mut waiting = Vec::new();
+        if !self.pods.is_synced() {
+            waiting.push("pod cache not synced");
+        }
+        if self.namespaces.as_ref().is_some_and(|ns| !ns.is_synced()) {
+            waiting.push("namespace cache not synced");
+        }
+        waiting.extend(self.checks.iter().filter(|(_, check)| !check()).map(|(name, _)| *name));
+        waiting
+    }
+
+    /// Resolves once every condition holds.
+    pub async fn ready(&self) {
+        while !self.waiting().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
 pub struct AdminService {
     pub pods: Arc<PodStore>,
     pub namespaces: Option<Arc<NamespaceStore>>,
     pub credentials: Arc<CredentialCache>,
     pub metrics: Arc<Metrics>,
     pub debug: bool,
-    /// Extra readiness conditions (the netfilter rules, when iamlet installs them).
-    pub readiness: Vec<ReadinessCheck>,
+    pub readiness: Arc<Readiness>,
 }
 
 impl AdminService {
@@ -45,14 +76,7 @@ impl AdminService {
     }
 
     fn ready(&self) -> Response<Body> {
-        let mut waiting = Vec::new();
-        if !self.pods.is_synced() {
-            waiting.push("pod cache not synced");
-        }
-        if self.namespaces.as_ref().is_some_and(|ns| !ns.is_synced()) {
-            waiting.push("namespace cache not synced");
-        }
-        waiting.extend(self.readiness.iter().filter(|(_, check)| !check()).map(|(name, _)| *name));
+        let waiting = self.readiness.waiting();
         if waiting.is_empty() {
             text(StatusCode::OK, "ready\n")
         } else {

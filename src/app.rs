@@ -5,8 +5,7 @@
 //! serving. `/readyz` turns ready once the caches have synced.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,14 +13,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::StartupError;
-use crate::admin::AdminService;
-use crate::cli::{BaseArnSource, Config, DefaultRoleSource, InterfaceSetting};
+use crate::admin::{AdminService, Readiness};
+use crate::cli::{BaseArnSource, Config, DefaultRoleSource};
+use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
 use crate::credentials::{AwsSts, CacheSettings, CredentialCache, Prefetcher, RoleAssumer};
 use crate::imds::{ImdsService, TokenIssuer, UpstreamImds};
 use crate::metrics::Metrics;
-use crate::netfilter::{Family, FamilyRules, Netfilter};
+use crate::netfilter::coverage::Probe;
+use crate::netfilter::lifecycle::{self, Decision, KeepOnExit};
+use crate::netfilter::{NodeRules, RuleKeeper, RulesState};
 use crate::policy::{BaseArn, Policy, RoleArn};
 
 /// How often every cached credential is checked for a due refresh.
@@ -45,25 +47,49 @@ pub struct RunningAgent {
     stop: watch::Sender<bool>,
     servers: JoinSet<()>,
     background: JoinSet<()>,
-    /// iamlet's rules, removed on stop unless `--iptables-keep-on-exit`.
-    netfilter: Option<(Netfilter, bool)>,
+    /// iamlet's rules and what decides their fate on stop.
+    rules: Option<RulesOnExit>,
+}
+
+/// What [`RunningAgent::stop`] needs to keep or remove the rules (`--iptables-keep-on-exit`).
+struct RulesOnExit {
+    rules: NodeRules,
+    keep: KeepOnExit,
+    kube: kube::Client,
+    node: String,
+    pod: Option<SelfPod>,
+    /// The agent's controller, looked up at startup.
+    controller: Arc<OnceLock<Controller>>,
+}
+
+impl RulesOnExit {
+    async fn finish(self) {
+        let placement = match self.keep {
+            KeepOnExit::Auto => {
+                let known = self.controller.get().cloned();
+                Some(crate::cluster::placement::placement(&self.kube, self.pod.as_ref(), known, &self.node).await)
+            }
+            _ => None,
+        };
+        let decision = lifecycle::decide(self.keep, || placement.expect("asked under auto"));
+        tracing::info!("{decision}");
+        if let Decision::Remove(_) = decision
+            && let Err(error) = self.rules.remove().await
+        {
+            tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
+        }
+    }
 }
 
 impl RunningAgent {
     /// Stops accepting, lets in-flight requests finish (bounded by the grace period), stops
-    /// the watches, and removes iamlet's rules (unless told to keep them).
+    /// the watches, then keeps or removes iamlet's rules (`--iptables-keep-on-exit`).
     pub async fn stop(mut self) {
         self.stop.send_replace(true);
         while self.servers.join_next().await.is_some() {}
         self.background.shutdown().await;
-        match self.netfilter {
-            Some((netfilter, false)) => {
-                if let Err(error) = netfilter.remove().await {
-                    tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
-                }
-            }
-            Some((_, true)) => tracing::info!("keeping iamlet's rules (--iptables-keep-on-exit)"),
-            None => {}
+        if let Some(rules) = self.rules {
+            rules.finish().await;
         }
     }
 }
@@ -168,23 +194,33 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         metrics: metrics.clone(),
         events,
     });
-    let mut readiness: Vec<crate::admin::ReadinessCheck> = Vec::new();
-    let netfilter = match config.iptables {
+    let mut checks: Vec<crate::admin::ReadinessCheck> = Vec::new();
+    let rules = match config.iptables {
         true => {
-            let netfilter = netfilter_for(&config, app_addr.port()).await?;
-            netfilter.install().await.map_err(|e| StartupError::Netfilter(e.to_string()))?;
-            let rules_ok = Arc::new(AtomicBool::new(true));
-            background.spawn(keep_rules(
-                netfilter.clone(),
-                config.iptables_sync_period,
-                rules_ok.clone(),
-                metrics.clone(),
-            ));
-            readiness.push(("netfilter rules not in place", Box::new(move || rules_ok.load(Ordering::Relaxed))));
-            Some((netfilter, config.iptables_keep_on_exit))
+            let (rules, check) = start_rules(&config, app_addr.port(), &pods, &metrics, &mut background).await?;
+            checks.push(("netfilter rules not in place", check));
+            let pod = SelfPod::from_env();
+            let controller = Arc::new(OnceLock::new());
+            if let Some(pod) = pod.clone() {
+                background.spawn(find_controller(deps.kube.clone(), pod, controller.clone()));
+            }
+            let (keep, kube, node) = (config.iptables_keep_on_exit, deps.kube.clone(), config.node.clone());
+            Some(RulesOnExit { rules, keep, kube, node, pod, controller })
         }
         false => None,
     };
+    let readiness = Arc::new(Readiness { pods: pods.clone(), namespaces: namespaces.clone(), checks });
+    if let Some(taint) = config.startup_taint.clone() {
+        let (readiness, kube, node) = (readiness.clone(), deps.kube.clone(), config.node.clone());
+        background.spawn(async move {
+            readiness.ready().await;
+            crate::cluster::taint::remove(kube, &node, &taint).await;
+        });
+    }
+    {
+        let (upstream, metrics) = (imds.upstream.clone(), metrics.clone());
+        background.spawn(async move { crate::imds::upstream::report_node_exposure(&upstream, &metrics).await });
+    }
     let admin = Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: config.debug, readiness });
 
     let (stop, stopped) = watch::channel(false);
@@ -215,58 +251,78 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         grace,
     ));
     tracing::info!(%app_addr, %admin_addr, "serving");
-    Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, netfilter })
+    Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, rules })
 }
 
-/// The rules for each family the agent has an address on, with the interface resolved
-/// (detected, for `auto`) and checked against the node's links.
-async fn netfilter_for(config: &Config, port: u16) -> Result<Netfilter, StartupError> {
-    let links = crate::netfilter::node_links();
-    let interface = match &config.host_interface {
-        InterfaceSetting::Pattern(pattern) => {
-            pattern.check_against(&links).map_err(StartupError::Netfilter)?;
-            pattern.clone()
+/// Prepares iamlet's rules for each family the agent has an address on (failing fast on a
+/// missing iptables or capability), and starts the tasks that own them: the keeper (detect,
+/// install, repair) and the coverage check. Returns the rules and the readiness check.
+async fn start_rules(
+    config: &Config,
+    port: u16,
+    pods: &Arc<PodStore>,
+    metrics: &Arc<Metrics>,
+    background: &mut JoinSet<()>,
+) -> Result<(NodeRules, Box<dyn Fn() -> bool + Send + Sync>), StartupError> {
+    let targets: Vec<SocketAddr> = config
+        .host_ip
+        .into_iter()
+        .chain(config.host_ipv6.map(IpAddr::V6))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    let rules = NodeRules::prepare(&targets, config.iptables_backend)
+        .await
+        .map_err(|e| StartupError::Netfilter(e.to_string()))?;
+    let (state, watching) = watch::channel(RulesState::Waiting("starting".into()));
+    background.spawn(
+        RuleKeeper {
+            rules: rules.clone(),
+            setting: config.host_interface.clone(),
+            cni_conf_dir: config.cni_conf_dir.clone(),
+            sync_period: config.iptables_sync_period,
+            metrics: metrics.clone(),
+            state,
         }
-        InterfaceSetting::Auto => {
-            let (cni, pattern) = crate::netfilter::detect_cni(&links).ok_or_else(|| {
-                StartupError::Netfilter(format!(
-                    "--host-interface=auto: no CNI interface found among {}; set --host-interface ({})",
-                    links.join(", "),
-                    crate::netfilter::interfaces::cni_table()
-                ))
-            })?;
-            tracing::info!(cni, interface = %pattern, "detected the pod network's interface");
-            pattern
+        .run(),
+    );
+    let probes = {
+        let pods = pods.clone();
+        move || {
+            pods.read(|index| {
+                index
+                    .pods()
+                    .flat_map(|pod| {
+                        pod.ips.iter().map(|ip| Probe { uid: pod.uid.clone(), pod: pod.qualified_name(), ip: *ip })
+                    })
+                    .collect()
+            })
         }
     };
-    let targets = config.host_ip.into_iter().chain(config.host_ipv6.map(IpAddr::V6));
-    let mut families: Vec<FamilyRules> = Vec::new();
-    for ip in targets {
-        let family = Family::of(&ip);
-        let iptables = crate::netfilter::iptables::select(config.iptables_backend, family)
-            .await
-            .map_err(|e| StartupError::Netfilter(e.to_string()))?;
-        families.push(FamilyRules { iptables, interface: interface.clone(), target: SocketAddr::new(ip, port) });
-    }
-    Ok(Netfilter { families })
+    background.spawn(crate::netfilter::coverage::run(
+        watching.clone(),
+        probes,
+        metrics.pods_not_intercepted.clone(),
+        config.iptables_sync_period,
+    ));
+    let ready = move || matches!(*watching.borrow(), RulesState::InPlace(_));
+    Ok((rules, Box::new(ready)))
 }
 
-/// Checks the rules every `period` and repairs drift; readiness follows the outcome.
-async fn keep_rules(netfilter: Netfilter, period: Duration, rules_ok: Arc<AtomicBool>, metrics: Arc<Metrics>) {
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+/// Looks up the agent's controller (its DaemonSet) while the pod surely exists, retrying
+/// while the API server cannot be reached; shutdown asks again if this never succeeded.
+async fn find_controller(kube: kube::Client, pod: SelfPod, found: Arc<OnceLock<Controller>>) {
+    let mut backoff = Duration::from_secs(1);
     loop {
-        ticks.tick().await;
-        match netfilter.reconcile().await {
-            Ok(repaired) => {
-                metrics.iptables_repairs.inc_by(repaired as u64);
-                rules_ok.store(true, Ordering::Relaxed);
+        match crate::cluster::placement::controller(&kube, &pod).await {
+            Ok(controller) => {
+                tracing::debug!(?controller, "found the agent's controller");
+                let _ = found.set(controller);
+                return;
             }
             Err(error) => {
-                metrics.iptables_errors.inc();
-                rules_ok.store(false, Ordering::Relaxed);
-                tracing::error!(%error, "cannot check iamlet's rules");
+                tracing::debug!(%error, "cannot read the agent's own pod yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
             }
         }
     }

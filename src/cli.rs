@@ -13,7 +13,9 @@ use clap::{Args, Parser, ValueEnum};
 use regex::Regex;
 
 use crate::StartupError;
-use crate::netfilter::{BackendChoice, InterfacePattern};
+use crate::cluster::taint::DEFAULT_STARTUP_TAINT;
+use crate::netfilter::lifecycle::KeepOnExit;
+use crate::netfilter::{BackendChoice, InterfaceMatch, InterfaceSetting};
 use crate::policy::{BaseArn, RestrictionFormat, RoleArn};
 
 /// Paths pods may read from the node's real metadata service: what SDKs need to find their
@@ -70,10 +72,19 @@ pub struct AgentArgs {
     #[arg(long, env = "HOST_IPV6")]
     pub host_ipv6: Option<Ipv6Addr>,
 
-    /// Interface pod traffic arrives on (`cali+`, `eni+`, `!eth0`, `cni0`, `weave`, `lxc+`),
-    /// or `auto` to detect the CNI's.
+    /// Interfaces pod traffic arrives on (`cali+`, `eni+,vlan+`, `!eth0`, `cni0`, `weave`,
+    /// `lxc+`), or `auto` to detect the CNI's from its configuration.
     #[arg(long, default_value = "auto", env = "IAMLET_HOST_INTERFACE")]
     pub host_interface: String,
+
+    /// Where the CNI's configuration is, for `--host-interface=auto`.
+    #[arg(long, default_value = "/etc/cni/net.d", env = "IAMLET_CNI_CONF_DIR")]
+    pub cni_conf_dir: PathBuf,
+
+    /// Taint removed from this node once iamlet's rules are in place and it is ready, so
+    /// nodes registered with it run no pod before they are protected; empty disables.
+    #[arg(long, default_value = DEFAULT_STARTUP_TAINT)]
+    pub startup_taint: String,
 
     /// Install the DNAT rule that sends pod metadata traffic to iamlet.
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
@@ -83,17 +94,19 @@ pub struct AgentArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub iptables_sync_period: Duration,
 
-    /// Leave the rules in place on exit, so pods never fall through to the node's own role
-    /// while iamlet restarts (fail closed); `iamlet cleanup` removes them.
+    /// Keep the rules when iamlet exits: `auto` keeps them while its DaemonSet will run a
+    /// successor here (a restart) and removes them on uninstall; `true` always keeps them
+    /// (`iamlet cleanup` removes them); `false` always removes them.
     #[arg(
         long,
         num_args = 0..=1,
         require_equals = true,
-        default_value_t = false,
+        default_value = "auto",
         default_missing_value = "true",
+        value_parser = KeepOnExit::parse,
         env = "IAMLET_IPTABLES_KEEP_ON_EXIT"
     )]
-    pub iptables_keep_on_exit: bool,
+    pub iptables_keep_on_exit: KeepOnExit,
 
     /// iptables backend: `auto` (the one kube-proxy uses on this node), `nft` or `legacy`.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
@@ -254,13 +267,6 @@ impl From<BackendArg> for BackendChoice {
     }
 }
 
-/// `--host-interface`: a pattern, or detection at startup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InterfaceSetting {
-    Auto,
-    Pattern(InterfacePattern),
-}
-
 /// `--log-format` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -296,9 +302,12 @@ pub struct Config {
     pub host_ip: Option<IpAddr>,
     pub host_ipv6: Option<Ipv6Addr>,
     pub host_interface: InterfaceSetting,
+    pub cni_conf_dir: PathBuf,
+    /// `--startup-taint`, unless empty.
+    pub startup_taint: Option<String>,
     pub iptables: bool,
     pub iptables_sync_period: Duration,
-    pub iptables_keep_on_exit: bool,
+    pub iptables_keep_on_exit: KeepOnExit,
     pub iptables_backend: BackendChoice,
     pub base_arn: BaseArnSource,
     pub default_role: DefaultRoleSource,
@@ -437,9 +446,13 @@ impl AgentArgs {
         }
         let host_interface = match self.host_interface.trim() {
             "auto" => InterfaceSetting::Auto,
-            text => InterfaceSetting::Pattern(
-                InterfacePattern::parse(text).map_err(|message| flag("--host-interface", message))?,
+            text => InterfaceSetting::Given(
+                InterfaceMatch::parse(text).map_err(|message| flag("--host-interface", message))?,
             ),
+        };
+        let startup_taint = match self.startup_taint.trim() {
+            "" => None,
+            key => Some(parse_taint_key(key).map_err(|message| flag("--startup-taint", message))?),
         };
         if self.host_ipv6.is_some() && self.host_ip.is_some_and(|ip| ip.is_ipv6()) {
             return Err(flag(
@@ -457,6 +470,8 @@ impl AgentArgs {
             host_ip: self.host_ip,
             host_ipv6: self.host_ipv6,
             host_interface,
+            cni_conf_dir: self.cni_conf_dir,
+            startup_taint,
             iptables: self.iptables,
             iptables_sync_period: self.iptables_sync_period,
             iptables_keep_on_exit: self.iptables_keep_on_exit,
@@ -491,6 +506,26 @@ impl AgentArgs {
             sts_concurrency: self.sts_concurrency,
             shutdown_grace: self.shutdown_grace_period,
         })
+    }
+}
+
+/// A taint key: a qualified name (`[prefix/]name`), as the API server validates it.
+fn parse_taint_key(key: &str) -> Result<String, String> {
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+    });
+    if name_ok && prefix_ok {
+        Ok(key.to_string())
+    } else {
+        Err(format!("{key:?} is not a taint key like iamlet.io/agent-not-ready"))
     }
 }
 
@@ -547,6 +582,20 @@ mod tests {
         assert_eq!(config.pod_wait, Duration::from_secs(2));
         assert_eq!(config.metadata_authority.as_str(), "169.254.169.254");
         assert!(config.namespace_restrictions.is_none());
+        assert_eq!(config.iptables_keep_on_exit, KeepOnExit::Auto);
+        assert_eq!(config.startup_taint.as_deref(), Some("iamlet.io/agent-not-ready"));
+        assert_eq!(config.host_interface, InterfaceSetting::Auto);
+        assert_eq!(config.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+    }
+
+    #[test]
+    fn keep_on_exit_takes_auto_and_go_booleans() {
+        assert_eq!(parse(&["--iptables-keep-on-exit"]).unwrap().iptables_keep_on_exit, KeepOnExit::Always);
+        assert_eq!(parse(&["--iptables-keep-on-exit=false"]).unwrap().iptables_keep_on_exit, KeepOnExit::Never);
+        assert_eq!(parse(&["--iptables-keep-on-exit=auto"]).unwrap().iptables_keep_on_exit, KeepOnExit::Auto);
+        assert!(parse(&["--startup-taint="]).unwrap().startup_taint.is_none(), "empty disables");
+        let aws = parse(&["--host-interface=eni+,vlan+"]).unwrap().host_interface;
+        assert_eq!(aws, InterfaceSetting::Given(InterfaceMatch::parse("eni+,vlan+").unwrap()));
     }
 
     #[test]
@@ -578,6 +627,9 @@ mod tests {
             (&["--host-interface=eth 0"], "--host-interface"),
             (&["--host-ip=fd00::1", "--host-ipv6=fd00::2"], "--host-ipv6"),
             (&["--iptables-sync-period=10ms"], "--iptables-sync-period"),
+            (&["--host-interface=!eth0,eni+"], "--host-interface"),
+            (&["--startup-taint=not a key"], "--startup-taint"),
+            (&["--iptables-keep-on-exit=maybe"], "--iptables-keep-on-exit"),
         ];
         for (args, flag) in cases {
             let error = parse(args).expect_err(&format!("{args:?} must be refused"));

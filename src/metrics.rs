@@ -41,6 +41,8 @@ pub struct Metrics {
     pub watch_errors: Family<WatchLabels, Counter>,
     pub iptables_repairs: Counter,
     pub iptables_errors: Counter,
+    pub pods_not_intercepted: Gauge,
+    pub node_imdsv1_enabled: Gauge,
     pub registry: Registry,
 }
 
@@ -61,6 +63,8 @@ impl Metrics {
         let watch_errors = Family::<WatchLabels, Counter>::default();
         let iptables_repairs = Counter::default();
         let iptables_errors = Counter::default();
+        let pods_not_intercepted = Gauge::default();
+        let node_imdsv1_enabled = Gauge::default();
 
         let mut registry = Registry::with_prefix("iamlet");
         registry.register("http_requests", "Metadata API requests by route and status code", requests.clone());
@@ -81,6 +85,16 @@ impl Metrics {
             iptables_repairs.clone(),
         );
         registry.register("iptables_errors", "Failed checks or repairs of iamlet's rules", iptables_errors.clone());
+        registry.register(
+            "pods_not_intercepted",
+            "Pods of this node whose traffic arrives on an interface the DNAT rule does not match",
+            pods_not_intercepted.clone(),
+        );
+        registry.register(
+            "node_imdsv1_enabled",
+            "1 when the node's metadata service answers without a token (IMDSv1), so pods reach the node's credentials whenever iamlet's rules are absent",
+            node_imdsv1_enabled.clone(),
+        );
 
         Self {
             requests,
@@ -93,6 +107,8 @@ impl Metrics {
             watch_errors,
             iptables_repairs,
             iptables_errors,
+            pods_not_intercepted,
+            node_imdsv1_enabled,
             registry,
         }
     }

@@ -7,8 +7,10 @@ pub mod client;
 pub mod events;
 mod index;
 mod namespaces;
+pub mod placement;
 mod pod;
 mod store;
+pub mod taint;
 pub mod watch;
 
 pub use events::{PodEvents, Reason};

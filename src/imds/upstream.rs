@@ -62,6 +62,24 @@ impl UpstreamImds {
         Ok(response)
     }
 
+    /// Whether the node's metadata service answers without a token (IMDSv1): `None` when it
+    /// cannot be asked. A harmless path, asked the way a pod would ask it when iamlet's rules
+    /// are absent.
+    pub async fn answers_without_token(&self) -> Option<bool> {
+        match self.send(Method::GET, "/latest/meta-data/", None).await {
+            Ok(response) if response.status == StatusCode::UNAUTHORIZED => Some(false),
+            Ok(response) if response.status.is_success() => Some(true),
+            Ok(response) => {
+                tracing::debug!(status = %response.status, "unexpected answer to a tokenless metadata request");
+                None
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot ask the node's metadata service whether IMDSv1 is on");
+                None
+            }
+        }
+    }
+
     /// `GET path`, requiring 200, as text.
     pub async fn get_text(&self, path: &str) -> Result<String, UpstreamError> {
         let response = self.get(path).await?;
@@ -127,5 +145,27 @@ impl UpstreamImds {
 
     fn failed(&self, message: String) -> UpstreamError {
         UpstreamError::Failed { authority: self.authority.clone(), message }
+    }
+}
+
+/// Warns once, and sets `iamlet_node_imdsv1_enabled`, when the node's metadata service
+/// answers IMDSv1: then nothing but iamlet's rules stands between a pod and the node's role.
+pub async fn report_node_exposure(upstream: &UpstreamImds, metrics: &crate::metrics::Metrics) {
+    match upstream.answers_without_token().await {
+        Some(true) => {
+            metrics.node_imdsv1_enabled.set(1);
+            tracing::warn!(
+                metadata = %upstream.authority,
+                "the node's metadata service answers IMDSv1: pods would reach the node's credentials whenever \
+                 iamlet's rules are absent. Require IMDSv2 with a hop limit of 1 (HttpTokens=required, \
+                 HttpPutResponseHopLimit=1) on the node's launch template or with \
+                 `aws ec2 modify-instance-metadata-options`"
+            );
+        }
+        Some(false) => {
+            metrics.node_imdsv1_enabled.set(0);
+            tracing::info!("the node's metadata service requires IMDSv2");
+        }
+        None => {}
     }
 }

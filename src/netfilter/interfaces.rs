@@ -1,12 +1,13 @@
-//! `--host-interface`: which interface pod traffic arrives on, and CNI detection.
+//! `--host-interface`: which interfaces pod traffic arrives on.
 //!
-//! kube2iam took the name as given and failed later with "route ip+net: no such network
-//! interface". Here the pattern is parsed up front, checked against the node's links, and
-//! `auto` picks the CNI's interface from the links present.
+//! kube2iam took one name as given and failed later with "route ip+net: no such network
+//! interface". Here the value is parsed up front into iptables' own syntax, and may list
+//! several patterns (`eni+,vlan+`: the AWS VPC CNI puts pods with security groups behind
+//! `vlan*` links, the others behind `eni*`). `auto` is resolved by [`super::cni`].
 
 use std::fmt;
 
-/// A `--host-interface` value, in iptables' own syntax.
+/// One `--host-interface` pattern, in iptables' own syntax.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfacePattern {
     /// The name, or the prefix of a `+` wildcard.
@@ -17,16 +18,60 @@ pub struct InterfacePattern {
     pub negated: bool,
 }
 
-/// The interface each CNI puts pods behind, in the order `auto` tries them.
-pub const CNI_INTERFACES: &[(&str, &str)] = &[
-    ("Calico", "cali+"),
-    ("AWS VPC CNI", "eni+"),
-    ("Cilium", "lxc+"),
-    ("Weave Net", "weave"),
-    ("kube-router", "kube-bridge"),
-    ("flannel / bridge CNI", "cni0"),
-    ("Docker", "docker0"),
-];
+/// Every interface pod traffic may arrive on: one or more patterns, any of which matches.
+/// A negation (`!eth0`) stands alone, since "not eth0 or not eth1" would match everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceMatch {
+    patterns: Vec<InterfacePattern>,
+}
+
+impl InterfaceMatch {
+    /// Parses `cali+`, `eni+,vlan+` or `!eth0`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let patterns =
+            text.split(',').map(str::trim).map(InterfacePattern::parse).collect::<Result<Vec<_>, String>>()?;
+        if patterns.len() > 1 && patterns.iter().any(|p| p.negated) {
+            return Err(format!("{text:?}: a negation (!name) must stand alone, as in !eth0"));
+        }
+        if patterns.len() > 8 {
+            return Err(format!("{text:?}: at most 8 patterns"));
+        }
+        Ok(Self { patterns })
+    }
+
+    pub fn patterns(&self) -> &[InterfacePattern] {
+        &self.patterns
+    }
+
+    /// Whether traffic arriving on `link` is intercepted.
+    pub fn matches(&self, link: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(link))
+    }
+
+    /// Exact names that are not on the node (yet). Not an error: a bridge such as `cni0` is
+    /// created with the first pod, and iptables matches by name, so the rule takes effect the
+    /// moment the link appears; the coverage check reports pods that are not matched.
+    pub fn missing_from<'a>(&'a self, links: &[String]) -> Vec<&'a str> {
+        self.patterns
+            .iter()
+            .filter(|p| !p.wildcard && !p.negated && !links.iter().any(|l| l == &p.name))
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+}
+
+impl From<InterfacePattern> for InterfaceMatch {
+    fn from(pattern: InterfacePattern) -> Self {
+        Self { patterns: vec![pattern] }
+    }
+}
+
+impl fmt::Display for InterfaceMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let texts: Vec<String> = self.patterns.iter().map(ToString::to_string).collect();
+        f.write_str(&texts.join(","))
+    }
+}
 
 /// Longest interface name Linux allows (IFNAMSIZ - 1).
 const MAX_NAME: usize = 15;
@@ -71,40 +116,12 @@ impl InterfacePattern {
         args.push(format!("{}{}", self.name, if self.wildcard { "+" } else { "" }));
         args
     }
-
-    /// Checks the pattern against the node's links. A missing exact name is an error (the
-    /// rule would never match); a wildcard with no match yet is fine (Calico creates `cali*`
-    /// as pods start), as is a negation.
-    pub fn check_against(&self, links: &[String]) -> Result<(), String> {
-        if self.wildcard || self.negated || links.iter().any(|l| l == &self.name) {
-            return Ok(());
-        }
-        Err(format!(
-            "--host-interface: no interface {:?} on this node. Interfaces here: {}. Per CNI: {}; or --host-interface=auto",
-            self.name,
-            if links.is_empty() { "none".to_string() } else { links.join(", ") },
-            cni_table()
-        ))
-    }
 }
 
 impl fmt::Display for InterfacePattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{}{}", if self.negated { "!" } else { "" }, self.name, if self.wildcard { "+" } else { "" })
     }
-}
-
-/// `Calico: cali+, AWS VPC CNI: eni+, ...`, for error messages.
-pub fn cni_table() -> String {
-    CNI_INTERFACES.iter().map(|(cni, iface)| format!("{cni}: {iface}")).collect::<Vec<_>>().join(", ")
-}
-
-/// The CNI whose interfaces are present, and its pattern.
-pub fn detect_cni(links: &[String]) -> Option<(&'static str, InterfacePattern)> {
-    CNI_INTERFACES.iter().find_map(|(cni, iface)| {
-        let pattern = InterfacePattern::parse(iface).expect("the table's patterns are valid");
-        links.iter().any(|link| pattern.matches(link)).then_some((*cni, pattern))
-    })
 }
 
 /// The network interfaces of the current network namespace.
@@ -148,22 +165,21 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_exact_interface_is_a_clear_error() {
-        let error =
-            InterfacePattern::parse("weave").unwrap().check_against(&links(&["lo", "eth0", "cali1"])).unwrap_err();
-        assert!(error.contains("no interface \"weave\""), "{error}");
-        assert!(error.contains("lo, eth0, cali1") && error.contains("Calico: cali+"), "{error}");
-        assert!(InterfacePattern::parse("cali+").unwrap().check_against(&links(&["lo"])).is_ok());
-        assert!(InterfacePattern::parse("!eth0").unwrap().check_against(&links(&["lo"])).is_ok());
+    fn lists_match_any_of_their_patterns() {
+        let aws = InterfaceMatch::parse("eni+, vlan+").unwrap();
+        assert_eq!(aws.to_string(), "eni+,vlan+");
+        assert!(aws.matches("eni1a2b") && aws.matches("vlan.eth.1") && !aws.matches("eth0"));
+        assert_eq!(aws.patterns().len(), 2);
+        for bad in ["!eth0,eni+", "eni+,", "eni+,!eth1"] {
+            assert!(InterfaceMatch::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
-    fn detects_the_cni_from_its_links() {
-        assert_eq!(detect_cni(&links(&["lo", "eth0", "cali12ab", "tunl0"])).unwrap().1.to_string(), "cali+");
-        assert_eq!(detect_cni(&links(&["lo", "eth0", "eni0a1b"])).unwrap().0, "AWS VPC CNI");
-        assert_eq!(detect_cni(&links(&["lo", "eth0", "cni0", "flannel.1"])).unwrap().1.to_string(), "cni0");
-        assert_eq!(detect_cni(&links(&["lo", "eth0", "lxc1", "cilium_host"])).unwrap().1.to_string(), "lxc+");
-        assert_eq!(detect_cni(&links(&["lo", "weave", "docker0"])).unwrap().1.to_string(), "weave");
-        assert!(detect_cni(&links(&["lo", "eth0"])).is_none());
+    fn exact_names_missing_from_the_node_are_reported_not_refused() {
+        let m = InterfaceMatch::parse("cni0,cali+").unwrap();
+        assert_eq!(m.missing_from(&links(&["lo", "eth0"])), ["cni0"]);
+        assert!(m.missing_from(&links(&["lo", "cni0"])).is_empty());
+        assert!(InterfaceMatch::parse("!eth0").unwrap().missing_from(&links(&["lo"])).is_empty());
     }
 }

@@ -36,19 +36,53 @@ pub struct Iptables {
 }
 
 impl Iptables {
-    /// Runs `program -w -t nat <args>`; returns stdout.
-    pub async fn nat(&self, args: &[String]) -> Result<String, IptablesError> {
-        let output = tokio::process::Command::new(&self.program)
-            .args(["-w", "-t", "nat"])
+    /// Runs `program -w -t <table> <args>`; returns stdout.
+    pub async fn table(&self, table: &str, args: &[String]) -> Result<String, IptablesError> {
+        let mut argv = vec!["-w".to_string(), "-t".into(), table.into()];
+        argv.extend_from_slice(args);
+        self.exec(&self.program, &argv, None).await
+    }
+
+    /// Like [`Iptables::table`], but a failure is `Ok(false)` (for `-C` checks); a missing
+    /// binary or permission is still an error.
+    pub async fn succeeds(&self, table: &str, args: &[String]) -> Result<bool, IptablesError> {
+        match self.table(table, args).await {
+            Ok(_) => Ok(true),
+            Err(IptablesError::Failed { .. }) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Applies `input` with `<program>-restore -w --noflush`: every table section is one
+    /// atomic commit, and chains not named in it are left alone.
+    pub async fn restore(&self, input: &str) -> Result<(), IptablesError> {
+        let program = format!("{}-restore", self.program);
+        let argv = ["-w".to_string(), "--noflush".into()];
+        self.exec(&program, &argv, Some(input)).await.map(drop)
+    }
+
+    async fn exec(&self, program: &str, args: &[String], input: Option<&str>) -> Result<String, IptablesError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut child = tokio::process::Command::new(program)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .output()
-            .await
+            .spawn()
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => IptablesError::Missing { program: self.program.clone() },
-                _ => IptablesError::Failed { command: self.program.clone(), stderr: e.to_string() },
+                std::io::ErrorKind::NotFound => IptablesError::Missing { program: program.to_string() },
+                _ => IptablesError::Failed { command: program.to_string(), stderr: e.to_string() },
             })?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            let written = stdin.write_all(input.as_bytes()).await;
+            drop(stdin);
+            written.map_err(|e| IptablesError::Failed { command: program.to_string(), stderr: e.to_string() })?;
+        }
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|e| IptablesError::Failed { command: program.to_string(), stderr: e.to_string() })?;
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
         if output.status.success() {
             return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
@@ -57,19 +91,13 @@ impl Iptables {
             || stderr.contains("must be root")
             || stderr.contains("Operation not permitted")
         {
-            return Err(IptablesError::Permission { program: self.program.clone(), stderr });
+            return Err(IptablesError::Permission { program: program.to_string(), stderr });
         }
-        Err(IptablesError::Failed { command: format!("{} -t nat {}", self.program, args.join(" ")), stderr })
-    }
-
-    /// Like [`Iptables::nat`], but a failure is `Ok(false)` (for `-C` checks and removals of
-    /// what may not be there); a missing binary or permission is still an error.
-    pub async fn nat_succeeds(&self, args: &[String]) -> Result<bool, IptablesError> {
-        match self.nat(args).await {
-            Ok(_) => Ok(true),
-            Err(IptablesError::Failed { .. }) => Ok(false),
-            Err(other) => Err(other),
-        }
+        let command = match input {
+            Some(input) => format!("{program} {} <<{input}", args.join(" ")),
+            None => format!("{program} {}", args.join(" ")),
+        };
+        Err(IptablesError::Failed { command, stderr })
     }
 }
 
@@ -92,7 +120,7 @@ fn exists(program: &str) -> bool {
 /// Counts the rules other components (kube-proxy, the CNI) have in a backend's nat table.
 async fn foreign_rules(iptables: &Iptables) -> usize {
     iptables
-        .nat(&["-S".to_string()])
+        .table("nat", &["-S".to_string()])
         .await
         .map(|listing| listing.lines().filter(|l| l.starts_with("-A ")).count())
         .unwrap_or(0)
@@ -138,10 +166,12 @@ mod tests {
     #[tokio::test]
     async fn a_missing_binary_says_which_package_to_install() {
         let missing = Iptables { program: "iptables-not-installed".into(), family: Family::V4 };
-        let error = missing.nat(&["-S".to_string()]).await.unwrap_err();
+        let error = missing.table("nat", &["-S".to_string()]).await.unwrap_err();
         assert!(matches!(error, IptablesError::Missing { .. }));
         assert!(error.to_string().contains("install the iptables package"), "{error}");
-        assert!(missing.nat_succeeds(&["-S".to_string()]).await.is_err(), "a missing binary is not a failed check");
+        assert!(missing.succeeds("nat", &["-S".to_string()]).await.is_err(), "a missing binary is not a failed check");
+        let error = missing.restore("*nat\nCOMMIT\n").await.unwrap_err();
+        assert!(error.to_string().contains("iptables-not-installed-restore not found"), "{error}");
     }
 
     #[test]

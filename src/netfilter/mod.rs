@@ -1,25 +1,49 @@
-//! The DNAT rules that send pod metadata traffic to iamlet: install, check, repair, remove.
+//! iamlet's rules on the node: the DNAT that sends pod metadata traffic to iamlet, and the
+//! backstop that refuses what is not redirected. Install, check, repair, remove.
 //!
 //! kube2iam inserted one rule into PREROUTING and never removed it; every rollout guide ends
-//! with "run iptables -t nat -D ... on every node". iamlet keeps its rules in its own chain
-//! behind one tagged jump, so installing twice leaves one set, a check finds drift, and
-//! removal (on exit, or `iamlet cleanup` after a crash) takes exactly what iamlet added.
+//! with "run iptables -t nat -D ... on every node". iamlet keeps its rules in its own chains
+//! behind tagged jumps (see [`rules`]), so installing twice leaves one set, a check finds
+//! drift, and removal (on uninstall, or `iamlet cleanup` after a crash) takes exactly what
+//! iamlet added. [`RuleKeeper`] owns the rules while the agent runs; [`lifecycle`] decides
+//! whether they outlive it.
 
+pub mod cni;
+pub mod conntrack;
+pub mod coverage;
 pub mod interfaces;
 pub mod iptables;
+pub mod lifecycle;
 pub mod rules;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-pub use interfaces::{InterfacePattern, detect_cni, node_links};
+use tokio::sync::watch;
+
+pub use interfaces::{InterfaceMatch, InterfacePattern, node_links};
 pub use iptables::{BackendChoice, Iptables, IptablesError};
-pub use rules::{CHAIN, Family};
+pub use rules::{CHAIN, Family, Table};
 
-/// The rules of one IP family: where metadata traffic comes from and where it goes.
+use crate::metrics::Metrics;
+use rules::Present;
+
+/// How often `auto` looks again for the CNI while there is none.
+const CNI_POLL: Duration = Duration::from_secs(2);
+
+/// `--host-interface`: patterns given by the operator, or detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceSetting {
+    Auto,
+    Given(InterfaceMatch),
+}
+
+/// iamlet's rules in one IP family: which iptables program, and where traffic goes.
 #[derive(Debug, Clone)]
 pub struct FamilyRules {
     pub iptables: Iptables,
-    pub interface: InterfacePattern,
     /// The agent's address on this family.
     pub target: SocketAddr,
 }
@@ -33,108 +57,108 @@ pub enum State {
     Drifted,
 }
 
-impl FamilyRules {
-    fn jump(&self) -> Vec<String> {
-        rules::jump_rule(self.iptables.family, &self.interface)
-    }
-
-    fn dnat(&self) -> Vec<String> {
-        rules::dnat_rule(self.target)
-    }
-
-    /// Installs the chain, its DNAT rule and the jump (first in PREROUTING, ahead of the
-    /// CNI's and kube-proxy's rules), replacing whatever iamlet had there before.
-    pub async fn install(&self) -> Result<(), IptablesError> {
-        let ipt = &self.iptables;
-        if !ipt.nat_succeeds(&args(&["-S", CHAIN])).await? {
-            ipt.nat(&args(&["-N", CHAIN])).await?;
-        }
-        ipt.nat(&args(&["-F", CHAIN])).await?;
-        ipt.nat(&[args(&["-A", CHAIN]), self.dnat()].concat()).await?;
-        self.remove_jumps().await?;
-        ipt.nat(&[args(&["-I", "PREROUTING", "1"]), self.jump()].concat()).await?;
-        Ok(())
-    }
-
-    /// Whether exactly iamlet's rules are in place. Position is not checked after install:
-    /// others (kube-proxy) may prepend their own jumps, which do not match metadata traffic.
-    pub async fn check(&self) -> Result<State, IptablesError> {
-        let ipt = &self.iptables;
-        let prerouting = ipt.nat(&args(&["-S", "PREROUTING"])).await?;
-        if rules::jumps_in_listing(&prerouting).len() != 1
-            || !ipt.nat_succeeds(&[args(&["-C", "PREROUTING"]), self.jump()].concat()).await?
-        {
-            return Ok(State::Drifted);
-        }
-        let Ok(chain) = ipt.nat(&args(&["-S", CHAIN])).await else { return Ok(State::Drifted) };
-        if rules::rules_of_chain(&chain, CHAIN) != 1
-            || !ipt.nat_succeeds(&[args(&["-C", CHAIN]), self.dnat()].concat()).await?
-        {
-            return Ok(State::Drifted);
-        }
-        Ok(State::InPlace)
-    }
-
-    /// Removes the jump(s) and the chain. Returns whether anything was there.
-    pub async fn remove(&self) -> Result<bool, IptablesError> {
-        remove_all(&self.iptables).await
-    }
-
-    async fn remove_jumps(&self) -> Result<usize, IptablesError> {
-        remove_jumps(&self.iptables).await
-    }
-}
-
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-async fn remove_jumps(ipt: &Iptables) -> Result<usize, IptablesError> {
-    let listing = ipt.nat(&args(&["-S", "PREROUTING"])).await?;
-    let jumps = rules::jumps_in_listing(&listing);
-    for jump in &jumps {
-        ipt.nat(&[args(&["-D", "PREROUTING"]), jump.clone()].concat()).await?;
-    }
-    Ok(jumps.len())
+async fn present(iptables: &Iptables, table: Table) -> Result<Present, IptablesError> {
+    Ok(Present::from_listing(table, &iptables.table(table.name(), &args(&["-S"])).await?))
 }
 
-/// Removes every jump to iamlet's chain and the chain itself from one program's nat table.
-/// Returns whether anything was removed.
-pub async fn remove_all(ipt: &Iptables) -> Result<bool, IptablesError> {
-    let jumps = remove_jumps(ipt).await?;
-    let chain = ipt.nat_succeeds(&args(&["-S", CHAIN])).await?;
-    if chain {
-        ipt.nat(&args(&["-F", CHAIN])).await?;
-        ipt.nat(&args(&["-X", CHAIN])).await?;
+impl FamilyRules {
+    fn family(&self) -> Family {
+        self.iptables.family
     }
-    Ok(jumps > 0 || chain)
+
+    /// Installs the backstop and the redirect for `interfaces`, replacing whatever iamlet had
+    /// there before, in one `iptables-restore` run (the filter table first).
+    pub async fn install(&self, interfaces: &InterfaceMatch) -> Result<(), IptablesError> {
+        let jumps = rules::jump_rules(self.family(), interfaces);
+        let mut input = String::new();
+        for table in Table::INSTALL_ORDER {
+            let present = present(&self.iptables, table).await?;
+            input.push_str(&rules::install_section(table, &present, &jumps, &rules::chain_rule(table, self.target)));
+        }
+        self.iptables.restore(&input).await
+    }
+
+    /// Whether exactly iamlet's rules are in place. Position is not checked after install:
+    /// others (kube-proxy, the CNI) may prepend their own jumps.
+    pub async fn check(&self, interfaces: &InterfaceMatch) -> Result<State, IptablesError> {
+        let jumps = rules::jump_rules(self.family(), interfaces);
+        for table in Table::INSTALL_ORDER {
+            let present = present(&self.iptables, table).await?;
+            if present.jumps.len() != jumps.len() || present.chain_rules != 1 {
+                return Ok(State::Drifted);
+            }
+            let base = table.base_chain();
+            for jump in &jumps {
+                if !self.iptables.succeeds(table.name(), &[args(&["-C", base]), jump.clone()].concat()).await? {
+                    return Ok(State::Drifted);
+                }
+            }
+            let rule = rules::chain_rule(table, self.target);
+            if !self.iptables.succeeds(table.name(), &[args(&["-C", CHAIN]), rule].concat()).await? {
+                return Ok(State::Drifted);
+            }
+        }
+        Ok(State::InPlace)
+    }
+}
+
+/// Removes every jump to iamlet's chains and the chains themselves from one program's
+/// tables, the redirect first, in one `iptables-restore` run. Returns whether anything was there.
+pub async fn remove_all(iptables: &Iptables) -> Result<bool, IptablesError> {
+    let mut input = String::new();
+    let mut found = false;
+    for table in Table::INSTALL_ORDER.iter().rev() {
+        let present = present(iptables, *table).await?;
+        found |= !present.is_empty();
+        input.push_str(&rules::remove_section(*table, &present));
+    }
+    if found {
+        iptables.restore(&input).await?;
+    }
+    Ok(found)
 }
 
 /// iamlet's rules on every family it intercepts.
 #[derive(Debug, Clone)]
-pub struct Netfilter {
+pub struct NodeRules {
     pub families: Vec<FamilyRules>,
 }
 
-impl Netfilter {
-    pub async fn install(&self) -> Result<(), IptablesError> {
+impl NodeRules {
+    /// Picks the iptables program of each family and checks it can be used, so a missing
+    /// binary or capability stops the agent at once with the fix in the message.
+    pub async fn prepare(targets: &[SocketAddr], backend: BackendChoice) -> Result<Self, IptablesError> {
+        let mut families = Vec::new();
+        for target in targets {
+            let iptables = iptables::select(backend, Family::of(&target.ip())).await?;
+            present(&iptables, Table::Nat).await?;
+            families.push(FamilyRules { iptables, target: *target });
+        }
+        Ok(Self { families })
+    }
+
+    pub async fn install(&self, interfaces: &InterfaceMatch) -> Result<(), IptablesError> {
         for family in &self.families {
-            family.install().await?;
+            family.install(interfaces).await?;
             tracing::info!(
-                program = %family.iptables.program, interface = %family.interface, target = %family.target,
-                "metadata traffic redirected to iamlet"
+                program = %family.iptables.program, interface = %interfaces, target = %family.target,
+                "metadata traffic redirected to iamlet; the rest refused"
             );
         }
         Ok(())
     }
 
     /// Checks every family and reinstalls those that drifted. Returns how many were repaired.
-    pub async fn reconcile(&self) -> Result<usize, IptablesError> {
+    pub async fn reconcile(&self, interfaces: &InterfaceMatch) -> Result<usize, IptablesError> {
         let mut repaired = 0;
         for family in &self.families {
-            if family.check().await? == State::Drifted {
+            if family.check(interfaces).await? == State::Drifted {
                 tracing::warn!(program = %family.iptables.program, "iamlet's rules were changed or removed; repairing");
-                family.install().await?;
+                family.install(interfaces).await?;
                 repaired += 1;
             }
         }
@@ -143,12 +167,138 @@ impl Netfilter {
 
     pub async fn remove(&self) -> Result<(), IptablesError> {
         for family in &self.families {
-            if family.remove().await? {
+            if remove_all(&family.iptables).await? {
                 tracing::info!(program = %family.iptables.program, "removed iamlet's rules");
             }
         }
         Ok(())
     }
+
+    /// Deletes connections to the metadata address that bypass iamlet (made before its rules).
+    async fn forget_unredirected(&self, warned: &mut bool) {
+        for family in &self.families {
+            match conntrack::forget_unredirected(family.family()).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(
+                    count,
+                    family = family.family().label(),
+                    "reset connections to the metadata address made before iamlet's rules"
+                ),
+                Err(error) if !*warned => {
+                    *warned = true;
+                    tracing::warn!(%error, "cannot reset connections made before iamlet's rules; \
+                        the backstop still refuses them");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Where the rules stand, for `/readyz`, the startup taint and the coverage check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RulesState {
+    /// Not installed yet: what iamlet is waiting for (the CNI, under `auto`).
+    Waiting(String),
+    /// Installed for these interfaces and, at the last check, intact.
+    InPlace(InterfaceMatch),
+    /// Installed for these interfaces, but the last check or repair failed.
+    Failing(InterfaceMatch),
+}
+
+impl RulesState {
+    pub fn interfaces(&self) -> Option<&InterfaceMatch> {
+        match self {
+            RulesState::Waiting(_) => None,
+            RulesState::InPlace(interfaces) | RulesState::Failing(interfaces) => Some(interfaces),
+        }
+    }
+}
+
+/// Owns the rules while the agent runs: resolves the interfaces (waiting for the CNI under
+/// `auto`), installs, resets connections that bypass iamlet, then checks and repairs every
+/// sync period.
+pub struct RuleKeeper {
+    pub rules: NodeRules,
+    pub setting: InterfaceSetting,
+    pub cni_conf_dir: PathBuf,
+    pub sync_period: Duration,
+    pub metrics: Arc<Metrics>,
+    pub state: watch::Sender<RulesState>,
+}
+
+impl RuleKeeper {
+    pub async fn run(self) {
+        let interfaces = self.interfaces().await;
+        let mut conntrack_warned = false;
+        let mut ticks = tokio::time::interval(self.sync_period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut installed = false;
+        loop {
+            ticks.tick().await;
+            let outcome = match installed {
+                false => self.rules.install(&interfaces).await.map(|()| 1),
+                true => self.rules.reconcile(&interfaces).await.inspect(|repaired| {
+                    self.metrics.iptables_repairs.inc_by(*repaired as u64);
+                }),
+            };
+            match outcome {
+                Ok(changed) => {
+                    installed = true;
+                    if changed > 0 {
+                        self.rules.forget_unredirected(&mut conntrack_warned).await;
+                    }
+                    self.state.send_if_modified(|state| replace(state, RulesState::InPlace(interfaces.clone())));
+                }
+                Err(error) => {
+                    self.metrics.iptables_errors.inc();
+                    tracing::error!(%error, "cannot install or check iamlet's rules");
+                    self.state.send_if_modified(|state| replace(state, RulesState::Failing(interfaces.clone())));
+                }
+            }
+        }
+    }
+
+    /// The interfaces to intercept: as given, or detected (waiting until there is a CNI).
+    async fn interfaces(&self) -> InterfaceMatch {
+        let links = node_links();
+        match &self.setting {
+            InterfaceSetting::Given(interfaces) => {
+                let missing = interfaces.missing_from(&links);
+                if !missing.is_empty() {
+                    tracing::warn!(
+                        interface = %interfaces, missing = %missing.join(", "), links = %links.join(", "),
+                        "--host-interface names interfaces this node does not have (yet): the rules match them \
+                         once they appear; pods elsewhere are counted in iamlet_pods_not_intercepted. Per CNI: {}",
+                        cni::cni_table()
+                    );
+                }
+                interfaces.clone()
+            }
+            InterfaceSetting::Auto => loop {
+                match cni::detect(&self.cni_conf_dir, &node_links()) {
+                    cni::Detection::Found { cni, from, interfaces } => {
+                        tracing::info!(cni, from, interface = %interfaces, "detected the pod network's interfaces");
+                        return interfaces;
+                    }
+                    cni::Detection::Waiting(why) => {
+                        let state = RulesState::Waiting(why.clone());
+                        if self.state.send_if_modified(|current| replace(current, state)) {
+                            tracing::warn!("--host-interface=auto: waiting for the CNI (not ready until then): {why}");
+                        }
+                        tokio::time::sleep(CNI_POLL).await;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Replaces `current` with `new`; whether that changed it (for `send_if_modified`).
+fn replace(current: &mut RulesState, new: RulesState) -> bool {
+    let changed = *current != new;
+    *current = new;
+    changed
 }
 
 /// `iamlet cleanup`: removes iamlet's rules from every backend and family present. Returns

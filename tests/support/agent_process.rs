@@ -22,8 +22,8 @@ pub struct AgentProcess {
     pub admin: SocketAddr,
 }
 
-/// Starts `iamlet <args>` in `node`, with test AWS credentials and STS at `sts_url`.
-pub fn spawn(node: &Netns, sts_url: &str, args: &[String]) -> AgentProcess {
+/// Starts `iamlet <args>` in `node`, with test AWS credentials, STS at `sts_url`, and `env`.
+pub fn spawn(node: &Netns, sts_url: &str, args: &[String], env: &[(&str, String)]) -> AgentProcess {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("agent.log");
     let child = Command::new("ip")
@@ -31,6 +31,7 @@ pub fn spawn(node: &Netns, sts_url: &str, args: &[String]) -> AgentProcess {
         .args(args)
         .env_clear()
         .envs(super::agent_env(sts_url))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

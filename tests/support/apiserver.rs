@@ -6,7 +6,11 @@
 //! resuming from a `resourceVersion`, with ADDED/MODIFIED/DELETED computed against the field
 //! selector (an object that stops matching is DELETED for that watch), BOOKMARK events,
 //! `timeoutSeconds`, `410 Gone` (an ERROR event, or a 410 on a stale `continue`) once
-//! history is compacted, bearer-token checks, and dropped connections on demand.
+//! history is compacted, bearer-token checks, and dropped connections on demand. Pods,
+//! namespaces, nodes and DaemonSets can be read one by one, created, deleted, and patched
+//! with the patch types a client sends: JSON Patch (`test` included: a failed test is 422, as
+//! on a real server) and JSON merge patch (a `metadata.resourceVersion` in it is a
+//! precondition: 409 when stale); anything else is 415.
 
 #![allow(dead_code)]
 
@@ -25,10 +29,12 @@ use tokio::sync::{broadcast, watch};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Pod,
     Namespace,
+    Node,
+    DaemonSet,
 }
 
 impl Kind {
@@ -36,8 +42,61 @@ impl Kind {
         match self {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::DaemonSet => "DaemonSet",
         }
     }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::DaemonSet => "apps/v1",
+            _ => "v1",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        matches!(self, Kind::Pod | Kind::DaemonSet)
+    }
+
+    /// The fields a real server supports in field selectors for this kind.
+    fn selectable_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Pod => &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"],
+            Kind::Namespace => &["metadata.name", "status.phase"],
+            Kind::Node => &["metadata.name", "spec.unschedulable"],
+            Kind::DaemonSet => &["metadata.name", "metadata.namespace"],
+        }
+    }
+
+    /// The kind a path names, with the namespace and name when given.
+    fn route<'a>(segments: &[&'a str]) -> Option<(Kind, Option<&'a str>, Option<&'a str>)> {
+        Some(match segments {
+            ["api", "v1", "pods"] => (Kind::Pod, None, None),
+            ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
+            ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
+            ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
+            ["api", "v1", "namespaces", name] => (Kind::Namespace, None, Some(*name)),
+            ["api", "v1", "nodes"] => (Kind::Node, None, None),
+            ["api", "v1", "nodes", name] => (Kind::Node, None, Some(*name)),
+            ["apis", "apps", "v1", "daemonsets"] => (Kind::DaemonSet, None, None),
+            ["apis", "apps", "v1", "namespaces", ns, "daemonsets"] => (Kind::DaemonSet, Some(*ns), None),
+            ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name] => (Kind::DaemonSet, Some(*ns), Some(*name)),
+            _ => return None,
+        })
+    }
+}
+
+/// Where an object is stored: its kind, namespace ("" for cluster-scoped kinds) and name.
+type Key = (Kind, String, String);
+
+fn key_of(kind: Kind, object: &Value) -> Key {
+    let meta = &object["metadata"];
+    let namespace = if kind.namespaced() { meta["namespace"].as_str().unwrap_or_default() } else { "" };
+    (kind, namespace.to_string(), meta["name"].as_str().unwrap_or_default().to_string())
+}
+
+fn key(kind: Kind, namespace: &str, name: &str) -> Key {
+    (kind, if kind.namespaced() { namespace.to_string() } else { String::new() }, name.to_string())
 }
 
 /// One change, as kept in the history watches replay from.
@@ -52,8 +111,7 @@ struct Change {
 #[derive(Default)]
 struct Inner {
     rv: u64,
-    pods: BTreeMap<(String, String), Value>,
-    namespaces: BTreeMap<String, Value>,
+    objects: BTreeMap<Key, Value>,
     history: VecDeque<Change>,
     /// Events created through events.k8s.io/v1, with their patches applied.
     events: Vec<Value>,
@@ -72,12 +130,41 @@ struct State {
     bookmark_every: Duration,
 }
 
+impl State {
+    /// Stores a change at the next resourceVersion and tells the watches.
+    fn commit(&self, inner: &mut Inner, kind: Kind, old: Option<Value>, new: Option<Value>) {
+        inner.rv += 1;
+        let rv = inner.rv;
+        let mut new = new;
+        if let Some(object) = new.as_mut() {
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            object["kind"] = json!(kind.name());
+            object["apiVersion"] = json!(kind.api_version());
+        }
+        let key = key_of(kind, new.as_ref().or(old.as_ref()).unwrap());
+        match new.clone() {
+            Some(object) => inner.objects.insert(key, object),
+            None => inner.objects.remove(&key),
+        };
+        // A deletion is reported with the object's last state at the new resourceVersion.
+        let old = old.map(|mut o| {
+            if new.is_none() {
+                o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            }
+            o
+        });
+        let change = Change { rv, kind, old, new };
+        inner.history.push_back(change.clone());
+        let _ = self.changes.send(change);
+    }
+}
+
 /// A running fake API server.
 pub struct FakeApiServer {
     pub url: String,
     state: Arc<State>,
-    /// The accept loop; `None` for handles used inside the server itself.
-    task: Option<super::server::ServerTask>,
+    /// The accept loop, stopped when the server is dropped.
+    _task: super::server::ServerTask,
 }
 
 impl FakeApiServer {
@@ -107,7 +194,7 @@ impl FakeApiServer {
             let state = serving.clone();
             async move { handle(&state, request).await }
         });
-        Self { url, state, task: Some(task) }
+        Self { url, state, _task: task }
     }
 
     /// Creates a pod (from [`PodBuilder::build`]); assigns uid, creationTimestamp, rv.
@@ -118,33 +205,82 @@ impl FakeApiServer {
         let meta = pod["metadata"].as_object_mut().unwrap();
         meta.entry("uid").or_insert(json!(uid));
         meta.entry("creationTimestamp").or_insert(json!(now_rfc3339()));
-        let key = key_of(&pod);
-        assert!(!inner.pods.contains_key(&key), "pod {key:?} exists");
+        let key = key_of(Kind::Pod, &pod);
+        assert!(!inner.objects.contains_key(&key), "pod {key:?} exists");
         let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
         self.commit(&mut inner, Kind::Pod, None, Some(pod));
         uid
     }
 
-    /// Changes a pod in place (status, annotations, deletionTimestamp...).
-    pub fn update_pod(&self, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+    /// Creates or replaces a Node with these labels and taints (`[{"key", "effect"}]`).
+    pub fn put_node(&self, name: &str, labels: Value, taints: Value) {
+        self.put(
+            Kind::Node,
+            json!({"metadata": {"name": name, "uid": format!("node-uid-{name}"), "labels": labels},
+            "spec": {"taints": taints}, "status": {}}),
+        );
+    }
+
+    /// The Node as stored now.
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.state.inner.lock().unwrap().objects.get(&key(Kind::Node, "", name)).cloned()
+    }
+
+    /// Creates or replaces a DaemonSet whose pod template has this `spec`.
+    pub fn put_daemonset(&self, namespace: &str, name: &str, pod_spec: Value) {
+        self.put(
+            Kind::DaemonSet,
+            json!({"metadata": {"name": name, "namespace": namespace, "uid": format!("ds-uid-{name}")},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": pod_spec}}}),
+        );
+    }
+
+    /// Changes a stored DaemonSet (a deletionTimestamp, say, as a foreground deletion sets).
+    pub fn update_daemonset(&self, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+        self.update(Kind::DaemonSet, namespace, name, change);
+    }
+
+    /// Deletes a DaemonSet at once (background propagation: its pods stay until collected).
+    pub fn delete_daemonset(&self, namespace: &str, name: &str) {
+        self.delete(Kind::DaemonSet, namespace, name);
+    }
+
+    fn put(&self, kind: Kind, mut object: Value) {
         let mut inner = self.state.inner.lock().unwrap();
-        let old = inner.pods.get(&(namespace.to_string(), name.to_string())).cloned().expect("pod exists");
+        object["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+        let old = inner.objects.get(&key_of(kind, &object)).cloned();
+        self.commit(&mut inner, kind, old, Some(object));
+    }
+
+    fn update(&self, kind: Kind, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let old = inner.objects.get(&key(kind, namespace, name)).cloned().expect("object exists");
         let mut new = old.clone();
         change(&mut new);
-        self.commit(&mut inner, Kind::Pod, Some(old), Some(new));
+        self.commit(&mut inner, kind, Some(old), Some(new));
+    }
+
+    fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let old = inner.objects.get(&key(kind, namespace, name)).cloned().expect("object exists");
+        self.commit(&mut inner, kind, Some(old), None);
+    }
+
+    /// Changes a pod in place (status, annotations, deletionTimestamp...).
+    pub fn update_pod(&self, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+        self.update(Kind::Pod, namespace, name, change);
     }
 
     /// Deletes a pod at once (no grace period).
     pub fn delete_pod(&self, namespace: &str, name: &str) {
-        let mut inner = self.state.inner.lock().unwrap();
-        let old = inner.pods.get(&(namespace.to_string(), name.to_string())).cloned().expect("pod exists");
-        self.commit(&mut inner, Kind::Pod, Some(old), None);
+        self.delete(Kind::Pod, namespace, name);
     }
 
     /// Creates or replaces a namespace with these annotations.
     pub fn put_namespace(&self, name: &str, annotations: Value) {
         let mut inner = self.state.inner.lock().unwrap();
-        let old = inner.namespaces.get(name).cloned();
+        let old = inner.objects.get(&key(Kind::Namespace, "", name)).cloned();
         let uid = format!("ns-uid-{name}");
         let new = json!({"metadata": {"name": name, "uid": uid, "annotations": annotations,
                                       "creationTimestamp": now_rfc3339()},
@@ -170,7 +306,7 @@ impl FakeApiServer {
     /// and its events then compacted away).
     pub fn delete_pod_unseen(&self, namespace: &str, name: &str) {
         let mut inner = self.state.inner.lock().unwrap();
-        inner.pods.remove(&(namespace.to_string(), name.to_string()));
+        inner.objects.remove(&key(Kind::Pod, namespace, name));
         inner.rv += 1;
         inner.history.clear();
         inner.compacted = inner.rv;
@@ -192,46 +328,8 @@ impl FakeApiServer {
     }
 
     fn commit(&self, inner: &mut Inner, kind: Kind, old: Option<Value>, new: Option<Value>) {
-        inner.rv += 1;
-        let rv = inner.rv;
-        let mut new = new;
-        if let Some(object) = new.as_mut() {
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            object["kind"] = json!(kind.name());
-            object["apiVersion"] = json!("v1");
-        }
-        let stored = new.clone();
-        match kind {
-            Kind::Pod => {
-                let key = key_of(stored.as_ref().or(old.as_ref()).unwrap());
-                match stored {
-                    Some(object) => inner.pods.insert(key, object),
-                    None => inner.pods.remove(&key),
-                };
-            }
-            Kind::Namespace => {
-                let name = stored.as_ref().or(old.as_ref()).unwrap()["metadata"]["name"].as_str().unwrap().to_string();
-                match stored {
-                    Some(object) => inner.namespaces.insert(name, object),
-                    None => inner.namespaces.remove(&name),
-                };
-            }
-        }
-        // A deletion is reported with the object's last state at the new resourceVersion.
-        let old = old.map(|mut o| {
-            if new.is_none() {
-                o["metadata"]["resourceVersion"] = json!(rv.to_string());
-            }
-            o
-        });
-        let change = Change { rv, kind, old, new };
-        inner.history.push_back(change.clone());
-        let _ = self.state.changes.send(change);
+        self.state.commit(inner, kind, old, new);
     }
-}
-
-fn key_of(pod: &Value) -> (String, String) {
-    (pod["metadata"]["namespace"].as_str().unwrap().to_string(), pod["metadata"]["name"].as_str().unwrap().to_string())
 }
 
 fn now_rfc3339() -> String {
@@ -286,6 +384,12 @@ impl PodBuilder {
         self.pod["spec"]["hostNetwork"] = json!(true);
         self
     }
+    /// Run by the DaemonSet `name` (its controller ownerReference), as the agent's pod is.
+    pub fn owned_by_daemonset(mut self, name: &str) -> Self {
+        self.pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "name": name, "uid": format!("ds-uid-{name}"), "controller": true, "blockOwnerDeletion": true}]);
+        self
+    }
     pub fn build(self) -> Value {
         self.pod
     }
@@ -322,11 +426,7 @@ impl FieldSelector {
             } else {
                 return Err(format!("invalid selector: {term}"));
             };
-            let supported: &[&str] = match kind {
-                Kind::Pod => &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"],
-                Kind::Namespace => &["metadata.name", "status.phase"],
-            };
-            if !supported.contains(&field) {
+            if !kind.selectable_fields().contains(&field) {
                 return Err(format!("field label not supported: {field}"));
             }
             terms.push((field.to_string(), equal, value.to_string()));
@@ -379,23 +479,14 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
     }
     let query = query_map(uri.query());
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
-    let (kind, namespace, name) = match segments.as_slice() {
-        ["api", "v1", "pods"] => (Kind::Pod, None, None),
-        ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
-        ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
-        ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
-        ["api", "v1", "namespaces", name] => (Kind::Namespace, None, Some(*name)),
-        _ => return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
+    let Some((kind, namespace, name)) = Kind::route(&segments) else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
     };
     if let Some(name) = name {
         let inner = state.inner.lock().unwrap();
-        let found = match kind {
-            Kind::Pod => inner.pods.get(&(namespace.unwrap().to_string(), name.to_string())),
-            Kind::Namespace => inner.namespaces.get(name),
-        };
-        return match found {
+        return match inner.objects.get(&key(kind, namespace.unwrap_or_default(), name)) {
             Some(object) => full(StatusCode::OK, object.clone()),
-            None => status(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{name}\" not found", kind.name())),
+            None => not_found(kind, name),
         };
     }
     let selector = match FieldSelector::parse(query.get("fieldSelector").map(String::as_str), kind) {
@@ -414,66 +505,134 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
     }
 }
 
-/// `POST /api/v1/namespaces/{ns}/pods` (create) and `DELETE .../pods/{name}`, as
-/// `kubectl create` and `kubectl delete` use them (for the demo and manual runs).
+/// Writes, as kubectl and clients make them: `POST` to a collection creates, `DELETE` on an
+/// object deletes it at once, `PATCH` applies a JSON Patch or a merge patch; and events.
 async fn write(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
-    let server = FakeApiServer { url: String::new(), state: state.clone(), task: None };
     let path = request.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = request.method().clone();
+    let content_type =
+        request.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let response = match (method, segments.as_slice()) {
-        (http::Method::POST, ["api", "v1", "namespaces", ns, "pods"]) => {
-            let Ok(mut pod) = serde_json::from_slice::<Value>(&body) else {
+    if let ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", rest @ ..] = segments.as_slice() {
+        return write_event(state, &method, ns, rest.first().copied(), &body);
+    }
+    let Some((kind, namespace, name)) = Kind::route(&segments) else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+    };
+    match (method, name) {
+        (http::Method::POST, None) if kind.namespaced() == namespace.is_some() => {
+            let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
                 return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
             };
-            if !pod["metadata"]["name"].is_string() {
+            if !object["metadata"]["name"].is_string() {
                 return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name: Required value");
             }
-            pod["metadata"]["namespace"] = json!(ns);
-            let key = key_of(&pod);
-            if state.inner.lock().unwrap().pods.contains_key(&key) {
-                return status(StatusCode::CONFLICT, "AlreadyExists", &format!("pods \"{}\" already exists", key.1));
+            if let Some(ns) = namespace {
+                object["metadata"]["namespace"] = json!(ns);
             }
-            server.create_pod(pod);
-            let created = state.inner.lock().unwrap().pods.get(&key).cloned().unwrap();
-            full(StatusCode::CREATED, created)
+            let mut inner = state.inner.lock().unwrap();
+            let key = key_of(kind, &object);
+            if inner.objects.contains_key(&key) {
+                let message = format!("{} \"{}\" already exists", kind.name().to_lowercase(), key.2);
+                return status(StatusCode::CONFLICT, "AlreadyExists", &message);
+            }
+            inner.uid_counter += 1;
+            let uid = format!("uid-{}", inner.uid_counter);
+            let meta = object["metadata"].as_object_mut().unwrap();
+            meta.entry("uid").or_insert(json!(uid));
+            meta.entry("creationTimestamp").or_insert(json!(now_rfc3339()));
+            state.commit(&mut inner, kind, None, Some(object));
+            full(StatusCode::CREATED, inner.objects[&key].clone())
         }
-        (http::Method::DELETE, ["api", "v1", "namespaces", ns, "pods", name]) => {
-            let found = state.inner.lock().unwrap().pods.get(&(ns.to_string(), name.to_string())).cloned();
-            match found {
-                Some(pod) => {
-                    server.delete_pod(ns, name);
-                    full(StatusCode::OK, pod)
+        (http::Method::DELETE, Some(name)) => {
+            let mut inner = state.inner.lock().unwrap();
+            match inner.objects.get(&key(kind, namespace.unwrap_or_default(), name)).cloned() {
+                Some(object) => {
+                    state.commit(&mut inner, kind, Some(object.clone()), None);
+                    full(StatusCode::OK, object)
                 }
-                None => status(StatusCode::NOT_FOUND, "NotFound", &format!("pods \"{name}\" not found")),
+                None => not_found(kind, name),
             }
         }
-        (http::Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
-            let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
+        (http::Method::PATCH, Some(name)) => {
+            let mut inner = state.inner.lock().unwrap();
+            let Some(old) = inner.objects.get(&key(kind, namespace.unwrap_or_default(), name)).cloned() else {
+                return not_found(kind, name);
             };
+            let mut new = old.clone();
+            if let Err(response) = apply_patch(&content_type, &body, &mut new) {
+                return *response;
+            }
+            // A patch cannot rename or re-identify an object.
+            for field in ["name", "namespace", "uid", "creationTimestamp"] {
+                new["metadata"][field] = old["metadata"][field].clone();
+            }
+            state.commit(&mut inner, kind, Some(old), Some(new));
+            full(StatusCode::OK, inner.objects[&key(kind, namespace.unwrap_or_default(), name)].clone())
+        }
+        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "not served for this path"),
+    }
+}
+
+/// Applies a patch body of `content_type` to `object`, or answers as a real server would.
+fn apply_patch(content_type: &str, body: &[u8], object: &mut Value) -> Result<(), Box<Response<Body>>> {
+    let bad = |message: String| Box::new(status(StatusCode::BAD_REQUEST, "BadRequest", &message));
+    match content_type.split(';').next().unwrap_or_default().trim() {
+        "application/json-patch+json" => {
+            let patch: json_patch::Patch = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+            // A failed `test` (or a path that is not there) is 422, as on a real server.
+            json_patch::patch(object, &patch)
+                .map_err(|e| Box::new(status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string())))
+        }
+        "application/merge-patch+json" => {
+            let patch: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+            let expected = patch["metadata"]["resourceVersion"].as_str();
+            if expected.is_some_and(|rv| Some(rv) != object["metadata"]["resourceVersion"].as_str()) {
+                return Err(Box::new(status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                )));
+            }
+            json_patch::merge(object, &patch);
+            Ok(())
+        }
+        other => Err(Box::new(status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the fake API server serves json-patch and merge-patch, not {other:?}"),
+        ))),
+    }
+}
+
+/// `POST .../events` and `PATCH .../events/<name>` (the series of a repeated event).
+fn write_event(state: &Arc<State>, method: &http::Method, ns: &str, name: Option<&str>, body: &[u8]) -> Response<Body> {
+    let Ok(mut event) = serde_json::from_slice::<Value>(body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
+    };
+    let mut inner = state.inner.lock().unwrap();
+    match (method, name) {
+        (&http::Method::POST, None) => {
             event["metadata"]["namespace"] = json!(ns);
-            state.inner.lock().unwrap().events.push(event.clone());
+            inner.events.push(event.clone());
             full(StatusCode::CREATED, event)
         }
-        (http::Method::PATCH, ["apis", "events.k8s.io", "v1", "namespaces", _, "events", name]) => {
-            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not a JSON object");
-            };
-            let mut inner = state.inner.lock().unwrap();
+        (&http::Method::PATCH, Some(name)) => {
             match inner.events.iter_mut().find(|e| e["metadata"]["name"] == json!(name)) {
-                Some(event) => {
-                    event["series"] = patch["series"].clone();
-                    full(StatusCode::OK, event.clone())
+                Some(stored) => {
+                    stored["series"] = event["series"].clone();
+                    full(StatusCode::OK, stored.clone())
                 }
                 None => status(StatusCode::NOT_FOUND, "NotFound", &format!("events \"{name}\" not found")),
             }
         }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "only pods and events can be written"),
-    };
-    drop(server);
-    response
+        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "events are created and patched"),
+    }
+}
+
+fn not_found(kind: Kind, name: &str) -> Response<Body> {
+    status(StatusCode::NOT_FOUND, "NotFound", &format!("{}s \"{name}\" not found", kind.name().to_lowercase()))
 }
 
 fn list_response(
@@ -503,10 +662,8 @@ fn list_response(
         }
         None => (inner.rv, 0),
     };
-    let objects: Vec<&Value> = match kind {
-        Kind::Pod => inner.pods.values().filter(|o| in_scope(o)).collect(),
-        Kind::Namespace => inner.namespaces.values().filter(|o| in_scope(o)).collect(),
-    };
+    let objects: Vec<&Value> =
+        inner.objects.iter().filter(|((k, _, _), o)| *k == kind && in_scope(o)).map(|(_, o)| o).collect();
     let page: Vec<Value> = objects.iter().skip(start).take(limit).map(|o| (*o).clone()).collect();
     let next = start + page.len();
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
@@ -542,10 +699,12 @@ fn watch_response(
     let from: u64 = match query.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => {
             // "Any": synthetic ADDED events for the current state, then changes.
-            let objects: Vec<Value> = match kind {
-                Kind::Pod => inner.pods.values().filter(|o| in_scope(o)).cloned().collect(),
-                Kind::Namespace => inner.namespaces.values().filter(|o| in_scope(o)).cloned().collect(),
-            };
+            let objects: Vec<Value> = inner
+                .objects
+                .iter()
+                .filter(|((k, _, _), o)| *k == kind && in_scope(o))
+                .map(|(_, o)| o.clone())
+                .collect();
             for object in objects {
                 send(&tx, json!({"type": "ADDED", "object": object}));
             }

@@ -1,5 +1,6 @@
-//! A stand-in for the node's real metadata service, in IMDSv2-required mode (tokens
-//! mandatory), holding node secrets that must never reach a pod.
+//! A stand-in for the node's real metadata service, holding node secrets that must never
+//! reach a pod: IMDSv2-required (tokens mandatory, the EKS default) or, as on nodes left with
+//! `HttpTokens=optional`, answering IMDSv1 too.
 
 #![allow(dead_code)]
 
@@ -24,6 +25,13 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
 }
 
+/// Whether requests without a token are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokens {
+    Required,
+    Optional,
+}
+
 pub struct FakeImds {
     pub addr: String,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -35,14 +43,18 @@ impl FakeImds {
         Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
     }
 
-    /// Starts on `listener` (one bound inside a network namespace, say).
+    /// Starts on `listener` (one bound inside a network namespace, say), tokens required.
     pub fn start_on(listener: TcpListener) -> Self {
+        Self::start_with(listener, Tokens::Required)
+    }
+
+    pub fn start_with(listener: TcpListener, tokens: Tokens) -> Self {
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recording = seen.clone();
         let task = super::server::serve(listener, move |request| {
             let seen = recording.clone();
-            async move { answer(&seen, request) }
+            async move { answer(&seen, tokens, request) }
         });
         Self { addr, seen, task }
     }
@@ -50,9 +62,18 @@ impl FakeImds {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// What the agent relayed on pods' behalf: everything but its token requests and its own
+    /// tokenless startup check of whether IMDSv1 is on.
+    pub fn relayed(&self) -> Vec<Seen> {
+        let own_probe = |s: &Seen| s.path == "/latest/meta-data/" && !s.headers.iter().any(|(k, _)| k == TOKEN_HEADER);
+        self.seen().into_iter().filter(|s| s.path != "/latest/api/token" && !own_probe(s)).collect()
+    }
 }
 
-fn answer(seen: &Mutex<Vec<Seen>>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+
+fn answer(seen: &Mutex<Vec<Seen>>, tokens: Tokens, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_string();
     let headers =
         request.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
@@ -63,10 +84,17 @@ fn answer(seen: &Mutex<Vec<Seen>>, request: Request<Incoming>) -> Response<Full<
     if request.method() == http::Method::PUT && path == "/latest/api/token" {
         return reply(StatusCode::OK, UPSTREAM_TOKEN);
     }
-    if request.headers().get("x-aws-ec2-metadata-token").and_then(|v| v.to_str().ok()) != Some(UPSTREAM_TOKEN) {
+    let token = request.headers().get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    let authorised = match (token, tokens) {
+        (Some(token), _) => token == UPSTREAM_TOKEN,
+        (None, Tokens::Optional) => true,
+        (None, Tokens::Required) => false,
+    };
+    if !authorised {
         return reply(StatusCode::UNAUTHORIZED, "");
     }
     match path.as_str() {
+        "/latest/meta-data/" => reply(StatusCode::OK, "ami-id\niam/\ninstance-id\ninstance-type\nplacement/\n"),
         "/latest/meta-data/placement/region" => reply(StatusCode::OK, "us-east-1"),
         "/latest/meta-data/placement/availability-zone" => reply(StatusCode::OK, "us-east-1a"),
         "/latest/meta-data/instance-type" => reply(StatusCode::OK, "m5.large"),

@@ -8,6 +8,7 @@
 
 pub mod agent_process;
 pub mod apiserver;
+pub mod e2e;
 pub mod env;
 pub mod imds;
 pub mod moto;
@@ -26,6 +27,15 @@ pub const ACCOUNT: &str = "123456789012";
 /// `arn:aws:iam::123456789012:role/<name>`.
 pub fn role_arn(name: &str) -> String {
     format!("arn:aws:iam::{ACCOUNT}:role/{name}")
+}
+
+/// The value of the first sample of metric `name` (with or without labels) in a Prometheus
+/// text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 /// Polls `check` every 20 ms until it holds, failing the test after `seconds`.

@@ -98,12 +98,17 @@ impl Netns {
         tokio::net::TcpListener::from_std(listener).unwrap()
     }
 
-    /// `iptables-save`-style rules of the nat table, from both backends.
+    /// `iptables -S`-style rules of the nat table, from both backends.
     pub fn nat_rules(&self, family: &str) -> String {
+        self.table_rules(family, "nat")
+    }
+
+    /// `iptables -S`-style rules of `table`, from both backends.
+    pub fn table_rules(&self, family: &str, table: &str) -> String {
         let tool = if family == "v6" { "ip6tables" } else { "iptables" };
         let mut all = String::new();
         for program in [format!("{tool}-nft"), format!("{tool}-legacy")] {
-            all.push_str(&String::from_utf8_lossy(&self.exec(&program, &["-w", "-t", "nat", "-S"]).stdout));
+            all.push_str(&String::from_utf8_lossy(&self.exec(&program, &["-w", "-t", table, "-S"]).stdout));
         }
         all
     }
@@ -142,32 +147,46 @@ pub struct PodNet {
     pub ipv6: Option<String>,
 }
 
-/// A node namespace and its pods.
+/// The metadata address, where the "EC2 host" namespace answers behind the node's uplink.
+pub const METADATA_IP: &str = "169.254.169.254";
+
+/// A node namespace, the "EC2 host" behind its uplink, and its pods.
 pub struct Topology {
     pub node: Netns,
+    /// Behind the node's `eth0`: holds 169.254.169.254, where the node's real metadata
+    /// service answers (start one with [`Netns::listen`] on `169.254.169.254:80`).
+    pub ec2: Netns,
     pub pods: Vec<PodNet>,
     prefix: String,
 }
 
 impl Topology {
-    /// A node with its main interface and a `cni0` bridge, and no pods yet.
+    /// A node with its main interface and a `cni0` bridge, and no pods yet. Like a real
+    /// node, it forwards, and routes 169.254.169.254 out of `eth0` to the EC2 host: pod
+    /// traffic that iamlet does not intercept reaches the node's metadata service there.
     pub fn node(tag: &str) -> Self {
         let prefix = unique(tag);
         let node = Netns::create(&format!("{prefix}-node"));
-        // The node's main interface: a veth (this kernel may lack the dummy driver).
-        node.ip("link add eth0 type veth peer name uplink0");
-        node.ip("link set uplink0 up");
+        let ec2 = Netns::create(&format!("{prefix}-ec2"));
+        // The node's main interface: a veth (this kernel may lack the dummy driver) whose
+        // peer is the EC2 host's side.
+        node.ip(&format!("link add eth0 type veth peer name uplink0 netns {}", ec2.name));
         node.ip(&format!("addr add {HOST_IP}/32 dev eth0"));
         node.ip(&format!("addr add {HOST_IPV6}/128 dev eth0 nodad"));
         node.ip("link set eth0 up");
         // A default route, as every node has: proxy ARP (Calico) answers only for addresses
-        // the node can route elsewhere. Nothing leaves the namespace: eth0's peer is here too.
+        // the node can route elsewhere.
         node.ip("route add default dev eth0");
+        node.sysctl("net.ipv4.ip_forward=1");
+        ec2.ip(&format!("addr add {METADATA_IP}/32 dev uplink0"));
+        ec2.ip("link set uplink0 up");
+        ec2.ip(&format!("route add {HOST_IP} dev uplink0"));
+        ec2.ip(&format!("route add default via {HOST_IP} dev uplink0"));
         node.ip("link add cni0 type bridge");
         node.ip("addr add 10.42.0.1/24 dev cni0");
         node.ip("addr add fd42::1/64 dev cni0 nodad");
         node.ip("link set cni0 up");
-        Self { node, pods: Vec::new(), prefix }
+        Self { node, ec2, pods: Vec::new(), prefix }
     }
 
     /// Adds a pod behind the node-side interface `link`, with `ip` (and `ipv6` on a bridge).

@@ -48,22 +48,46 @@ pub async fn fetch(
     headers: &[(&str, &str)],
     timeout: std::time::Duration,
 ) -> Option<Reply> {
-    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(to)).await.ok()?.ok()?;
-    tokio::time::timeout(timeout, exchange(stream, "GET", path, headers)).await.ok()
+    try_fetch(to, path, headers, timeout).await.ok()
+}
+
+/// Like [`fetch`], but says how it failed: `connection refused`, `reset`, `timed out`...
+pub async fn try_fetch(
+    to: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: std::time::Duration,
+) -> Result<Reply, String> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+        try_exchange(stream, "GET", path, headers).await
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| "timed out".to_string())?
 }
 
 async fn exchange(stream: tokio::net::TcpStream, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    try_exchange(stream, method, path, headers).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+async fn try_exchange(
+    stream: tokio::net::TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let mut builder = Request::builder().method(method).uri(path).header("host", "169.254.169.254");
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    let response = sender.send_request(builder.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let response =
+        sender.send_request(builder.body(Empty::<Bytes>::new()).unwrap()).await.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// `GET path` from the pod at `from`.

@@ -1,0 +1,238 @@
+//! The end-to-end harness: a node namespace with the fakes on the node's address, the
+//! node's real metadata service on the EC2 host behind its uplink (answering IMDSv1 too, the
+//! worst case, with secrets a test can recognise), the agent as a process, and real SDK
+//! clients run inside pod namespaces.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_sts::config::{ProvideCredentials, Region};
+use serde_json::{Value, json};
+
+use super::agent_process::{self, AgentProcess};
+use super::apiserver::{FakeApiServer, pod};
+use super::imds::{FakeImds, NODE_SECRETS, Tokens};
+use super::moto::venv_bin;
+use super::netns::{Attach, HOST_IP, METADATA_IP, Netns, Topology, require_root};
+use super::pod_client;
+use super::sts_proxy::StsProxy;
+
+/// The agent's own pod and its DaemonSet, as the base manifest names them.
+pub const AGENT_NAMESPACE: &str = "kube-system";
+pub const AGENT_POD: &str = "iamlet-x7k2p";
+pub const DAEMONSET: &str = "iamlet";
+
+/// A node namespace with the fakes listening on the node's address, and its pods.
+pub struct E2e {
+    pub topology: Topology,
+    pub api: FakeApiServer,
+    pub sts: StsProxy,
+    /// The node's real metadata service, at 169.254.169.254:80 on the EC2 host.
+    pub imds: FakeImds,
+    /// The CNI configuration directory the agent reads (empty unless a test writes one).
+    pub cni_conf: tempfile::TempDir,
+}
+
+impl E2e {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let topology = Topology::node(tag);
+        let api =
+            FakeApiServer::start_on(topology.node.listen(&format!("{HOST_IP}:6443")), None, Duration::from_secs(1));
+        let sts = StsProxy::start_on(topology.node.listen(&format!("{HOST_IP}:0")));
+        let imds = FakeImds::start_with(topology.ec2.listen(&format!("{METADATA_IP}:80")), Tokens::Optional);
+        api.put_node("node-a", json!({"kubernetes.io/os": "linux"}), json!([]));
+        Self { topology, api, sts, imds, cni_conf: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn node(&self) -> &Netns {
+        &self.topology.node
+    }
+
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--node=node-a".to_string(),
+            format!("--api-server={}", self.api.url),
+            "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
+            format!("--host-ip={HOST_IP}"),
+            format!("--cni-conf-dir={}", self.cni_conf.path().display()),
+            "--iptables".into(),
+            "--iptables-sync-period=1s".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    /// Starts the agent, not as a DaemonSet's pod, and waits until it is ready.
+    pub async fn start_agent(&self, extra: &[&str]) -> AgentProcess {
+        let mut agent = agent_process::spawn(self.node(), &self.sts.url, &self.args(extra), &[]);
+        agent.wait_ready(self.node()).await;
+        agent
+    }
+
+    /// The DaemonSet (running on every node, as the base manifest's does) and the agent's
+    /// pod it owns, in the API server.
+    pub fn install_daemonset(&self) {
+        self.api.put_daemonset(
+            AGENT_NAMESPACE,
+            DAEMONSET,
+            json!({"hostNetwork": true, "tolerations": [{"operator": "Exists"}], "containers": [{"name": "iamlet"}]}),
+        );
+        self.api.create_pod(
+            pod(AGENT_NAMESPACE, AGENT_POD).ip(HOST_IP).host_network().owned_by_daemonset(DAEMONSET).build(),
+        );
+    }
+
+    /// Starts the agent as the DaemonSet's pod (`POD_NAME`, `POD_NAMESPACE` from the
+    /// downward API) and waits until it is ready.
+    pub async fn start_daemonset_agent(&self, extra: &[&str]) -> AgentProcess {
+        let env = [("POD_NAMESPACE", AGENT_NAMESPACE.to_string()), ("POD_NAME", AGENT_POD.to_string())];
+        let mut agent = agent_process::spawn(self.node(), &self.sts.url, &self.args(extra), &env);
+        agent.wait_ready(self.node()).await;
+        agent
+    }
+
+    /// A pod namespace attached to the node, and the pod object in the API server.
+    pub fn add_pod(&mut self, link: &str, attach: Attach, ip: &str, role: Option<&str>) -> usize {
+        self.topology.add_pod(link, attach, ip, None);
+        let name = format!("pod-{link}");
+        let mut object = pod("e2e", &name).ip(ip);
+        if let Some(role) = role {
+            object = object.role(role);
+        }
+        self.api.create_pod(object.build());
+        self.topology.pods.len() - 1
+    }
+
+    pub fn pod_ns(&self, index: usize) -> &Netns {
+        &self.topology.pods[index].ns
+    }
+
+    /// iamlet's jumps in PREROUTING and rules in its nat chain, from both backends.
+    pub fn our_rules(&self, family: &str) -> (usize, usize) {
+        count_ours(&self.node().nat_rules(family), "PREROUTING")
+    }
+
+    /// iamlet's jumps in FORWARD and rules in its filter chain (the backstop), both backends.
+    pub fn our_backstop(&self, family: &str) -> (usize, usize) {
+        count_ours(&self.node().table_rules(family, "filter"), "FORWARD")
+    }
+
+    /// A metric of the agent's, read on its admin port from inside the node.
+    pub async fn metric(&self, agent: &AgentProcess, name: &str) -> f64 {
+        let admin = agent.admin;
+        let text = self
+            .node()
+            .run(move || async move {
+                pod_client::fetch(admin, "/metrics", &[], Duration::from_secs(2)).await.map(|r| r.body)
+            })
+            .await
+            .unwrap_or_default();
+        super::metric_value(&text, name).unwrap_or(f64::NAN)
+    }
+
+    /// The Node's taints as the API server has them.
+    pub fn taint_keys(&self) -> Vec<String> {
+        let node = self.api.node("node-a").unwrap();
+        node["spec"]["taints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["key"].as_str().map(String::from))
+            .collect()
+    }
+}
+
+fn count_ours(listing: &str, base: &str) -> (usize, usize) {
+    let jumps = listing.lines().filter(|l| l.starts_with(&format!("-A {base} ")) && l.ends_with("-j IAMLET")).count();
+    let chain = listing.lines().filter(|l| l.starts_with("-A IAMLET ")).count();
+    (jumps, chain)
+}
+
+/// What a pod's plain request to the metadata address got: an answer (status, body), or the
+/// connection error (refused, reset) as text. Never hangs more than `timeout`.
+pub async fn pod_request(pod: &Netns, path: &'static str, timeout: Duration) -> Result<(u16, String), String> {
+    pod.run(move || async move {
+        let imds: SocketAddr = format!("{METADATA_IP}:80").parse().unwrap();
+        pod_client::try_fetch(imds, path, &[], timeout).await.map(|r| (r.status, r.body))
+    })
+    .await
+}
+
+/// Fails the test if `text` holds any secret of the node.
+pub fn assert_no_node_secret(text: &str) {
+    for secret in NODE_SECRETS {
+        assert!(!text.contains(secret), "a pod got the node's secret {secret}: {text}");
+    }
+}
+
+/// botocore's default chain in a pod namespace; (exit code, its JSON line).
+pub fn botocore_in(pod: &Netns, sts_url: &str, env: &[(&str, &str)]) -> (i32, Value) {
+    let python = venv_bin("python");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/botocore_identity.py");
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &pod.name, python.to_str().unwrap(), script])
+        .env_clear()
+        .envs(super::clean_sdk_env())
+        .env("STS_URL", sts_url);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let parsed = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("botocore printed {stdout:?}; stderr {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.code().unwrap_or(-1), parsed)
+}
+
+/// `aws sts get-caller-identity` in a pod namespace: the caller ARN, or the CLI's error.
+pub fn aws_cli_in(pod: &Netns, sts_url: &str) -> Result<String, String> {
+    let aws = venv_bin("aws");
+    let output = Command::new("ip")
+        .args(["netns", "exec", &pod.name, aws.to_str().unwrap()])
+        .args(["sts", "get-caller-identity", "--region", "us-east-1", "--output", "json", "--endpoint-url", sts_url])
+        .env_clear()
+        .envs(super::clean_sdk_env())
+        .output()
+        .unwrap();
+    if output.status.success() {
+        let identity: Value = serde_json::from_slice(&output.stdout).unwrap();
+        Ok(identity["Arn"].as_str().unwrap().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// aws-config's IMDS credential provider in a pod namespace, then GetCallerIdentity.
+pub async fn rust_sdk_in(pod: &Netns, sts_url: String) -> Result<String, String> {
+    pod.run(move || async move {
+        let provider = aws_config::imds::credentials::ImdsCredentialsProvider::builder().build();
+        let credentials = provider.provide_credentials().await.map_err(|e| format!("{e:?}"))?;
+        let config = aws_sdk_sts::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(sts_url)
+            .credentials_provider(credentials)
+            .build();
+        let identity =
+            aws_sdk_sts::Client::from_conf(config).get_caller_identity().send().await.map_err(|e| format!("{e:?}"))?;
+        Ok(identity.arn.unwrap_or_default())
+    })
+    .await
+}
+
+/// Whether anything answers a pod's metadata request within a second.
+pub async fn metadata_answers(pod: &Netns) -> bool {
+    pod.run(|| async {
+        let imds: SocketAddr = "169.254.169.254:80".parse().unwrap();
+        pod_client::fetch(imds, "/latest/meta-data/iam/security-credentials/", &[], Duration::from_secs(1))
+            .await
+            .is_some()
+    })
+    .await
+}
