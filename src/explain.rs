@@ -15,6 +15,8 @@ use crate::cli::Config;
 use crate::cluster::{AnnotationKeys, NamespaceRules, PodIdentity};
 use crate::credentials::{AwsSts, CredentialKey, RoleAssumer};
 use crate::imds::UpstreamImds;
+use crate::netfilter::coverage::Routes;
+use crate::netfilter::{InterfaceSetting, cni};
 use crate::policy::{Assignment, Policy, RoleSource};
 
 /// What `explain` found, line by line, and its verdict.
@@ -164,6 +166,9 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
         };
         explanation.lines.push(("sts", line));
     }
+    if let Some(line) = interception(config, &pod).await {
+        explanation.lines.push(("interception", line));
+    }
     explanation.lines.push((
         "verdict",
         match &explanation.verdict {
@@ -174,6 +179,45 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
     ));
     print!("{}", explanation.render());
     Ok(ok)
+}
+
+/// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its
+/// IP through, and whether the agent's `--host-interface` covers it. Only on the pod's own
+/// node (`--node`/`NODE_NAME`, as in `kubectl exec ds/iamlet -- iamlet explain ...`).
+async fn interception(config: &Config, pod: &Pod) -> Option<String> {
+    let pod_node = pod.spec.as_ref()?.node_name.as_deref()?;
+    if pod_node != config.node {
+        return Some(format!("not checked: run explain on node {pod_node} (kubectl exec into its iamlet pod)"));
+    }
+    let interfaces = match &config.host_interface {
+        InterfaceSetting::Given(interfaces) => interfaces.clone(),
+        InterfaceSetting::Auto => match cni::detect(&config.cni_conf_dir, &crate::netfilter::node_links()) {
+            cni::Detection::Found { interfaces, .. } => interfaces,
+            cni::Detection::Waiting(why) => return Some(format!("no interface detected yet: {why}")),
+        },
+    };
+    let routes = match Routes::open() {
+        Ok(routes) => routes,
+        Err(error) => return Some(format!("not checked: {error}")),
+    };
+    let status = pod.status.as_ref();
+    let ips = status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|ip| ip.ip.clone());
+    let mut lines = Vec::new();
+    for ip in ips.chain(status.and_then(|s| s.pod_ip.clone())).filter_map(|ip| ip.parse().ok()) {
+        let line = match routes.interface_to(ip).await {
+            Ok(link) if interfaces.matches(&link) => {
+                format!("{ip} via {link}: covered by --host-interface {interfaces}")
+            }
+            Ok(link) => format!(
+                "{ip} via {link}: NOT covered by --host-interface {interfaces}: this pod reaches the node's metadata service directly"
+            ),
+            Err(error) => format!("{ip}: {error}"),
+        };
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    (!lines.is_empty()).then(|| lines.join("; "))
 }
 
 #[cfg(test)]

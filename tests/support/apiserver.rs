@@ -128,6 +128,9 @@ struct State {
     requests: Mutex<Vec<String>>,
     token: Option<String>,
     bookmark_every: Duration,
+    /// While set, every request is answered 503, as by an API server that is down behind its
+    /// load balancer.
+    outage: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -188,6 +191,7 @@ impl FakeApiServer {
             requests: Mutex::default(),
             token: token.map(str::to_string),
             bookmark_every,
+            outage: std::sync::atomic::AtomicBool::new(false),
         });
         let serving = state.clone();
         let task = super::server::serve(listener, move |request| {
@@ -292,6 +296,15 @@ impl FakeApiServer {
     /// balancer timeout does.
     pub fn drop_watches(&self) {
         self.state.kill.send_modify(|n| *n += 1);
+    }
+
+    /// Starts (or ends) an outage: open watches are dropped and every request is answered
+    /// 503 until it ends.
+    pub fn set_outage(&self, down: bool) {
+        self.state.outage.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.drop_watches();
+        }
     }
 
     /// Forgets the change history: resuming a watch (or a paged list) from any earlier
@@ -460,6 +473,9 @@ fn url_decode_pairs(query: &str) -> BTreeMap<String, String> {
 async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body> {
     let uri = request.uri().clone();
     state.requests.lock().unwrap().push(format!("{} {}", request.method(), uri));
+    if state.outage.load(std::sync::atomic::Ordering::SeqCst) {
+        return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "the API server is down");
+    }
     if let Some(token) = &state.token {
         let given = request.headers().get("authorization").and_then(|v| v.to_str().ok());
         if given != Some(&format!("Bearer {token}")) {

@@ -45,8 +45,12 @@ impl TestNode {
     }
 
     pub async fn start_with_api(api: FakeApiServer, args: &[&str]) -> Self {
+        Self::start_with(api, FakeImds::start().await, args).await
+    }
+
+    /// Starts with this API server and this node metadata service.
+    pub async fn start_with(api: FakeApiServer, imds: FakeImds, args: &[&str]) -> Self {
         let sts = StsProxy::start().await;
-        let imds = FakeImds::start().await;
         let agent = start_agent(&api, &sts, &imds, args).await;
         let node = Self { api, sts, imds, agent };
         node.wait_ready().await;
@@ -82,6 +86,11 @@ impl TestNode {
             .find(|line| line.starts_with(prefix))
             .and_then(|line| line.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// Whether the metric `name` is exported yet (a gauge set at least once).
+    pub async fn metric_exported(&self, name: &str) -> Option<f64> {
+        super::metric_value(&self.admin_get("/metrics").await.body, name)
     }
 }
 
