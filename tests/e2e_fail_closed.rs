@@ -159,6 +159,9 @@ fn http_on(stream: &mut TcpStream, path: &str) -> Result<String, String> {
 async fn a_connection_opened_before_the_rules_cannot_reach_the_node_imds_afterwards() {
     let mut e2e = E2e::new("conntrack");
     let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
+    // As on every node, kube-proxy's nat rules are there first, so conntrack tracks flows.
+    e2e.node().ok("iptables-nft", &["-w", "-t", "nat", "-N", "KUBE-SERVICES"]);
+    e2e.node().ok("iptables-nft", &["-w", "-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
 
     // Before iamlet: the pod opens a keep-alive connection, answered by the node's IMDS.
     let mut stream = e2e
