@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The local demo, as root on a Linux machine: a "node" and two "pods" in network namespaces,
 # the fake Kubernetes API server and moto's STS on the node, and the real iamlet with real
-# iptables. One pod has a role and gets its credentials through 169.254.169.254 with the AWS
-# CLI; the other has none and gets nothing. Everything is removed at the end, also on Ctrl-C.
+# iptables, run as its DaemonSet's pod. The node registers with the startup taint, which
+# iamlet removes once the node is protected. One pod has a role and gets its credentials
+# through 169.254.169.254 with the AWS CLI; the other has none and gets nothing. Then iamlet
+# is restarted (its rules stay, the pod is refused meanwhile) and uninstalled (its rules go).
+# Everything is removed at the end, also on Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +44,67 @@ wait_port() {
   done
   echo "demo: nothing listens on $1:$2" >&2
   return 1
+}
+
+# `kubectl create -f -` against the fake API server: the API path of the collection, then the
+# object as JSON on stdin.
+create() {
+  in_node .venv/bin/python -c '
+import json, sys, urllib.request
+api, path = sys.argv[1:3]
+request = urllib.request.Request(api + path, data=sys.stdin.read().encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+created = json.load(urllib.request.urlopen(request))
+kind, name = created["kind"].lower(), created["metadata"]["name"]
+print(f"{kind}/{name} created")' "$API" "$1"
+}
+
+# The node's taints, as `kubectl get node demo-node -o jsonpath={.spec.taints}` shows them.
+node_taints() {
+  in_node .venv/bin/python -c '
+import json, sys, urllib.request
+node = json.load(urllib.request.urlopen(sys.argv[1] + "/api/v1/nodes/demo-node"))
+print(json.dumps(node["spec"].get("taints") or []))' "$API"
+}
+
+# Starts iamlet as the DaemonSet's pod and waits until it is ready; its PID in $IAMLET.
+start_iamlet() {
+  ip netns exec "$NODE" env -i PATH="$PATH" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 \
+    AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL_STS="$STS" POD_NAMESPACE=kube-system POD_NAME=iamlet-demo \
+    "$BIN" --node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto \
+    --cni-conf-dir="$WORK/cni" --base-role-arn=arn:aws:iam::123456789012:role/ >"$WORK/iamlet.log" 2>&1 &
+  IAMLET=$!
+  PIDS+=("$IAMLET")
+  for _ in $(seq 1 150); do
+    in_node .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$HOST_IP:8182/readyz', timeout=1)" 2>/dev/null && return 0
+    kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/iamlet.log"; exit 1; }
+    sleep 0.2
+  done
+  echo "demo: iamlet was not ready in 30 s" >&2
+  cat "$WORK/iamlet.log"
+  exit 1
+}
+
+# Sends SIGTERM to iamlet and shows what it logged while stopping.
+stop_iamlet() {
+  local lines status=0
+  lines=$(wc -l <"$WORK/iamlet.log")
+  kill -TERM "$IAMLET"
+  wait "$IAMLET" || status=$?
+  tail -n +"$((lines + 1))" "$WORK/iamlet.log" | sed 's/^/  iamlet | /'
+  echo "iamlet exited $status"
+}
+
+# iamlet's rules in the node's nat and filter tables.
+our_rules() {
+  { in_node iptables-save -t nat 2>/dev/null; in_node iptables-save -t filter 2>/dev/null; } | grep -E 'IAMLET' || true
+}
+
+# The AWS CLI in the pod with a role.
+cli_in_app_pod() {
+  echo "(pod $POD_APP)\$ aws sts get-caller-identity --region us-east-1 --endpoint-url $STS"
+  ip netns exec "$POD_APP" env -i PATH="$PATH" HOME=/nonexistent \
+    .venv/bin/aws sts get-caller-identity --region us-east-1 --endpoint-url "$STS" --output json
 }
 
 # `kubectl create` against the fake API server: namespace, name, IP, role (may be empty).
@@ -93,31 +157,30 @@ wait_port "$HOST_IP" 5000
 wait_port "$HOST_IP" 6443
 echo "STS at $STS, API server at $API"
 
+step "Registering the node with the startup taint; iamlet's DaemonSet and its pod on the node"
+mkdir -p "$WORK/cni"
+echo '{"metadata": {"name": "demo-node"}, "spec": {"taints": [{"key": "iamlet.io/agent-not-ready", "effect": "NoSchedule"}]}}' |
+  create /api/v1/nodes
+echo '{"metadata": {"name": "iamlet"}, "spec": {"selector": {"matchLabels": {"app": "iamlet"}}, "template": {"metadata": {"labels": {"app": "iamlet"}}, "spec": {"hostNetwork": true, "tolerations": [{"operator": "Exists"}], "containers": [{"name": "iamlet", "image": "iamlet"}]}}}}' |
+  create /apis/apps/v1/namespaces/kube-system/daemonsets
+echo '{"metadata": {"name": "iamlet-demo", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "iamlet", "uid": "demo", "controller": true}]}, "spec": {"nodeName": "demo-node", "hostNetwork": true, "containers": [{"name": "iamlet", "image": "iamlet"}]}, "status": {"phase": "Running", "podIP": "'"$HOST_IP"'"}}' |
+  create /api/v1/namespaces/kube-system/pods
+echo "node taints: $(node_taints)"
+
 step "Starting iamlet with --iptables on the node"
-ip netns exec "$NODE" env -i PATH="$PATH" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 \
-  AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL_STS="$STS" \
-  "$BIN" --node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto \
-  --base-role-arn=arn:aws:iam::123456789012:role/ >"$WORK/iamlet.log" 2>&1 &
-IAMLET=$!
-PIDS+=("$IAMLET")
-for _ in $(seq 1 150); do
-  in_node .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$HOST_IP:8182/readyz', timeout=1)" 2>/dev/null && break
-  kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/iamlet.log"; exit 1; }
-  sleep 0.2
-done
+start_iamlet
 sed 's/^/  iamlet | /' "$WORK/iamlet.log"
-echo "iamlet's rules in the node's nat table:"
-in_node iptables-save -t nat 2>/dev/null | grep -E 'IAMLET' | sed 's/^/  /' || true
-in_node iptables-legacy-save -t nat 2>/dev/null | grep -E 'IAMLET' | sed 's/^/  /' || true
+echo "iamlet's rules in the node's nat and filter tables (the DNAT, and the backstop refusing what is not redirected):"
+our_rules | sed 's/^/  /'
+for _ in $(seq 1 50); do [ "$(node_taints)" = "[]" ] && break; sleep 0.1; done
+echo "node taints once iamlet is ready: $(node_taints)"
 
 step "Creating a pod with the role 'demo-app', and one without a role"
 create_pod shop web "10.42.0.10" demo-app
 create_pod shop batch "10.42.0.11" ""
 
 step "In the pod with a role: the AWS CLI, with no configuration at all"
-echo "(pod $POD_APP)\$ aws sts get-caller-identity --region us-east-1 --endpoint-url $STS"
-ip netns exec "$POD_APP" env -i PATH="$PATH" HOME=/nonexistent \
-  .venv/bin/aws sts get-caller-identity --region us-east-1 --endpoint-url "$STS" --output json
+cli_in_app_pod
 echo "The metadata API as the pod sees it (IMDSv2):"
 ip netns exec "$POD_APP" .venv/bin/python - <<'PY'
 import json, urllib.request
@@ -146,17 +209,32 @@ import urllib.request, urllib.error
 try: urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/security-credentials/')
 except urllib.error.HTTPError as e: print('  GET meta-data/iam/security-credentials/ ->', e.code, e.read().decode().strip())"
 
-step "Stopping iamlet (SIGTERM): it drains and removes its rules"
-lines=$(wc -l <"$WORK/iamlet.log")
-kill -TERM "$IAMLET"
-status=0
-wait "$IAMLET" || status=$?
-tail -n +"$((lines + 1))" "$WORK/iamlet.log" | sed 's/^/  iamlet | /'
-echo "iamlet exited $status"
-if in_node iptables-save -t nat 2>/dev/null | grep -q IAMLET; then
-  echo "demo: rules left behind" >&2
+step "A rolling update: SIGTERM while the DaemonSet exists. The rules stay; the pod is refused meanwhile"
+stop_iamlet
+our_rules | sed 's/^/  /'
+ip netns exec "$POD_APP" .venv/bin/python -c "
+import socket
+try:
+    socket.create_connection(('169.254.169.254', 80), timeout=2)
+    print('  the pod reached something: not expected'); raise SystemExit(1)
+except ConnectionRefusedError:
+    print('  (pod) connect 169.254.169.254:80 -> connection refused: no credentials at all, never the node\'s')"
+
+step "The successor starts: it finds the rules in place and leaves one set"
+start_iamlet
+our_rules | sed 's/^/  /'
+cli_in_app_pod
+
+step "Uninstall: the DaemonSet is deleted, then iamlet gets SIGTERM. It removes every rule"
+in_node .venv/bin/python -c "
+import urllib.request
+urllib.request.urlopen(urllib.request.Request('$API/apis/apps/v1/namespaces/kube-system/daemonsets/iamlet', method='DELETE'))
+print('daemonset.apps/iamlet deleted')"
+stop_iamlet
+if [ -n "$(our_rules)" ]; then
+  echo "demo: rules left behind after the uninstall" >&2
   exit 1
 fi
-echo "no IAMLET rules left in the node's nat table"
+echo "no IAMLET rules left in the node's nat or filter table"
 
 step "Done: removing the namespaces"
