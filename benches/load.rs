@@ -10,7 +10,9 @@
 //! 2. nginx on the same connection patterns: the iamlet/nginx ratios are the figures to quote;
 //! 3. cold start: pod creation to first credentials, 100 pods;
 //! 4. scale: RSS after sync with 110 and 5,000 pods, RSS over a sustained load, startup to ready;
-//! 5. STS calls per distinct (role, pod).
+//! 5. STS calls per distinct (role, pod);
+//! 6. the restart gap: SIGTERM, then the successor's process start to a pod's first
+//!    credentials, with 110 pods (during a rolling update pods are refused for that long).
 //!
 //! It prints a table and writes target/bench/load.json. `--quick` shortens every phase.
 
@@ -49,6 +51,7 @@ struct Durations {
     load: Duration,
     soak: Duration,
     cold_pods: usize,
+    restarts: usize,
 }
 
 fn pod_ip(i: usize) -> IpAddr {
@@ -69,7 +72,17 @@ struct Agent {
 
 impl Agent {
     fn spawn(api: &apiserver::FakeApiServer, sts: &sts_proxy::StsProxy, imds: &imds::FakeImds) -> Self {
-        let (app_port, admin_port) = (free_port(), free_port());
+        Self::spawn_on(api, sts, imds, free_port(), free_port())
+    }
+
+    /// On given ports: a successor takes its predecessor's (the DNAT target does not change).
+    fn spawn_on(
+        api: &apiserver::FakeApiServer,
+        sts: &sts_proxy::StsProxy,
+        imds: &imds::FakeImds,
+        app_port: u16,
+        admin_port: u16,
+    ) -> Self {
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_iamlet"))
             .args(env::loopback_agent_args(&api.url, &imds.addr, app_port, admin_port))
@@ -102,6 +115,14 @@ impl Agent {
     /// and stacks, what grows with pods; the rest is the binary's own mapped pages).
     fn rss_mib(&self) -> (f64, f64) {
         (status_mib(self.child.id(), "VmRSS:"), status_mib(self.child.id(), "RssAnon:"))
+    }
+
+    /// SIGTERM, then waits for the exit (the drain).
+    fn terminate(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signalling iamlet");
+        let status = self.child.wait().expect("waiting for iamlet");
+        assert!(status.success(), "iamlet exited {status} on SIGTERM");
     }
 
     async fn metric(&self, name: &str) -> f64 {
@@ -384,9 +405,9 @@ fn row(name: &str, r: &LoadResult, reference: Option<&LoadResult>) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let durations = if quick {
-        Durations { load: Duration::from_secs(2), soak: Duration::from_secs(20), cold_pods: 30 }
+        Durations { load: Duration::from_secs(2), soak: Duration::from_secs(20), cold_pods: 30, restarts: 5 }
     } else {
-        Durations { load: Duration::from_secs(8), soak: Duration::from_secs(300), cold_pods: 100 }
+        Durations { load: Duration::from_secs(8), soak: Duration::from_secs(300), cold_pods: 100, restarts: 11 }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(bench(durations));
@@ -523,7 +544,17 @@ async fn bench(d: Durations) {
         soak_result.requests
     );
     report["sts"] = json!({"calls": calls, "distinct_keys": keys});
-    drop(agent);
+
+    let gaps = restart_gap(&api, &sts, &imds, agent, NODE_PODS, d.restarts).await;
+    let median = gaps[gaps.len() / 2];
+    println!(
+        "restart gap, successor's start to a pod's first credentials ({NODE_PODS} pods, {} restarts): median {:.0} ms, max {:.0} ms",
+        gaps.len(),
+        ms(median),
+        ms(*gaps.last().unwrap())
+    );
+    report["restart_gap"] = json!({"pods": NODE_PODS, "restarts": gaps.len(), "median_ms": ms(median),
+                                   "max_ms": ms(*gaps.last().unwrap()), "all_ms": gaps.iter().map(|g| ms(*g)).collect::<Vec<_>>()});
 
     // A very busy node: 5,000 pods.
     const BIG: usize = 5_000;
@@ -545,6 +576,37 @@ async fn bench(d: Durations) {
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/load.json", serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("\nwritten: target/bench/load.json");
+}
+
+/// Replaces `agent` `restarts` times, as a rolling update does: SIGTERM, then a successor on
+/// the same ports. Each gap runs from the successor's process start until a pod (a
+/// different one each time, asking as soon as anything answers) gets its credentials: while
+/// iamlet's rules are kept across the restart, that is how long pods are refused. Sorted.
+async fn restart_gap(
+    api: &apiserver::FakeApiServer,
+    sts: &sts_proxy::StsProxy,
+    imds: &imds::FakeImds,
+    mut agent: Agent,
+    pods: usize,
+    restarts: usize,
+) -> Vec<Duration> {
+    let (app_port, admin_port) = (agent.app.port(), agent.admin.port());
+    let mut gaps = Vec::new();
+    for restart in 0..restarts {
+        agent.terminate();
+        agent = Agent::spawn_on(api, sts, imds, app_port, admin_port);
+        let pod = pod_ip(restart % pods);
+        loop {
+            if let Ok((200, _)) = get(Some(pod), agent.app, CREDS_PATH, &[]).await {
+                break;
+            }
+            assert!(agent.started.elapsed() < Duration::from_secs(30), "no credentials 30 s after a restart");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        gaps.push(agent.started.elapsed());
+    }
+    gaps.sort();
+    gaps
 }
 
 fn ms(d: Duration) -> f64 {
