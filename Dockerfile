@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# iamlet's image: the agent, and iptables with both backends (nft and legacy), so it works
-# with whichever one kube-proxy uses on the node.
+# iamlet's image: the agent, iptables with both backends (nft and legacy), so it works with
+# whichever one kube-proxy uses on the node, and conntrack, to reset pod connections to the
+# metadata address made before iamlet's rules.
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -15,9 +16,10 @@ LABEL org.opencontainers.image.title="iamlet" \
       org.opencontainers.image.description="Per-node agent that gives Kubernetes pods their own AWS IAM roles through the EC2 metadata address" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-# Debian's iptables package ships iptables-nft and iptables-legacy (and ip6tables-*).
+# Debian's iptables package ships iptables-nft and iptables-legacy (and ip6tables-*, and
+# their -restore programs, which install iamlet's rules atomically).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables=1.8.9-2 ca-certificates=20250419~deb12u2 \
+    && apt-get install -y --no-install-recommends iptables=1.8.9-2 conntrack=1:1.4.7-1+b2 ca-certificates=20250419~deb12u2 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/iamlet /usr/local/bin/iamlet
 # No USER: iptables needs uid 0. The DaemonSet drops every capability but NET_ADMIN and
