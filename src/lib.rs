@@ -10,14 +10,14 @@
 //! |---|---|
 //! | [`cli`] | kube2iam-compatible flags, validated into a [`cli::Config`] |
 //! | [`app`] | startup order, the tasks, graceful shutdown |
-//! | [`cluster`] | the pods on this node (watch → [`cluster::PodIndex`]) and namespace annotations |
+//! | [`cluster`] | the pods on this node (watch → [`cluster::PodIndex`]), namespace annotations, whether the agent's DaemonSet will run a successor here, the startup taint |
 //! | [`policy`] | which role a pod may have: annotation, default role, base ARN, namespace rules |
 //! | [`credentials`] | STS AssumeRole, the credential cache, prefetch and refresh-ahead |
 //! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
 //! | [`explain`] | `iamlet explain <namespace>/<pod>`: the role a pod gets and why |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |
 //! | [`metrics`] | the Prometheus metrics every module records into |
-//! | [`netfilter`] | the DNAT rules: install, check and repair, remove; interfaces and CNI detection |
+//! | [`netfilter`] | the DNAT and its backstop: install, check and repair, keep or remove on exit; CNI detection, connection reset, the coverage check |
 //! | [`shutdown`] | signals: the first drains, a second aborts |
 //!
 //! Pure logic (policy, ARNs, tokens, routes, index updates, session names) is plain functions

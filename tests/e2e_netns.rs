@@ -188,6 +188,7 @@ async fn ipv6_pods_reach_the_agent_through_fd00_ec2_254() {
     let mut agent =
         e2e.start_agent(&["--host-interface=cni0", &format!("--host-ipv6={}", support::netns::HOST_IPV6)]).await;
     assert_eq!(e2e.our_rules("v6"), (1, 1), "{}", e2e.node().nat_rules("v6"));
+    assert_eq!(e2e.our_backstop("v6"), (1, 1), "the backstop covers [fd00:ec2::254] too");
 
     let sts_url = e2e.sts.url.clone();
     let (code, result) = botocore_in(e2e.pod_ns(0), &sts_url, &[("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")]);
@@ -196,8 +197,8 @@ async fn ipv6_pods_reach_the_agent_through_fd00_ec2_254() {
 
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(20).code(), Some(0));
-    assert_eq!(e2e.our_rules("v6"), (0, 0));
-    assert_eq!(e2e.our_rules("v4"), (0, 0));
+    assert_eq!((e2e.our_rules("v6"), e2e.our_backstop("v6")), ((0, 0), (0, 0)));
+    assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((0, 0), (0, 0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
