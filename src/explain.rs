@@ -167,7 +167,7 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
         explanation.lines.push(("sts", line));
     }
     if let Some(line) = interception(config, &pod).await {
-        explanation.lines.push(("interception", line));
+        explanation.lines.push(("interface", line));
     }
     explanation.lines.push((
         "verdict",
