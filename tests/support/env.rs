@@ -30,7 +30,8 @@ pub fn agent_env(sts_url: &str) -> Vec<(&'static str, String)> {
 }
 
 /// The flags of an agent process on loopback: node `node-a`, the fake API server and node
-/// IMDS, the test account's base ARN, and its two ports.
+/// IMDS, the test account's base ARN, and its two ports. No startup taint: the fake API
+/// server holds no Node on loopback.
 pub fn loopback_agent_args(api_url: &str, imds_addr: &str, app_port: u16, admin_port: u16) -> Vec<String> {
     vec![
         "--node=node-a".to_string(),
@@ -40,5 +41,6 @@ pub fn loopback_agent_args(api_url: &str, imds_addr: &str, app_port: u16, admin_
         "--host-ip=127.0.0.1".into(),
         format!("--app-port={app_port}"),
         format!("--metrics-port={admin_port}"),
+        "--startup-taint=".into(),
     ]
 }
