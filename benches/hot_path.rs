@@ -6,7 +6,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use iamlet::cli::DEFAULT_ALLOW_ROUTE_REGEXP;
 use iamlet::cluster::{PodIdentity, PodIndex};
 use iamlet::credentials::{Credentials, Issued};
 use iamlet::imds::TokenIssuer;
@@ -43,7 +42,7 @@ fn hot_path(c: &mut Criterion) {
     let token = tokens.issue(target, Duration::from_secs(21600), now);
     c.bench_function("IMDSv2 token verify", |b| b.iter(|| tokens.verify(black_box(&token), target, now)));
 
-    let allow = regex::Regex::new(DEFAULT_ALLOW_ROUTE_REGEXP).unwrap();
+    let allow = iamlet::imds::routes::AllowList::default();
     c.bench_function("route: credentials path", |b| {
         b.iter(|| black_box(classify(black_box("/latest/meta-data/iam/security-credentials/app"), &allow)))
     });

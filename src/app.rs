@@ -119,6 +119,14 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         "policy ready"
     );
 
+    let overreach = config.allow_route.overreach();
+    if !overreach.is_empty() {
+        tracing::warn!(
+            paths = %overreach.join(", "),
+            "--allow-route-regexp matches paths that iamlet never relays (they identify or empower the node); \
+             they stay refused"
+        );
+    }
     let bind_ip = config.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let app_listener = bind("--app-port", SocketAddr::new(bind_ip, config.app_port)).await?;
     let app_addr = app_listener.local_addr().expect("a bound socket has an address");

@@ -10,18 +10,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
-use regex::Regex;
 
 use crate::StartupError;
 use crate::cluster::taint::DEFAULT_STARTUP_TAINT;
+use crate::imds::routes::{AllowList, DEFAULT_ALLOW_ROUTE_REGEXP};
 use crate::netfilter::lifecycle::KeepOnExit;
 use crate::netfilter::{BackendChoice, InterfaceMatch, InterfaceSetting};
 use crate::policy::{BaseArn, RestrictionFormat, RoleArn};
-
-/// Paths pods may read from the node's real metadata service: what SDKs need to find their
-/// region and instance type, and nothing that identifies or empowers the node (user-data,
-/// the node's credentials, signed identity documents).
-pub const DEFAULT_ALLOW_ROUTE_REGEXP: &str = "^/latest/(meta-data/(placement/(region|availability-zone|availability-zone-id)|instance-type|instance-id|ami-id|hostname|local-hostname|local-ipv4|mac|services/(domain|partition))|dynamic/instance-identity/document)$";
 
 /// `iamlet`: give each pod on this node the IAM role named in its annotation.
 #[derive(Debug, Parser)]
@@ -200,7 +195,10 @@ pub struct AgentArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_value_t = false, default_missing_value = "true")]
     pub require_imdsv2: bool,
 
-    /// Regular expression of the paths proxied to the real metadata service; others get 404.
+    /// Regular expression of the (whole) paths relayed to the real metadata service; others
+    /// get 404. It can only add harmless paths: credentials are always iamlet's, and the
+    /// node's identity (user-data, identity credentials, signed documents, iam/info) is
+    /// never relayed.
     #[arg(long, default_value = DEFAULT_ALLOW_ROUTE_REGEXP)]
     pub allow_route_regexp: String,
 
@@ -326,7 +324,7 @@ pub struct Config {
     pub use_regional_sts_endpoint: bool,
     pub pod_wait: Duration,
     pub require_imdsv2: bool,
-    pub allow_route: Regex,
+    pub allow_route: AllowList,
     pub metrics_port: u16,
     pub debug: bool,
     pub pod_events: bool,
@@ -421,7 +419,7 @@ impl AgentArgs {
         let metadata_authority =
             parse_metadata_addr(&self.metadata_addr).map_err(|message| flag("--metadata-addr", message))?;
         let allow_route =
-            Regex::new(&self.allow_route_regexp).map_err(|e| flag("--allow-route-regexp", e.to_string()))?;
+            AllowList::new(&self.allow_route_regexp).map_err(|e| flag("--allow-route-regexp", e.to_string()))?;
         if self.app_port == 0 || self.metrics_port == 0 {
             let which = if self.app_port == 0 { "--app-port" } else { "--metrics-port" };
             return Err(flag(which, "port 0 is not allowed".into()));

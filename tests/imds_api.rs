@@ -262,3 +262,72 @@ async fn the_base_arn_and_default_role_can_be_discovered_from_the_nodes_metadata
     assert_no_node_secret(&reply.body);
     assert_eq!(node.sts.assume_role_calls()[0]["RoleArn"], role_arn("node-role"), "assumed, not the node's own keys");
 }
+
+/// Every path and version prefix of a metadata service that holds the node's secrets, under
+/// the default and the permissive allow-lists kube2iam and kiam installs use: no answer to a
+/// pod ever holds a secret, and the credential routes are the pod's under every prefix.
+#[tokio::test]
+async fn no_allow_list_or_version_prefix_reaches_the_nodes_secrets() {
+    let rests = [
+        "meta-data/iam/security-credentials/",
+        "meta-data/iam/security-credentials/node-role",
+        "meta-data/iam/security-credentials/node-role/",
+        "meta-data/iam/info",
+        "meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "user-data",
+        "dynamic/instance-identity/pkcs7",
+        "dynamic/instance-identity/signature",
+        "dynamic/instance-identity/rsa2048",
+        "dynamic/instance-identity/document",
+        "meta-data/placement/region",
+        "meta-data/tags/instance/Name",
+    ];
+    for allow in [None, Some(".*"), Some("/latest/.*"), Some("/latest/*")] {
+        let flag = allow.map(|a| format!("--allow-route-regexp={a}"));
+        let node = TestNode::start(&flag.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        node.api.create_pod(pod("shop", "web").ip("127.0.0.31").role("app").build());
+        node.api.create_pod(pod("shop", "plain").ip("127.0.0.32").build());
+        let v2 = token("127.0.0.31", node.app()).await;
+        for version in ["latest", "2016-09-02", "2021-07-15", "1.0", "LATEST"] {
+            for rest in rests {
+                let path = format!("/{version}/{rest}");
+                for (ip, headers) in [
+                    ("127.0.0.31", vec![]),
+                    ("127.0.0.31", vec![("x-aws-ec2-metadata-token", v2.as_str())]),
+                    ("127.0.0.32", vec![]),
+                ] {
+                    let reply = request(ip, node.app(), "GET", &path, &headers).await;
+                    assert_no_node_secret(&reply.body);
+                    if rest.contains("node-role") {
+                        assert_eq!(reply.status, 404, "{allow:?} {ip} {path}: {reply:?}");
+                    }
+                }
+            }
+            let listing = node.get("127.0.0.31", &format!("/{version}/meta-data/iam/security-credentials/")).await;
+            assert_eq!((listing.status, listing.body.as_str()), (200, "app"), "{allow:?} {version}");
+            let doc = node.get("127.0.0.31", &format!("/{version}/meta-data/iam/security-credentials/app")).await;
+            assert_eq!(doc.json()["Code"], "Success", "{allow:?} {version}");
+        }
+        let relayed: Vec<String> = node.imds.relayed().into_iter().map(|s| s.path).collect();
+        for path in &relayed {
+            let rest = path.splitn(3, '/').nth(2).unwrap_or_default().to_ascii_lowercase();
+            assert!(
+                rest == "dynamic/instance-identity/document"
+                    || rest == "meta-data/placement/region"
+                    || rest == "meta-data/tags/instance/name",
+                "{allow:?} relayed {path}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_default_allow_list_serves_the_load_balancer_controllers_vpc_lookup() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(pod("kube-system", "aws-load-balancer-controller").ip("127.0.0.33").role("app").build());
+    let mac = node.get("127.0.0.33", "/latest/meta-data/mac").await;
+    assert_eq!((mac.status, mac.body.as_str()), (200, "0e:49:61:0f:c3:11"));
+    let vpc = node.get("127.0.0.33", &format!("/latest/meta-data/network/interfaces/macs/{}/vpc-id", mac.body)).await;
+    assert_eq!((vpc.status, vpc.body.as_str()), (200, "vpc-0abc"));
+    assert_eq!(node.get("127.0.0.33", "/latest/meta-data/tags/instance/Name").await.status, 404);
+}

@@ -1,22 +1,95 @@
-//! Which handler a metadata path goes to. Pure, so the allow-list is tested without I/O.
+//! Which handler a metadata path goes to, and what may ever be relayed. Pure, so the relay
+//! policy is tested without I/O.
 //!
-//! Paths are checked to be canonical before anything else: a path with `..`, `//` or a
-//! percent-escape could be normalised by the real IMDS into one the allow-list refused
-//! (`/latest/meta-data/placement/../iam/security-credentials/`), so it is refused outright.
+//! Three rules, in this order, whatever `--allow-route-regexp` says:
+//!
+//! 1. Paths are canonical or refused: a path with `..`, `//` or a percent-escape could be
+//!    normalised by the real IMDS into one the rules below refused.
+//! 2. The credential routes are iamlet's, under **every** version prefix (`/latest`,
+//!    `/2016-09-02`, `/1.0`...): IMDS answers `iam/security-credentials/` under each of them,
+//!    so relaying any one would hand out the node's role.
+//! 3. What identifies or empowers the node is never relayed, under any prefix and in any
+//!    letter case: `meta-data/identity-credentials/`, `user-data`, the signed identity
+//!    documents (`dynamic/instance-identity/{pkcs7,signature,rsa2048}`, enough to log in to
+//!    Vault's AWS auth as the node), the node's instance profile (`meta-data/iam/info`), and
+//!    the real IMDS's `api/token`.
+//!
+//! Only then is the allow-list consulted, matched against the whole path (anchored), so an
+//! operator's regexp can only add harmless paths.
 
 use regex::Regex;
+
+/// Paths pods may read from the node's real metadata service, under `/latest` or a dated
+/// version: the index listings, what SDKs need to find their region and instance type, and
+/// what in-cluster controllers read (the AWS Load Balancer Controller finds its VPC through
+/// `mac` and `network/interfaces/macs/<mac>/vpc-id`). Nothing that identifies or empowers
+/// the node: that is refused before this list is consulted.
+pub const DEFAULT_ALLOW_ROUTE_REGEXP: &str = concat!(
+    r"^/(latest|[0-9]{4}-[0-9]{2}-[0-9]{2})/(",
+    r"|meta-data/",
+    r"|meta-data/(ami-id|instance-id|instance-type|hostname|local-hostname|local-ipv4|mac)",
+    r"|meta-data/placement/|meta-data/placement/[a-z0-9-]+",
+    r"|meta-data/services/|meta-data/services/(domain|partition)",
+    r"|meta-data/network/|meta-data/network/interfaces/|meta-data/network/interfaces/macs/",
+    r"|meta-data/network/interfaces/macs/[0-9a-f:]{17}/",
+    r"|meta-data/network/interfaces/macs/[0-9a-f:]{17}/(vpc-id|subnet-id|vpc-ipv4-cidr-block|vpc-ipv4-cidr-blocks)",
+    r"|dynamic/|dynamic/instance-identity/|dynamic/instance-identity/document",
+    r")$"
+);
+
+/// Paths iamlet never relays (rule 3), as examples under `/latest`: for the startup warning
+/// about an allow-list that would match them.
+pub const NEVER_RELAYED: &[&str] = &[
+    "/latest/user-data",
+    "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+    "/latest/meta-data/iam/info",
+    "/latest/dynamic/instance-identity/pkcs7",
+    "/latest/dynamic/instance-identity/signature",
+    "/latest/dynamic/instance-identity/rsa2048",
+    "/2016-09-02/api/token",
+];
+
+/// `--allow-route-regexp`, compiled to match whole paths only.
+#[derive(Debug, Clone)]
+pub struct AllowList(Regex);
+
+impl AllowList {
+    /// Compiles `pattern` anchored at both ends (kube2iam compiled it unanchored, so
+    /// `/latest/*` matched anything containing `/latest`).
+    pub fn new(pattern: &str) -> Result<Self, regex::Error> {
+        Regex::new(&format!("^(?:{pattern})$")).map(Self)
+    }
+
+    pub fn is_match(&self, path: &str) -> bool {
+        self.0.is_match(path)
+    }
+
+    /// The never-relayed paths this allow-list would match: they stay refused, and the
+    /// operator is told at startup.
+    pub fn overreach(&self) -> Vec<&'static str> {
+        NEVER_RELAYED.iter().copied().filter(|path| self.is_match(path)).collect()
+    }
+}
+
+impl Default for AllowList {
+    fn default() -> Self {
+        Self::new(DEFAULT_ALLOW_ROUTE_REGEXP).expect("the default allow-list compiles")
+    }
+}
 
 /// Where a request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
     /// `PUT /latest/api/token`: an IMDSv2 session token.
     Token,
-    /// `/latest/meta-data/iam/security-credentials` with or without the trailing slash.
+    /// `<version>/meta-data/iam/security-credentials` with or without the trailing slash.
     RoleName,
-    /// `/latest/meta-data/iam/security-credentials/<role>`.
+    /// `<version>/meta-data/iam/security-credentials/<role>`.
     Credentials(&'a str),
     /// An allow-listed path, answered by the node's real IMDS.
     Proxy,
+    /// The node's identity or power: never relayed.
+    Sensitive,
     /// Anything else: not served.
     NotAllowed,
     /// Not a canonical path.
@@ -31,32 +104,58 @@ impl Route<'_> {
             Route::RoleName => "role-name",
             Route::Credentials(_) => "credentials",
             Route::Proxy => "proxy",
+            Route::Sensitive => "sensitive",
             Route::NotAllowed => "not-allowed",
             Route::Malformed => "malformed",
         }
     }
 }
 
-const CREDENTIALS_PREFIX: &str = "/latest/meta-data/iam/security-credentials";
+const CREDENTIALS: &str = "meta-data/iam/security-credentials";
 
 /// Routes `path` (without the query string).
-pub fn classify<'a>(path: &'a str, allow: &Regex) -> Route<'a> {
+pub fn classify<'a>(path: &'a str, allow: &AllowList) -> Route<'a> {
     if !is_canonical(path) {
         return Route::Malformed;
     }
     if path == "/latest/api/token" {
         return Route::Token;
     }
-    if let Some(rest) = path.strip_prefix(CREDENTIALS_PREFIX) {
-        return match rest {
-            "" | "/" => Route::RoleName,
-            _ => match rest[1..].strip_suffix('/').unwrap_or(&rest[1..]) {
-                name if rest.starts_with('/') && !name.contains('/') => Route::Credentials(name),
-                _ => Route::NotAllowed,
-            },
-        };
+    // Whatever the first segment is (a version, in IMDS), rules 2 and 3 apply to the rest.
+    // Compared in lower case, so no letter-case variant slips through; canonical paths are
+    // ASCII, so offsets are the same in both.
+    let lower = path.to_ascii_lowercase();
+    if let Some(offset) = lower[1..].find('/').map(|i| i + 2) {
+        let rest = &lower[offset..];
+        if let Some(after) = rest.strip_prefix(CREDENTIALS) {
+            let name = &path[offset + CREDENTIALS.len()..];
+            return match after {
+                "" | "/" => Route::RoleName,
+                _ => match name[1..].strip_suffix('/').unwrap_or(&name[1..]) {
+                    name if after.starts_with('/') && !name.contains('/') => Route::Credentials(name),
+                    _ => Route::NotAllowed,
+                },
+            };
+        }
+        if is_sensitive(rest.strip_suffix('/').unwrap_or(rest)) {
+            return Route::Sensitive;
+        }
     }
     if allow.is_match(path) { Route::Proxy } else { Route::NotAllowed }
+}
+
+/// Rule 3, on the path after its version segment, in lower case, without a trailing slash.
+fn is_sensitive(rest: &str) -> bool {
+    const EXACT: &[&str] = &["meta-data/iam/info", "api/token"];
+    const TREES: &[&str] = &[
+        "user-data",
+        "meta-data/identity-credentials",
+        "dynamic/instance-identity/pkcs7",
+        "dynamic/instance-identity/signature",
+        "dynamic/instance-identity/rsa2048",
+    ];
+    EXACT.contains(&rest)
+        || TREES.iter().any(|tree| rest.strip_prefix(tree).is_some_and(|r| r.is_empty() || r.starts_with('/')))
 }
 
 /// Absolute, no empty or dot segments (a trailing slash is fine), printable ASCII, no escapes.
@@ -71,46 +170,96 @@ fn is_canonical(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::DEFAULT_ALLOW_ROUTE_REGEXP;
 
     fn route(path: &str) -> Route<'_> {
-        classify(path, &Regex::new(DEFAULT_ALLOW_ROUTE_REGEXP).unwrap())
+        classify(path, &AllowList::default())
     }
 
     #[test]
-    fn credential_paths_with_and_without_slash() {
-        assert_eq!(route("/latest/meta-data/iam/security-credentials"), Route::RoleName);
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/"), Route::RoleName);
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/app"), Route::Credentials("app"));
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/app/"), Route::Credentials("app"));
-        assert_eq!(route("/latest/meta-data/iam/security-credentials/a/b"), Route::NotAllowed);
+    fn credential_paths_are_served_under_every_version() {
+        for version in ["latest", "2016-09-02", "2021-07-15", "1.0", "LATEST"] {
+            let base = format!("/{version}/meta-data/iam/security-credentials");
+            assert_eq!(route(&base), Route::RoleName, "{base}");
+            assert_eq!(route(&format!("{base}/")), Route::RoleName);
+            assert_eq!(route(&format!("{base}/app")), Route::Credentials("app"));
+            assert_eq!(route(&format!("{base}/App/")), Route::Credentials("App"), "the name keeps its case");
+            assert_eq!(route(&format!("{base}/a/b")), Route::NotAllowed);
+        }
+        assert_eq!(route("/latest/meta-data/iam/Security-Credentials/node-role"), Route::Credentials("node-role"));
         assert_eq!(route("/latest/meta-data/iam/security-credentialsX"), Route::NotAllowed);
         assert_eq!(route("/latest/api/token"), Route::Token);
     }
 
     #[test]
-    fn default_allow_list_keeps_region_discovery_and_nothing_sensitive() {
+    fn sensitive_paths_are_refused_under_every_version_and_allow_list() {
+        let everything = AllowList::new(".*").unwrap();
+        for version in ["latest", "2016-09-02", "1.0", "Latest"] {
+            for rest in [
+                "user-data",
+                "user-data/",
+                "User-Data",
+                "meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+                "meta-data/identity-credentials/",
+                "meta-data/iam/info",
+                "meta-data/IAM/info/",
+                "dynamic/instance-identity/pkcs7",
+                "dynamic/instance-identity/signature",
+                "dynamic/instance-identity/rsa2048",
+                "api/token",
+            ] {
+                let path = format!("/{version}/{rest}");
+                if path == "/latest/api/token" {
+                    continue; // iamlet's own token route
+                }
+                assert_eq!(classify(&path, &everything), Route::Sensitive, "{path}");
+            }
+        }
+        assert_eq!(classify("/2016-09-02/api/token", &everything), Route::Sensitive, "only iamlet issues tokens");
+        assert_eq!(classify("/latest/user-dataX", &everything), Route::Proxy, "a prefix is not the tree");
+    }
+
+    #[test]
+    fn default_allow_list_keeps_what_sdks_and_controllers_read() {
         for allowed in [
+            "/latest/meta-data/",
             "/latest/meta-data/placement/region",
             "/latest/meta-data/placement/availability-zone",
+            "/latest/meta-data/placement/availability-zone-id",
+            "/2016-09-02/meta-data/placement/region",
             "/latest/meta-data/instance-type",
+            "/latest/meta-data/mac",
+            "/latest/meta-data/network/interfaces/macs/",
+            "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/",
+            "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/vpc-id",
+            "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/subnet-id",
+            "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/vpc-ipv4-cidr-blocks",
             "/latest/dynamic/instance-identity/document",
+            "/2021-03-23/dynamic/instance-identity/document",
         ] {
             assert_eq!(route(allowed), Route::Proxy, "{allowed}");
         }
         for refused in [
-            "/latest/user-data",
-            "/latest/meta-data/iam/info",
-            "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
-            "/latest/dynamic/instance-identity/signature",
-            "/latest/dynamic/instance-identity/pkcs7",
-            "/latest/meta-data/",
-            "/2021-01-03/meta-data/iam/security-credentials/node-role",
-            "/latest/meta-data/placement/regionX",
+            "/latest/meta-data/public-keys/0/openssh-key",
+            "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/security-credentials",
+            "/latest/meta-data/placement/regionX/y",
+            "/latest/meta-data/tags/instance/Name",
             "/",
         ] {
             assert_eq!(route(refused), Route::NotAllowed, "{refused}");
         }
+    }
+
+    #[test]
+    fn the_operators_regexp_is_anchored_and_only_adds() {
+        // kube2iam-style `/latest/*` matched anything containing "/latest" unanchored.
+        let latest = AllowList::new("/latest/*").unwrap();
+        assert_eq!(classify("/latest/meta-data/instance-type", &latest), Route::NotAllowed);
+        assert_eq!(classify("/latest/", &latest), Route::Proxy);
+        let broad = AllowList::new("/latest/.*").unwrap();
+        assert_eq!(classify("/latest/meta-data/tags/instance/Name", &broad), Route::Proxy);
+        assert_eq!(classify("/latest/user-data", &broad), Route::Sensitive);
+        assert_eq!(broad.overreach().len(), NEVER_RELAYED.len() - 1, "all but the dated token path");
+        assert!(AllowList::default().overreach().is_empty(), "the default asks for nothing sensitive");
     }
 
     #[test]

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use regex::Regex;
 
 use super::render;
-use super::routes::{Route, classify};
+use super::routes::{AllowList, Route, classify};
 use super::token::{TokenIssuer, parse_ttl};
 use super::upstream::UpstreamImds;
 use crate::cluster::{NamespaceStore, PodEvents, PodIdentity, PodStore, Reason};
@@ -29,7 +28,7 @@ pub struct ImdsService {
     pub credentials: Arc<CredentialCache>,
     pub tokens: TokenIssuer,
     pub upstream: Arc<UpstreamImds>,
-    pub allow_route: Regex,
+    pub allow_route: AllowList,
     pub require_imdsv2: bool,
     /// How long a request from an unknown IP waits for the watch.
     pub pod_wait: Duration,
@@ -84,6 +83,10 @@ impl ImdsService {
             Route::Credentials(name) => self.credentials(peer, name).await,
             Route::Proxy => self.proxy(path).await,
             Route::NotAllowed => text(StatusCode::NOT_FOUND, "not found: this path is not served to pods\n"),
+            Route::Sensitive => text(
+                StatusCode::NOT_FOUND,
+                "not found: this path identifies or empowers the node and is never served to pods\n",
+            ),
             Route::Malformed => text(StatusCode::BAD_REQUEST, "bad request: path is not canonical\n"),
             // Answered before the token check above; routed here too so the match is total.
             Route::Token => self.issue_token(peer, method, headers),

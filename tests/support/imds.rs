@@ -13,7 +13,17 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 /// Strings that only the node's own metadata holds: a pod must never see any of them.
-pub const NODE_SECRETS: [&str; 3] = ["NODE-ACCESS-KEY", "NODE-SECRET-KEY", "NODE-USER-DATA"];
+pub const NODE_SECRETS: [&str; 9] = [
+    "NODE-ACCESS-KEY",
+    "NODE-SECRET-KEY",
+    "NODE-SESSION-TOKEN",
+    "NODE-USER-DATA",
+    "NODE-IDENTITY-KEY",
+    "NODE-PKCS7",
+    "NODE-SIGNATURE",
+    "NODE-RSA2048",
+    "NODE-PROFILE-ID",
+];
 pub const NODE_ROLE: &str = "node-role";
 const UPSTREAM_TOKEN: &str = "upstream-session-token";
 
@@ -93,7 +103,9 @@ fn answer(seen: &Mutex<Vec<Seen>>, tokens: Tokens, request: Request<Incoming>) -
     if !authorised {
         return reply(StatusCode::UNAUTHORIZED, "");
     }
-    match path.as_str() {
+    // Like IMDS, the same tree under every version: `latest`, dated ones, `1.0`.
+    let versioned = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(_, rest)| format!("/latest/{rest}"));
+    match versioned.as_deref().unwrap_or(&path) {
         "/latest/meta-data/" => reply(StatusCode::OK, "ami-id\niam/\ninstance-id\ninstance-type\nplacement/\n"),
         "/latest/meta-data/placement/region" => reply(StatusCode::OK, "us-east-1"),
         "/latest/meta-data/placement/availability-zone" => reply(StatusCode::OK, "us-east-1a"),
@@ -104,16 +116,26 @@ fn answer(seen: &Mutex<Vec<Seen>>, tokens: Tokens, request: Request<Incoming>) -
         ),
         "/latest/meta-data/iam/info" => reply(
             StatusCode::OK,
-            r#"{"Code": "Success", "InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/nodes/node-profile", "InstanceProfileId": "AIPAEXAMPLE"}"#,
+            r#"{"Code": "Success", "InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/nodes/node-profile", "InstanceProfileId": "NODE-PROFILE-ID"}"#,
         ),
         "/latest/meta-data/iam/security-credentials/" | "/latest/meta-data/iam/security-credentials" => {
             reply(StatusCode::OK, NODE_ROLE)
         }
         "/latest/meta-data/iam/security-credentials/node-role" => reply(
             StatusCode::OK,
-            r#"{"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "NODE-ACCESS-KEY", "SecretAccessKey": "NODE-SECRET-KEY", "Token": "NODE-TOKEN", "Expiration": "2099-01-01T00:00:00Z"}"#,
+            r#"{"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "NODE-ACCESS-KEY", "SecretAccessKey": "NODE-SECRET-KEY", "Token": "NODE-SESSION-TOKEN", "Expiration": "2099-01-01T00:00:00Z"}"#,
         ),
         "/latest/user-data" => reply(StatusCode::OK, "#!/bin/sh\nexport DB_PASSWORD=NODE-USER-DATA"),
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance" => reply(
+            StatusCode::OK,
+            r#"{"Code": "Success", "AccessKeyId": "NODE-IDENTITY-KEY", "SecretAccessKey": "NODE-IDENTITY-KEY"}"#,
+        ),
+        "/latest/dynamic/instance-identity/pkcs7" => reply(StatusCode::OK, "NODE-PKCS7"),
+        "/latest/dynamic/instance-identity/signature" => reply(StatusCode::OK, "NODE-SIGNATURE"),
+        "/latest/dynamic/instance-identity/rsa2048" => reply(StatusCode::OK, "NODE-RSA2048"),
+        "/latest/meta-data/mac" => reply(StatusCode::OK, "0e:49:61:0f:c3:11"),
+        "/latest/meta-data/network/interfaces/macs/0e:49:61:0f:c3:11/vpc-id" => reply(StatusCode::OK, "vpc-0abc"),
+        "/latest/meta-data/tags/instance/Name" => reply(StatusCode::OK, "node-a"),
         _ => reply(StatusCode::NOT_FOUND, ""),
     }
 }
