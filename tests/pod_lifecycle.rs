@@ -195,3 +195,20 @@ async fn pod_events_say_why_a_pod_has_no_credentials_once_not_per_request() {
     assert!(failed["note"].as_str().unwrap().contains("forbidden"), "{failed}");
     assert_eq!(failed["reportingController"], "iamlet");
 }
+
+#[tokio::test]
+async fn a_multi_byte_annotation_cannot_stop_the_nodes_events() {
+    let node = TestNode::start(&["--pod-events"]).await;
+    // 500 × "é" is 1,000 bytes: a cut at a byte count lands inside a character.
+    node.api.create_pod(pod("shop", "accented").ip("127.0.0.37").role(&"é".repeat(500)).build());
+    assert_eq!(node.get("127.0.0.37", CREDS).await.status, 404);
+    eventually(5, "the accented pod's event", async || node.api.events().len() == 1).await;
+    let note = node.api.events()[0]["note"].as_str().unwrap().to_string();
+    assert!(note.contains("éé") && note.len() <= 1024, "{note}");
+
+    // The publisher is still alive: the next pod's denial is reported too.
+    node.api.create_pod(pod("shop", "next").ip("127.0.0.38").build());
+    assert_eq!(node.get("127.0.0.38", CREDS).await.status, 404);
+    eventually(5, "the next pod's event", async || node.api.events().iter().any(|e| e["regarding"]["name"] == "next"))
+        .await;
+}
