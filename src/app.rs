@@ -119,6 +119,14 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         "policy ready"
     );
 
+    if let (used, true) = crate::credentials::refresh_before(config.session_ttl) {
+        tracing::warn!(
+            requested = %humantime::format_duration(config.session_ttl),
+            used = %humantime::format_duration(used),
+            "--iam-role-session-ttl is lowered: STS caps role-chained sessions (an instance profile's, IRSA's) at 1h \
+             and sessions last twice the TTL; credentials are refreshed with this much left"
+        );
+    }
     let overreach = config.allow_route.overreach();
     if !overreach.is_empty() {
         tracing::warn!(
@@ -142,7 +150,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let credentials = CredentialCache::new(
         deps.sts,
         CacheSettings {
-            refresh_before: config.session_ttl,
+            refresh_before: crate::credentials::refresh_before(config.session_ttl).0,
             error_ttl: config.error_ttl,
             sts_timeout: config.sts_timeout,
             capacity: 20_000,

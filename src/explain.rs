@@ -154,7 +154,8 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
     let mut ok = explanation.verdict.is_ok();
     if check_sts && let Some(key) = explanation.key.clone() {
         let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await;
-        let line = match sts.assume_role(&key, config.session_ttl * 2).await {
+        let duration = crate::credentials::session_duration(crate::credentials::refresh_before(config.session_ttl).0);
+        let line = match sts.assume_role(&key, duration).await {
             Ok(credentials) => format!(
                 "AssumeRole succeeded; credentials valid until {}",
                 humantime::format_rfc3339_seconds(credentials.expiration)

@@ -32,6 +32,22 @@ async fn assume_role_carries_the_external_id_a_named_session_and_twice_the_ttl()
 }
 
 #[tokio::test]
+async fn sessions_never_ask_for_more_than_the_one_hour_role_chaining_cap() {
+    // kube2iam installs sometimes run with a 1h TTL: sessions of 2h would fail on every call
+    // made with role credentials (an instance profile, IRSA).
+    let node = TestNode::start(&["--iam-role-session-ttl=1h"]).await;
+    node.api.create_pod(pod("payments", "api").ip("127.0.0.49").role("app").build());
+    let reply = node.get("127.0.0.49", &format!("{CREDS}app")).await;
+    assert_eq!(reply.status, 200);
+    let calls = node.sts.assume_role_calls();
+    assert_eq!(calls[0]["DurationSeconds"], "3600", "{calls:?}");
+    // What the pod holds has far more than the SDKs' 15-minute refresh window left.
+    let expiration = humantime::parse_rfc3339(reply.json()["Expiration"].as_str().unwrap()).unwrap();
+    let left = expiration.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > std::time::Duration::from_secs(30 * 60), "{left:?}");
+}
+
+#[tokio::test]
 async fn the_same_role_with_another_external_id_is_another_session() {
     let node = TestNode::start(&[]).await;
     node.api.create_pod(

@@ -32,10 +32,26 @@ pub struct CacheSettings {
     pub max_concurrent_sts: usize,
 }
 
+/// The longest session STS grants when the caller's credentials are themselves a role's (an
+/// instance profile, IRSA, an intermediate role): role chaining caps `DurationSeconds` at 1 h,
+/// and asking for more fails every call.
+pub const MAX_CHAINED_SESSION: Duration = Duration::from_secs(3600);
+
+/// The refresh point for `--iam-role-session-ttl`: sessions are twice as long, so a TTL above
+/// half the role-chaining cap is lowered to it. Returns the TTL used and whether it was lowered.
+pub fn refresh_before(session_ttl: Duration) -> (Duration, bool) {
+    let most = MAX_CHAINED_SESSION / 2;
+    (session_ttl.min(most), session_ttl > most)
+}
+
+/// The `DurationSeconds` asked of STS for a refresh point: twice as long, never above the cap.
+pub fn session_duration(refresh_before: Duration) -> Duration {
+    (refresh_before * 2).min(MAX_CHAINED_SESSION)
+}
+
 impl CacheSettings {
-    /// The `DurationSeconds` asked of STS.
     pub fn session_duration(&self) -> Duration {
-        self.refresh_before * 2
+        session_duration(self.refresh_before)
     }
 }
 
@@ -200,6 +216,32 @@ impl CredentialCache {
                 Err(error)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    #[test]
+    fn sessions_never_exceed_the_role_chaining_cap() {
+        let settings = |ttl| CacheSettings {
+            refresh_before: refresh_before(ttl).0,
+            error_ttl: Duration::ZERO,
+            sts_timeout: Duration::from_secs(5),
+            capacity: 10,
+            max_concurrent_sts: 1,
+        };
+        for minutes in [15, 20, 30, 45, 60, 360] {
+            let ttl = Duration::from_secs(minutes * 60);
+            let s = settings(ttl);
+            assert!(s.session_duration() <= MAX_CHAINED_SESSION, "{minutes}m");
+            assert!(s.refresh_before >= Duration::from_secs(15 * 60), "handed out outside the SDKs' refresh window");
+            assert!(s.refresh_before < s.session_duration(), "{minutes}m: a refresh point inside the session");
+            assert_eq!(refresh_before(ttl).1, minutes > 30);
+        }
+        assert_eq!(settings(Duration::from_secs(1800)).session_duration(), Duration::from_secs(3600));
+        assert_eq!(settings(Duration::from_secs(900)).session_duration(), Duration::from_secs(1800));
     }
 }
 

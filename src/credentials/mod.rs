@@ -15,7 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use cache::{CacheSettings, CredentialCache, CredentialError};
+pub use cache::{
+    CacheSettings, CredentialCache, CredentialError, MAX_CHAINED_SESSION, refresh_before, session_duration,
+};
 pub use prefetch::Prefetcher;
 pub use session::session_name;
 pub use sts::{AwsSts, RoleAssumer, StsError, global_endpoint};
