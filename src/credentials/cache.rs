@@ -242,6 +242,7 @@ mod cap_tests {
         }
         assert_eq!(settings(Duration::from_secs(1800)).session_duration(), Duration::from_secs(3600));
         assert_eq!(settings(Duration::from_secs(900)).session_duration(), Duration::from_secs(1800));
+        assert_eq!(session_duration(Duration::from_secs(7200)), MAX_CHAINED_SESSION, "whatever the refresh point");
     }
 }
 
