@@ -51,6 +51,7 @@ fn hot_path(c: &mut Criterion) {
         base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
         default_role: None,
         restrictions: None,
+        account: None,
     };
     let identity = pod(1);
     c.bench_function("policy resolve (bare role name)", |b| {

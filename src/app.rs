@@ -111,7 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, StartupError> {
     let metrics = Arc::new(Metrics::new());
     let upstream = Arc::new(UpstreamImds::new(config.metadata_authority.clone(), UPSTREAM_TIMEOUT));
-    let policy = Arc::new(discover_policy(&config, &upstream).await?);
+    let policy = Arc::new(discover_policy(&config, &upstream, deps.sts.as_ref()).await?);
     tracing::info!(
         base_arn = policy.base.as_ref().map(BaseArn::as_str),
         default_role = policy.default_role.as_ref().map(RoleArn::as_str),
@@ -174,8 +174,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let (kube, node) = (deps.kube.clone(), config.node.clone());
     background.spawn(async move { watch_pods(kube, &node, sink).await });
     if let (Some(store), Some(format)) = (&namespaces, config.namespace_restrictions) {
-        let rules =
-            NamespaceRules { annotation: config.namespace_annotation.clone(), format, base: policy.base.clone() };
+        let rules = NamespaceRules {
+            annotation: config.namespace_annotation.clone(),
+            format,
+            base: policy.base.clone(),
+            account: policy.account.clone(),
+        };
         let sink = NamespaceSink { store: store.clone(), rules, listing: Vec::new() };
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
@@ -359,30 +363,28 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// Resolves the base ARN and default role, asking the node's metadata service when told to.
-pub(crate) async fn discover_policy(config: &Config, upstream: &UpstreamImds) -> Result<Policy, StartupError> {
+pub(crate) async fn discover_policy(
+    config: &Config,
+    upstream: &UpstreamImds,
+    sts: &dyn RoleAssumer,
+) -> Result<Policy, StartupError> {
     let discovery = |flag, message| StartupError::Discovery { flag, message };
     let base = match &config.base_arn {
         BaseArnSource::None => None,
         BaseArnSource::Given(base) => Some(base.clone()),
         BaseArnSource::Discover => {
             let flag = "--auto-discover-base-arn";
-            let info =
-                upstream.get_text("/latest/meta-data/iam/info").await.map_err(|e| discovery(flag, e.to_string()))?;
-            let profile = serde_json::from_str::<serde_json::Value>(&info)
-                .ok()
-                .and_then(|v| v.get("InstanceProfileArn")?.as_str().map(str::to_string))
-                .ok_or_else(|| {
-                    discovery(
-                        flag,
-                        "iam/info has no InstanceProfileArn: does the node have an instance profile?".into(),
-                    )
-                })?;
-            let base = BaseArn::from_instance_profile_arn(&profile).map_err(|e| discovery(flag, e.to_string()))?;
+            let base = node_profile_base(upstream).await.map_err(|message| discovery(flag, message))?;
             tracing::info!(base_arn = base.as_str(), "discovered the base role ARN");
             Some(base)
         }
     };
-    let mut policy = Policy { base, default_role: None, restrictions: config.namespace_restrictions };
+    let account = match (&base, config.namespace_restrictions) {
+        (Some(base), _) => Some(base.account().to_string()),
+        (None, None) => None,
+        (None, Some(_)) => node_account(upstream, sts).await,
+    };
+    let mut policy = Policy { base, default_role: None, restrictions: config.namespace_restrictions, account };
     policy.default_role = match &config.default_role {
         DefaultRoleSource::None => None,
         DefaultRoleSource::Given(role) => Some(
@@ -404,4 +406,35 @@ pub(crate) async fn discover_policy(config: &Config, upstream: &UpstreamImds) ->
         }
     };
     Ok(policy)
+}
+
+/// The base ARN of the node's instance profile (IMDS `iam/info`): its partition and account.
+async fn node_profile_base(upstream: &UpstreamImds) -> Result<BaseArn, String> {
+    let info = upstream.get_text("/latest/meta-data/iam/info").await.map_err(|e| e.to_string())?;
+    let profile = serde_json::from_str::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v.get("InstanceProfileArn")?.as_str().map(str::to_string))
+        .ok_or("iam/info has no InstanceProfileArn: does the node have an instance profile?")?;
+    BaseArn::from_instance_profile_arn(&profile).map_err(|e| e.to_string())
+}
+
+/// The node's account, which confines namespace entries that name none when there is no
+/// base ARN: the instance profile's, else that of iamlet's own credentials. Without one,
+/// such entries allow nothing.
+async fn node_account(upstream: &UpstreamImds, sts: &dyn RoleAssumer) -> Option<String> {
+    let account = match node_profile_base(upstream).await {
+        Ok(base) => Ok(base.account().to_string()),
+        Err(profile_error) => sts.own_account().await.map_err(|sts_error| format!("{profile_error}; {sts_error}")),
+    };
+    match account {
+        Ok(account) => {
+            tracing::info!(account, "namespace entries without an account are confined to this one");
+            Some(account)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell the node's account: namespace entries without one allow nothing \
+                (give --base-role-arn, or list full role ARNs)");
+            None
+        }
+    }
 }

@@ -346,13 +346,15 @@ impl AgentArgs {
     pub fn validate(self) -> Result<Config, StartupError> {
         let flag = |flag: &'static str, message: String| StartupError::Flag { flag, message };
 
-        if self.base_role_arn.is_some() && self.auto_discover_base_arn {
-            return Err(flag("--auto-discover-base-arn", "cannot be combined with --base-role-arn; use one".into()));
-        }
         if self.default_role.is_some() && self.auto_discover_default_role {
             return Err(flag("--auto-discover-default-role", "cannot be combined with --default-role; use one".into()));
         }
-        let base_arn = match (&self.base_role_arn, self.auto_discover_base_arn || self.auto_discover_default_role) {
+        // kube2iam's default is the empty string: `--base-role-arn=` means none.
+        let base_role_arn = self.base_role_arn.as_deref().map(str::trim).filter(|text| !text.is_empty());
+        if base_role_arn.is_some() && self.auto_discover_base_arn {
+            return Err(flag("--auto-discover-base-arn", "cannot be combined with --base-role-arn; use one".into()));
+        }
+        let base_arn = match (base_role_arn, self.auto_discover_base_arn || self.auto_discover_default_role) {
             (Some(text), _) => {
                 BaseArnSource::Given(BaseArn::parse(text).map_err(|e| flag("--base-role-arn", e.to_string()))?)
             }

@@ -133,11 +133,13 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
         .await
         .map_err(|e| anyhow::anyhow!("cannot read pod {namespace}/{name}: {e}"))?;
     let upstream = UpstreamImds::new(config.metadata_authority.clone(), Duration::from_secs(2));
-    let policy = crate::app::discover_policy(config, &upstream).await?;
+    let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await;
+    let policy = crate::app::discover_policy(config, &upstream, &sts).await?;
     let rules = config.namespace_restrictions.map(|format| NamespaceRules {
         annotation: config.namespace_annotation.clone(),
         format,
         base: policy.base.clone(),
+        account: policy.account.clone(),
     });
     let ns_object = match rules {
         Some(_) => Some(
@@ -153,7 +155,6 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
     let mut explanation = explain(&pod, ns_object.as_ref(), &policy, &keys, rules.as_ref());
     let mut ok = explanation.verdict.is_ok();
     if check_sts && let Some(key) = explanation.key.clone() {
-        let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await;
         let duration = crate::credentials::session_duration(crate::credentials::refresh_before(config.session_ttl).0);
         let line = match sts.assume_role(&key, duration).await {
             Ok(credentials) => format!(
@@ -237,6 +238,7 @@ mod tests {
             base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
             default_role: None,
             restrictions: None,
+            account: None,
         }
     }
 
@@ -285,6 +287,7 @@ mod tests {
             annotation: "iam.amazonaws.com/allowed-roles".into(),
             format: RestrictionFormat::Glob,
             base: restricted.base.clone(),
+            account: None,
         };
         let ns: Namespace = serde_json::from_value(
             json!({"metadata": {"name": "shop", "annotations": {"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}}}),

@@ -139,6 +139,24 @@ async fn namespace_restrictions_allow_only_listed_roles() {
 }
 
 #[tokio::test]
+async fn namespace_entries_without_an_account_stay_in_the_nodes_account() {
+    // No base ARN: annotations hold full ARNs, and `app-*` names no account. The node's
+    // account comes from its instance profile (the fake IMDS's iam/info: 123456789012).
+    let api = FakeApiServer::start().await;
+    api.put_namespace("team", json!({"iam.amazonaws.com/allowed-roles": "[\"app-*\"]"}));
+    let node = TestNode::start_with_api(api, &["--namespace-restrictions", "--base-role-arn="]).await;
+    node.api.create_pod(pod("team", "ours").ip("127.0.0.35").role(&support::role_arn("app-x")).build());
+    node.api.create_pod(pod("team", "theirs").ip("127.0.0.36").role("arn:aws:iam::999999999999:role/app-x").build());
+    node.api.create_pod(pod("team", "deeper").ip("127.0.0.39").role(&support::role_arn("app-x/admin")).build());
+    assert_eq!(node.get("127.0.0.35", &format!("{CREDS}app-x")).await.status, 200);
+    let denied = node.get("127.0.0.36", CREDS).await;
+    assert_eq!(denied.status, 404, "another account's role with a matching name");
+    assert!(denied.body.contains("not allowed in namespace team"), "{}", denied.body);
+    assert_eq!(node.get("127.0.0.39", CREDS).await.status, 404, "a glob's * does not cross a path separator");
+    assert!(node.sts.assume_role_calls().iter().all(|c| !c["RoleArn"].contains("999999999999")));
+}
+
+#[tokio::test]
 async fn regexp_restrictions_are_anchored() {
     let api = FakeApiServer::start().await;
     api.put_namespace("team", json!({"iam.amazonaws.com/allowed-roles": "[\"app-[a-z]+\"]"}));

@@ -14,13 +14,15 @@ pub struct NamespaceRules {
     pub annotation: String,
     pub format: RestrictionFormat,
     pub base: Option<BaseArn>,
+    /// The node's account, confining bare entries when there is no base ARN.
+    pub account: Option<String>,
 }
 
 impl NamespaceRules {
     /// The rule a namespace object carries, or `None` when it has no annotation.
     pub fn rule_of(&self, namespace: &Namespace) -> Option<NamespaceRule> {
         let value = namespace.metadata.annotations.as_ref()?.get(&self.annotation)?;
-        Some(AllowedRoles::parse(value, self.format, self.base.as_ref()))
+        Some(AllowedRoles::parse(value, self.format, self.base.as_ref(), self.account.as_deref()))
     }
 }
 
@@ -87,6 +89,7 @@ mod tests {
             annotation: "iam.amazonaws.com/allowed-roles".into(),
             format: RestrictionFormat::Glob,
             base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
+            account: None,
         };
         let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "a",
             "annotations": {"iam.amazonaws.com/allowed-roles": "[\"app-*\"]"}}}))

@@ -31,6 +31,11 @@ pub trait RoleAssumer: Send + Sync + 'static {
         key: &'a CredentialKey,
         duration: Duration,
     ) -> BoxFuture<'a, Result<Credentials, StsError>>;
+
+    /// The account of the credentials iamlet itself runs with (GetCallerIdentity).
+    fn own_account(&self) -> BoxFuture<'_, Result<String, StsError>> {
+        Box::pin(async { Err(StsError::other("this STS client cannot tell its own account")) })
+    }
 }
 
 /// AssumeRole through aws-sdk-sts.
@@ -84,6 +89,21 @@ impl AwsSts {
 }
 
 impl RoleAssumer for AwsSts {
+    fn own_account(&self) -> BoxFuture<'_, Result<String, StsError>> {
+        Box::pin(async move {
+            let identity = self.client.get_caller_identity().send().await.map_err(|e| {
+                let service = e.as_service_error().map(|s| (s.meta().code(), s.meta().message()));
+                match service {
+                    Some((code, message)) => {
+                        StsError { code: code.map(str::to_string), message: message.unwrap_or_default().to_string() }
+                    }
+                    None => StsError::other(aws_smithy_types::error::display::DisplayErrorContext(&e).to_string()),
+                }
+            })?;
+            identity.account.ok_or_else(|| StsError::other("GetCallerIdentity named no account"))
+        })
+    }
+
     fn assume_role<'a>(
         &'a self,
         key: &'a CredentialKey,

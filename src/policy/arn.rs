@@ -74,6 +74,11 @@ impl RoleArn {
         self.0.rsplit('/').next().unwrap_or_default()
     }
 
+    /// The 12-digit account the role lives in.
+    pub fn account(&self) -> &str {
+        self.0.split(':').nth(4).unwrap_or_default()
+    }
+
     /// The part after `:role/`: optional path and the name (`team/app`).
     pub fn path_and_name(&self) -> &str {
         self.0.split_once(":role/").map(|(_, rest)| rest).unwrap_or_default()
@@ -115,6 +120,11 @@ impl BaseArn {
         let not_profile = || ArnError::NotRoleArn(text.to_string());
         let (prefix, _) = text.split_once(":instance-profile/").ok_or_else(not_profile)?;
         Self::parse(&format!("{prefix}:role/"))
+    }
+
+    /// The 12-digit account of the base: the node's, when discovered from its profile.
+    pub fn account(&self) -> &str {
+        self.0.split(':').nth(4).unwrap_or_default()
     }
 
     /// Joins a bare role name (optionally with a path, `team/app`) to this base.

@@ -24,6 +24,8 @@ pub struct Policy {
     pub default_role: Option<RoleArn>,
     /// Whether (and how) namespace allow lists are enforced.
     pub restrictions: Option<RestrictionFormat>,
+    /// The node's account: bare namespace entries without a base ARN are confined to it.
+    pub account: Option<String>,
 }
 
 /// Where an assigned role came from, for logs and `explain`.
@@ -128,6 +130,7 @@ mod tests {
             base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
             default_role: None,
             restrictions: None,
+            account: None,
         }
     }
 
@@ -175,12 +178,12 @@ mod tests {
     fn namespace_restrictions_allow_listed_roles_only() {
         let mut p = policy();
         p.restrictions = Some(RestrictionFormat::Glob);
-        let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref());
+        let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref(), None);
         let assignment = p.resolve(&pod(Some("app-web")), Some(&rule)).unwrap();
         assert_eq!(assignment.allowed_by.as_deref(), Some("app*"));
         assert!(matches!(p.resolve(&pod(Some("admin")), Some(&rule)), Err(Denial::NotAllowedInNamespace { .. })));
         assert!(matches!(p.resolve(&pod(Some("app-web")), None), Err(Denial::NotAllowedInNamespace { .. })));
-        let broken: NamespaceRule = AllowedRoles::parse("nope", RestrictionFormat::Glob, p.base.as_ref());
+        let broken: NamespaceRule = AllowedRoles::parse("nope", RestrictionFormat::Glob, p.base.as_ref(), None);
         assert!(matches!(p.resolve(&pod(Some("app-web")), Some(&broken)), Err(Denial::BadNamespaceAnnotation { .. })));
     }
 

@@ -3,6 +3,11 @@
 //! The annotation holds a JSON list (`["app-*", "arn:aws:iam::123456789012:role/batch"]`).
 //! Entries that are not ARNs are joined to the base ARN first, as kube2iam does, so one list
 //! works whether pods name their roles bare or in full.
+//!
+//! An entry without an account never reaches into another account: without a base ARN it
+//! matches only roles in the node's account (discovered at startup), and with no account
+//! known it matches nothing. A glob's `*` and `?` stop at `/`, so `app-*` does not match a
+//! role under another path (`app-x/admin`).
 
 use regex::Regex;
 
@@ -23,6 +28,18 @@ pub struct AllowedRole {
     /// The entry as written in the annotation, for explanations.
     pub source: String,
     matcher: Matcher,
+    scope: Scope,
+}
+
+/// What an entry is matched against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// The whole role ARN (an ARN entry, or a bare one joined to the base).
+    Arn,
+    /// Path and name, of roles in this account only (a bare entry, no base ARN).
+    Account(String),
+    /// Nothing: a bare entry with no account to confine it to.
+    Nowhere,
 }
 
 #[derive(Debug, Clone)]
@@ -47,18 +64,26 @@ pub enum AnnotationError {
 }
 
 impl AllowedRoles {
-    /// Compiles an annotation value. `base` completes entries that are not full ARNs.
-    pub fn parse(value: &str, format: RestrictionFormat, base: Option<&BaseArn>) -> Result<Self, AnnotationError> {
+    /// Compiles an annotation value. `base` completes entries that are not full ARNs; without
+    /// it they are confined to `account` (the node's), or match nothing.
+    pub fn parse(
+        value: &str,
+        format: RestrictionFormat,
+        base: Option<&BaseArn>,
+        account: Option<&str>,
+    ) -> Result<Self, AnnotationError> {
         let entries: Vec<String> =
             serde_json::from_str(value).map_err(|e| AnnotationError::NotJsonList(e.to_string()))?;
         let entries = entries
             .into_iter()
             .map(|source| {
-                let full = match base {
-                    Some(base) if !source.starts_with("arn:") => {
-                        format!("{}{}", base.as_str(), source.trim_start_matches('/'))
+                let (full, scope) = match (source.starts_with("arn:"), base, account) {
+                    (true, _, _) => (source.clone(), Scope::Arn),
+                    (false, Some(base), _) => {
+                        (format!("{}{}", base.as_str(), source.trim_start_matches('/')), Scope::Arn)
                     }
-                    _ => source.clone(),
+                    (false, None, Some(account)) => (source.clone(), Scope::Account(account.to_string())),
+                    (false, None, None) => (source.clone(), Scope::Nowhere),
                 };
                 let matcher =
                     match format {
@@ -73,21 +98,29 @@ impl AllowedRoles {
                                 message: e.to_string(),
                             })?,
                     };
-                Ok(AllowedRole { source, matcher })
+                Ok(AllowedRole { source, matcher, scope })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { entries })
     }
 
-    /// The first entry that allows `role`. Without a base ARN, bare entries are matched
-    /// against the role's path and name, since there is nothing to complete them with.
+    /// The first entry that allows `role`.
     pub fn find(&self, role: &RoleArn) -> Option<&AllowedRole> {
+        const SEPARATED: glob::MatchOptions = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
         self.entries.iter().find(|entry| {
             let candidate = |text: &str| match &entry.matcher {
-                Matcher::Glob(pattern) => pattern.matches(text),
+                Matcher::Glob(pattern) => pattern.matches_with(text, SEPARATED),
                 Matcher::Regexp(re) => re.is_match(text),
             };
-            candidate(role.as_str()) || (!entry.source.starts_with("arn:") && candidate(role.path_and_name()))
+            match &entry.scope {
+                Scope::Arn => candidate(role.as_str()),
+                Scope::Account(account) => role.account() == account && candidate(role.path_and_name()),
+                Scope::Nowhere => false,
+            }
         })
     }
 }
@@ -110,6 +143,7 @@ mod tests {
             r#"["app-*", "arn:aws:iam::123456789012:role/batch"]"#,
             RestrictionFormat::Glob,
             Some(&base()),
+            None,
         )
         .unwrap();
         assert_eq!(allowed.find(&role("app-web")).unwrap().source, "app-*");
@@ -121,31 +155,62 @@ mod tests {
 
     #[test]
     fn regexp_entries_are_anchored() {
-        let allowed = AllowedRoles::parse(r#"["app-[a-z]+"]"#, RestrictionFormat::Regexp, Some(&base())).unwrap();
+        let allowed = AllowedRoles::parse(r#"["app-[a-z]+"]"#, RestrictionFormat::Regexp, Some(&base()), None).unwrap();
         assert!(allowed.find(&role("app-web")).is_some());
         assert!(allowed.find(&role("app-web-admin2")).is_none());
         assert!(allowed.find(&role("xapp-web")).is_none());
     }
 
     #[test]
-    fn without_a_base_bare_entries_match_path_and_name() {
-        let allowed = AllowedRoles::parse(r#"["team/*"]"#, RestrictionFormat::Glob, None).unwrap();
+    fn without_a_base_bare_entries_match_the_nodes_account_only() {
+        let allowed =
+            AllowedRoles::parse(r#"["team/*"]"#, RestrictionFormat::Glob, None, Some("123456789012")).unwrap();
         assert!(allowed.find(&role("team/app")).is_some());
         assert!(allowed.find(&role("app")).is_none());
+        let elsewhere = RoleArn::parse("arn:aws:iam::999999999999:role/team/app").unwrap();
+        assert!(allowed.find(&elsewhere).is_none(), "the same name in another account");
+        let regexp =
+            AllowedRoles::parse(r#"["app-.*"]"#, RestrictionFormat::Regexp, None, Some("123456789012")).unwrap();
+        assert!(regexp.find(&role("app-x")).is_some());
+        assert!(regexp.find(&RoleArn::parse("arn:aws:iam::999999999999:role/app-x").unwrap()).is_none());
+    }
+
+    #[test]
+    fn with_no_account_known_bare_entries_match_nothing() {
+        let allowed = AllowedRoles::parse(r#"["app-*", "*"]"#, RestrictionFormat::Glob, None, None).unwrap();
+        assert!(allowed.find(&role("app-x")).is_none());
+        assert!(allowed.find(&RoleArn::parse("arn:aws:iam::999999999999:role/app-x").unwrap()).is_none());
+        let explicit =
+            AllowedRoles::parse(r#"["arn:aws:iam::999999999999:role/app-*"]"#, RestrictionFormat::Glob, None, None)
+                .unwrap();
+        assert!(
+            explicit.find(&RoleArn::parse("arn:aws:iam::999999999999:role/app-x").unwrap()).is_some(),
+            "an ARN names its account"
+        );
+    }
+
+    #[test]
+    fn glob_stars_do_not_cross_path_separators() {
+        let allowed = AllowedRoles::parse(r#"["app-*"]"#, RestrictionFormat::Glob, Some(&base()), None).unwrap();
+        assert!(allowed.find(&role("app-web")).is_some());
+        assert!(allowed.find(&role("app-web/admin")).is_none());
+        let pathed = AllowedRoles::parse(r#"["team/*"]"#, RestrictionFormat::Glob, Some(&base()), None).unwrap();
+        assert!(pathed.find(&role("team/app")).is_some());
+        assert!(pathed.find(&role("team/inner/admin")).is_none());
     }
 
     #[test]
     fn malformed_annotations_are_errors() {
         assert!(matches!(
-            AllowedRoles::parse("app-*", RestrictionFormat::Glob, None),
+            AllowedRoles::parse("app-*", RestrictionFormat::Glob, None, None),
             Err(AnnotationError::NotJsonList(_))
         ));
         assert!(matches!(
-            AllowedRoles::parse(r#"["[a"]"#, RestrictionFormat::Glob, None),
+            AllowedRoles::parse(r#"["[a"]"#, RestrictionFormat::Glob, None, None),
             Err(AnnotationError::BadEntry { .. })
         ));
         assert!(matches!(
-            AllowedRoles::parse(r#"["("]"#, RestrictionFormat::Regexp, None),
+            AllowedRoles::parse(r#"["("]"#, RestrictionFormat::Regexp, None, None),
             Err(AnnotationError::BadEntry { .. })
         ));
     }

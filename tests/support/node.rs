@@ -104,7 +104,8 @@ pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, a
         format!("--metadata-addr={}", imds.addr),
         "--host-ip=127.0.0.1".into(),
     ];
-    if !args.iter().any(|a| a.starts_with("--auto-discover")) {
+    // The test account's base ARN, unless the test chose (`--base-role-arn=` for none).
+    if !args.iter().any(|a| a.starts_with("--auto-discover") || a.starts_with("--base-role-arn")) {
         argv.push(base);
     }
     argv.extend(args.iter().map(|a| a.to_string()));
