@@ -91,7 +91,8 @@ impl AdminService {
                 .pods()
                 .map(|p| {
                     json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "ips": p.ips,
-                           "role": p.role_annotation, "running": p.running, "terminating": p.terminating})
+                           "role": p.role_annotation, "running": p.running, "terminating": p.terminating,
+                           "stopped": p.stopped})
                 })
                 .collect()
         });

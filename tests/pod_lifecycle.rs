@@ -230,3 +230,49 @@ async fn a_multi_byte_annotation_cannot_stop_the_nodes_events() {
     eventually(5, "the next pod's event", async || node.api.events().iter().any(|e| e["regarding"]["name"] == "next"))
         .await;
 }
+
+#[tokio::test]
+async fn a_reused_ip_never_gets_the_stopped_pods_role() {
+    let node = TestNode::start(&["--backoff-max-elapsed-time=1s", "--debug"]).await;
+    // What the agent's index holds of the pod `name`, once the watch has delivered it.
+    let seen = async |name: &str, field: &str| {
+        let store = node.admin_get("/debug/store").await.json();
+        store["pods"].as_array().unwrap().iter().any(|p| p["name"] == name && p[field] == true)
+    };
+    for (name, ip) in [("old", "127.0.0.60"), ("gone", "127.0.0.61")] {
+        node.api.create_pod(pod("shop", name).ip(ip).role("old-role").build());
+    }
+    assert_eq!(node.get("127.0.0.60", CREDS).await.body, "old-role");
+    // Still shutting down, containers running: graceful shutdown keeps its credentials.
+    for name in ["old", "gone"] {
+        node.api.update_pod("shop", name, |p| {
+            p["metadata"]["deletionTimestamp"] = json!("2026-11-22T10:00:00Z");
+            p["status"]["containerStatuses"] = json!([{"name": "app", "state": {"running": {}}}]);
+        });
+    }
+    eventually(5, "the terminating pod to be seen", async || seen("old", "terminating").await).await;
+    assert_eq!(node.get("127.0.0.60", CREDS).await.body, "old-role");
+
+    // Its containers stop: the CNI may hand its IP to the next pod before the watch says so.
+    for name in ["old", "gone"] {
+        node.api.update_pod("shop", name, |p| {
+            p["status"]["containerStatuses"] = json!([{"name": "app", "state": {"terminated": {"exitCode": 0}}}]);
+        });
+    }
+    eventually(5, "the stopped pods to be seen", async || {
+        seen("old", "stopped").await && seen("gone", "stopped").await
+    })
+    .await;
+    // A request from the old IP waits for the watch, and the new owner is what it gets.
+    let waiting = tokio::spawn({
+        let app = node.app();
+        async move { support::pod_client::get("127.0.0.60", app, CREDS).await }
+    });
+    node.api.create_pod(pod("shop", "new").ip("127.0.0.60").role("new-role").phase("Pending").build());
+    let reply = waiting.await.unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (200, "new-role"));
+    // With no new owner, the wait ends in a 404, never in the stopped pod's role.
+    let reply = node.get("127.0.0.61", CREDS).await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.body.contains("no pod with IP 127.0.0.61"), "{}", reply.body);
+}

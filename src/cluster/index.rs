@@ -63,9 +63,15 @@ impl PodIndex {
     }
 
     /// The pod that owns `ip`: one not terminating before one that is, a running one before
-    /// a pending one, then the newest. A terminating pod never wins over a live one.
+    /// a pending one, then the newest. A terminating pod never wins over a live one, and one
+    /// whose containers have all stopped owns nothing: its IP is then unknown until the watch
+    /// delivers the next owner, so a request waits for it instead of getting the old role.
     pub fn lookup(&self, ip: &IpAddr) -> Option<&Arc<PodIdentity>> {
-        self.by_ip.get(ip)?.iter().max_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.uid.cmp(&b.uid)))
+        self.by_ip
+            .get(ip)?
+            .iter()
+            .filter(|pod| pod.owns_its_ips())
+            .max_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.uid.cmp(&b.uid)))
     }
 
     /// Number of pods indexed.
@@ -197,6 +203,22 @@ mod tests {
         index.upsert(terminating);
         index.upsert(pending);
         assert_eq!(index.lookup(&ip("10.0.0.1")).unwrap().uid, "p");
+    }
+
+    #[test]
+    fn a_stopped_terminating_pod_owns_no_ip() {
+        let mut index = PodIndex::default();
+        let mut old = pod("old", "10.0.0.1");
+        old.terminating = true;
+        index.upsert(old.clone());
+        assert_eq!(index.lookup(&ip("10.0.0.1")).unwrap().uid, "old", "still shutting down: served");
+        old.stopped = true;
+        index.upsert(old);
+        assert!(index.lookup(&ip("10.0.0.1")).is_none(), "its containers are gone: the IP may be reused");
+        let mut new = pod("new", "10.0.0.1");
+        new.running = false;
+        index.upsert(new);
+        assert_eq!(index.lookup(&ip("10.0.0.1")).unwrap().uid, "new");
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct PodIdentity {
     pub created: i64,
     /// `metadata.deletionTimestamp` is set: the pod is going away.
     pub terminating: bool,
+    /// Every container has terminated (`status.containerStatuses[*].state.terminated`).
+    /// With `terminating`, the pod has released its IP: the CNI may already have given it to
+    /// a new pod whose update the watch has not delivered yet.
+    pub stopped: bool,
     /// `status.phase` is Running.
     pub running: bool,
 }
@@ -69,8 +73,17 @@ impl PodIdentity {
             external_id: annotation(&keys.external_id),
             created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
             terminating: meta.deletion_timestamp.is_some(),
+            stopped: status.and_then(|s| s.container_statuses.as_deref()).is_some_and(|all| {
+                !all.is_empty() && all.iter().all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+            }),
             running: phase == Some("Running"),
         })
+    }
+
+    /// Whether the pod still owns its IPs: a terminating pod whose containers have all
+    /// stopped does not (its graceful shutdown is over; the address may be reused).
+    pub fn owns_its_ips(&self) -> bool {
+        !(self.terminating && self.stopped)
     }
 
     /// `namespace/name`, for logs and messages.
@@ -114,6 +127,31 @@ mod tests {
         assert_eq!(identity.service_account, "web-sa");
         assert!(identity.running && !identity.terminating);
         assert_eq!(identity.created, 1767225610);
+    }
+
+    #[test]
+    fn a_terminating_pod_with_every_container_stopped_releases_its_ip() {
+        let status = |states: serde_json::Value| {
+            pod(
+                json!({"metadata": {"name": "a", "namespace": "n", "uid": "u", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+                       "status": {"phase": "Running", "podIP": "10.0.0.9", "containerStatuses": states}}),
+            )
+        };
+        let terminated = json!({"terminated": {"exitCode": 0}});
+        let running = json!({"running": {}});
+        let stopped = PodIdentity::from_pod(
+            &status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": terminated}])),
+            &keys(),
+        )
+        .unwrap();
+        assert!(stopped.stopped && !stopped.owns_its_ips());
+        let draining = PodIdentity::from_pod(
+            &status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": running}])),
+            &keys(),
+        )
+        .unwrap();
+        assert!(!draining.stopped && draining.owns_its_ips(), "graceful shutdown needs credentials");
+        assert!(PodIdentity::from_pod(&status(json!([])), &keys()).unwrap().owns_its_ips());
     }
 
     #[test]
