@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::StartupError;
 use crate::admin::{AdminService, Readiness};
 use crate::cli::{BaseArnSource, Config, DefaultRoleSource};
+use crate::cluster::health::WatchHealth;
 use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
@@ -172,7 +173,21 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         listing: Vec::new(),
     };
     let (kube, node) = (deps.kube.clone(), config.node.clone());
-    background.spawn(async move { watch_pods(kube, &node, sink).await });
+    let pod_watch = Arc::new(WatchHealth::new(std::time::Instant::now()));
+    let health = pod_watch.clone();
+    background.spawn(async move { watch_pods(kube, &node, sink, health).await });
+    let confirm_every = (config.pod_watch_stale_after / 3).min(Duration::from_secs(10));
+    background.spawn(crate::cluster::health::confirm_reachable(deps.kube.clone(), pod_watch.clone(), confirm_every));
+    {
+        let (health, gauge) = (pod_watch.clone(), metrics.pod_watch_stale_seconds.clone());
+        background.spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticks.tick().await;
+                gauge.set(health.stale_for(std::time::Instant::now()).as_secs() as i64);
+            }
+        });
+    }
     if let (Some(store), Some(format)) = (&namespaces, config.namespace_restrictions) {
         let rules = NamespaceRules {
             annotation: config.namespace_annotation.clone(),
@@ -215,6 +230,11 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         events,
     });
     let mut checks: Vec<crate::admin::ReadinessCheck> = Vec::new();
+    let stale_after = config.pod_watch_stale_after;
+    checks.push((
+        "pod watch failing for longer than --pod-watch-stale-after",
+        Box::new(move || pod_watch.stale_for(std::time::Instant::now()) <= stale_after),
+    ));
     let rules = match config.iptables {
         true => {
             let (rules, check) = start_rules(&config, app_addr.port(), &pods, &metrics, &mut background).await?;

@@ -183,6 +183,11 @@ pub struct AgentArgs {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub backoff_max_elapsed_time: Duration,
 
+    /// How long the pod watch may fail before `/readyz` says not ready (pods already known
+    /// keep being served; new pods and changes are not seen meanwhile).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub pod_watch_stale_after: Duration,
+
     /// Accepted for kube2iam compatibility and ignored: waits are event-driven.
     #[arg(long, hide = true, value_parser = parse_duration)]
     pub backoff_max_interval: Option<Duration>,
@@ -323,6 +328,7 @@ pub struct Config {
     pub metadata_authority: http::uri::Authority,
     pub use_regional_sts_endpoint: bool,
     pub pod_wait: Duration,
+    pub pod_watch_stale_after: Duration,
     pub require_imdsv2: bool,
     pub allow_route: AllowList,
     pub metrics_port: u16,
@@ -495,6 +501,7 @@ impl AgentArgs {
             metadata_authority,
             use_regional_sts_endpoint: self.use_regional_sts_endpoint,
             pod_wait: self.backoff_max_elapsed_time,
+            pod_watch_stale_after: self.pod_watch_stale_after,
             require_imdsv2: self.require_imdsv2,
             allow_route,
             metrics_port: self.metrics_port,

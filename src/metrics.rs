@@ -43,6 +43,7 @@ pub struct Metrics {
     pub iptables_errors: Counter,
     pub pods_not_intercepted: Gauge,
     pub node_imdsv1_enabled: Gauge,
+    pub pod_watch_stale_seconds: Gauge,
     pub registry: Registry,
 }
 
@@ -65,6 +66,7 @@ impl Metrics {
         let iptables_errors = Counter::default();
         let pods_not_intercepted = Gauge::default();
         let node_imdsv1_enabled = Gauge::default();
+        let pod_watch_stale_seconds = Gauge::default();
 
         let mut registry = Registry::with_prefix("iamlet");
         registry.register("http_requests", "Metadata API requests by route and status code", requests.clone());
@@ -95,6 +97,11 @@ impl Metrics {
             "1 when the node's metadata service answers without a token (IMDSv1), so pods reach the node's credentials whenever iamlet's rules are absent",
             node_imdsv1_enabled.clone(),
         );
+        registry.register(
+            "pod_watch_stale_seconds",
+            "How long the pod watch has been failing (0 while it is current): pods known before keep being served",
+            pod_watch_stale_seconds.clone(),
+        );
 
         Self {
             requests,
@@ -109,6 +116,7 @@ impl Metrics {
             iptables_errors,
             pods_not_intercepted,
             node_imdsv1_enabled,
+            pod_watch_stale_seconds,
             registry,
         }
     }

@@ -276,3 +276,23 @@ async fn a_reused_ip_never_gets_the_stopped_pods_role() {
     assert_eq!(reply.status, 404);
     assert!(reply.body.contains("no pod with IP 127.0.0.61"), "{}", reply.body);
 }
+
+#[tokio::test]
+async fn a_failing_watch_turns_not_ready_and_says_how_stale_while_known_pods_are_served() {
+    let node = TestNode::start(&["--pod-watch-stale-after=1s"]).await;
+    node.api.create_pod(pod("shop", "known").ip("127.0.0.62").role("app").build());
+    assert_eq!(node.get("127.0.0.62", &format!("{CREDS}app")).await.status, 200);
+
+    node.api.set_outage(true);
+    eventually(20, "not ready for a stale watch", async || {
+        let ready = node.admin_get("/readyz").await;
+        ready.status == 503 && ready.body.contains("pod watch failing")
+    })
+    .await;
+    eventually(10, "the staleness gauge", async || node.metric("iamlet_pod_watch_stale_seconds").await >= 1.0).await;
+    assert_eq!(node.get("127.0.0.62", &format!("{CREDS}app")).await.status, 200, "known pods keep being served");
+
+    node.api.set_outage(false);
+    eventually(60, "ready once the API server answers again", async || node.admin_get("/readyz").await.status == 200)
+        .await;
+}

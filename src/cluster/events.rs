@@ -15,6 +15,19 @@ use tokio::sync::mpsc;
 
 use super::PodIdentity;
 
+/// The API server's limit on an event's note, in bytes.
+const MAX_NOTE: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary: a note quotes the pod's
+/// annotation, and cutting inside a multi-byte character would panic the publisher.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let cut = (0..=max).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text.truncate(cut);
+    }
+    text
+}
+
 /// The same pod and reason is reported again only after this long.
 pub const REPEAT_AFTER: Duration = Duration::from_secs(300);
 const QUEUE: usize = 256;
@@ -82,8 +95,7 @@ async fn publish(recorder: Recorder, mut reports: mpsc::Receiver<Report>) {
             uid: Some(pod.uid.clone()),
             ..ObjectReference::default()
         };
-        let mut note = report.note;
-        note.truncate(1000);
+        let note = truncated(report.note, MAX_NOTE);
         let event = Event {
             type_: EventType::Warning,
             reason: report.reason.as_str().into(),
@@ -94,5 +106,19 @@ async fn publish(recorder: Recorder, mut reports: mpsc::Receiver<Report>) {
         if let Err(error) = recorder.publish(&event, &reference).await {
             tracing::warn!(namespace = %pod.namespace, pod = %pod.name, %error, "cannot record an event on the pod");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_are_cut_on_character_boundaries() {
+        let annotation = "é".repeat(500); // 1000 bytes
+        let note = truncated(format!("role annotation {annotation:?} is unusable"), MAX_NOTE);
+        assert!(note.len() <= MAX_NOTE && note.starts_with("role annotation \"éé"));
+        assert_eq!(truncated("a€".repeat(400), 5), "a€a");
+        assert_eq!(truncated("short".into(), MAX_NOTE), "short");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod events;
+pub mod health;
 mod index;
 mod namespaces;
 pub mod placement;

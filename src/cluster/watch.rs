@@ -14,6 +14,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
+use super::health::WatchHealth;
 use super::index::Change;
 use super::namespaces::{NamespaceRules, NamespaceStore};
 use super::pod::{AnnotationKeys, PodIdentity};
@@ -36,14 +37,23 @@ pub trait WatchSink<K> {
 
 /// Drives `stream` into `sink` until the stream ends (it does not, in practice: the watcher
 /// retries forever with back-off). Errors are logged and counted, never fatal.
-pub async fn drive<K, S>(stream: S, sink: &mut impl WatchSink<K>, what: &'static str, metrics: &Metrics)
-where
+pub async fn drive<K, S>(
+    stream: S,
+    sink: &mut impl WatchSink<K>,
+    what: &'static str,
+    metrics: &Metrics,
+    health: &WatchHealth,
+) where
     K: Debug,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
     futures::pin_mut!(stream);
     let mut listed = 0usize;
     while let Some(event) = stream.next().await {
+        match &event {
+            Ok(_) => health.delivered(std::time::Instant::now()),
+            Err(_) => health.failed(std::time::Instant::now()),
+        }
         match event {
             Ok(watcher::Event::Init) => {
                 listed = 0;
@@ -149,15 +159,15 @@ impl WatchSink<Namespace> for NamespaceSink {
 
 /// Watches the pods scheduled to `node` (a field selector, so each agent sees its own node's
 /// pods only, not the whole cluster's as kube2iam does).
-pub async fn watch_pods(client: Client, node: &str, mut sink: PodSink) {
+pub async fn watch_pods(client: Client, node: &str, mut sink: PodSink, health: Arc<WatchHealth>) {
     let metrics = sink.metrics.clone();
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher(Api::<Pod>::all(client), config).default_backoff();
-    drive(stream, &mut sink, "pods", &metrics).await;
+    drive(stream, &mut sink, "pods", &metrics, &health).await;
 }
 
 /// Watches every namespace, for their allow lists.
 pub async fn watch_namespaces(client: Client, mut sink: NamespaceSink, metrics: Arc<Metrics>) {
     let stream = watcher(Api::<Namespace>::all(client), watcher::Config::default()).default_backoff();
-    drive(stream, &mut sink, "namespaces", &metrics).await;
+    drive(stream, &mut sink, "namespaces", &metrics, &WatchHealth::new(std::time::Instant::now())).await;
 }

@@ -10,7 +10,7 @@
 //! namespaces, nodes and DaemonSets can be read one by one, created, deleted, and patched
 //! with the patch types a client sends: JSON Patch (`test` included: a failed test is 422, as
 //! on a real server) and JSON merge patch (a `metadata.resourceVersion` in it is a
-//! precondition: 409 when stale); anything else is 415.
+//! precondition: 409 when stale); anything else is 415. `/version` answers as a 1.33 server.
 
 #![allow(dead_code)]
 
@@ -492,6 +492,13 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
                 "GET, POST, PATCH and DELETE are served",
             );
         }
+    }
+    if uri.path() == "/version" {
+        return full(
+            StatusCode::OK,
+            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "gitCommit": "fake", "gitTreeState": "clean",
+                   "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
+        );
     }
     let query = query_map(uri.query());
     let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();

@@ -1,0 +1,117 @@
+//! How current a watch's view is, for `/readyz` and `iamlet_pod_watch_stale_seconds`.
+//!
+//! A quiet watch and a dead one look alike: kube's watcher speaks only when something
+//! changes, retries failed requests inside the client, and reports a successful re-watch
+//! silently. So the view counts as current when it was last *confirmed*: by an event of the
+//! watch, or by a cheap request to the API server that succeeded (the watcher's retries go to
+//! the same server). Errors the watcher does report (a 403 after an RBAC change, a 410)
+//! count too: a streak of them ends at the next event, or once none has come for longer than
+//! the watcher's back-off ceiling.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Longer than the watcher's longest back-off between retries (30 s).
+pub const STREAK_GAP: Duration = Duration::from_secs(45);
+
+#[derive(Debug)]
+struct State {
+    confirmed: Instant,
+    /// The first reported error since the watch last delivered.
+    failing_since: Option<Instant>,
+    last_error: Option<Instant>,
+}
+
+/// One watch's health. Cheap to update from the watch task and read from anywhere.
+#[derive(Debug)]
+pub struct WatchHealth {
+    state: Mutex<State>,
+}
+
+impl WatchHealth {
+    pub fn new(now: Instant) -> Self {
+        Self { state: Mutex::new(State { confirmed: now, failing_since: None, last_error: None }) }
+    }
+
+    /// The watch delivered something at `now`: the view is current.
+    pub fn delivered(&self, now: Instant) {
+        *self.lock() = State { confirmed: now, failing_since: None, last_error: None };
+    }
+
+    /// The API server answered at `now`: the watch can reach it.
+    pub fn reachable(&self, now: Instant) {
+        self.lock().confirmed = now;
+    }
+
+    /// The watch reported a failure at `now`.
+    pub fn failed(&self, now: Instant) {
+        let mut state = self.lock();
+        state.failing_since.get_or_insert(now);
+        state.last_error = Some(now);
+    }
+
+    /// How long the view may have been out of date at `now`.
+    pub fn stale_for(&self, now: Instant) -> Duration {
+        let state = self.lock();
+        let unconfirmed = now.saturating_duration_since(state.confirmed);
+        let failing = match (state.failing_since, state.last_error) {
+            (Some(since), Some(last)) if now.saturating_duration_since(last) <= STREAK_GAP => {
+                now.saturating_duration_since(since)
+            }
+            _ => Duration::ZERO,
+        };
+        unconfirmed.max(failing)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Confirms every `period` that the API server answers (`GET /version`, bounded by
+/// `period`), so a quiet but healthy watch never looks stale.
+pub async fn confirm_reachable(client: kube::Client, health: std::sync::Arc<WatchHealth>, period: Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Ok(Ok(_)) = tokio::time::timeout(period, client.apiserver_version()).await {
+            health.reachable(Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn the_view_is_as_old_as_its_last_confirmation() {
+        let t0 = Instant::now();
+        let health = WatchHealth::new(t0);
+        assert_eq!(health.stale_for(t0 + secs(5)), secs(5));
+        health.reachable(t0 + secs(10));
+        assert_eq!(health.stale_for(t0 + secs(12)), secs(2));
+        health.delivered(t0 + secs(20));
+        assert_eq!(health.stale_for(t0 + secs(20)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_streak_of_reported_failures_counts_even_while_the_server_answers() {
+        let t0 = Instant::now();
+        let health = WatchHealth::new(t0);
+        health.failed(t0);
+        health.reachable(t0 + secs(20));
+        health.failed(t0 + secs(20));
+        assert_eq!(health.stale_for(t0 + secs(30)), secs(30), "403s while /version answers");
+        health.reachable(t0 + secs(70));
+        assert_eq!(health.stale_for(t0 + secs(70)), Duration::ZERO, "no failure for longer than the back-off");
+        health.failed(t0 + secs(71));
+        health.delivered(t0 + secs(72));
+        assert_eq!(health.stale_for(t0 + secs(72)), Duration::ZERO);
+    }
+}
