@@ -164,7 +164,7 @@ fn is_canonical(path: &str) -> bool {
     let body = rest.strip_suffix('/').unwrap_or(rest);
     path.len() <= 1024
         && path.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
-        && (body.is_empty() || body.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."))
+        && (rest.is_empty() || body.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."))
 }
 
 #[cfg(test)]
@@ -271,6 +271,7 @@ mod tests {
             "/latest/meta-data/placement/%72egion",
             "/latest/meta-data/iam/security-credentials/%2e%2e",
             "latest/meta-data",
+            "//",
             "/latest/meta data",
             "/latest\\meta-data",
             "",
