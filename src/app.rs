@@ -198,14 +198,22 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         let sink = NamespaceSink { store: store.clone(), rules, listing: Vec::new() };
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
-    let prefetcher = Prefetcher::new(credentials.clone(), policy.clone(), namespaces.clone());
+    let prefetcher = Prefetcher::new(
+        credentials.clone(),
+        policy.clone(),
+        namespaces.clone(),
+        config.sts_timeout + Duration::from_secs(1),
+    );
     background.spawn(prefetcher.run(changes_rx));
-    let refresher = credentials.clone();
+    let (refresher, live_pods) = (credentials.clone(), pods.clone());
     background.spawn(async move {
         let mut ticks = tokio::time::interval(REFRESH_SCAN_PERIOD);
         loop {
             ticks.tick().await;
-            refresher.refresh_due();
+            let live: std::collections::HashSet<String> = live_pods.read(|index| {
+                index.pods().map(|pod| crate::credentials::session_name(&pod.namespace, &pod.name)).collect()
+            });
+            refresher.refresh_due(|session| live.contains(session)).await;
         }
     });
 

@@ -66,9 +66,15 @@ async fn the_same_role_with_another_external_id_is_another_session() {
 
 #[tokio::test]
 async fn credentials_are_prefetched_when_the_pod_appears() {
-    let node = TestNode::start(&[]).await;
+    let node = TestNode::start(&["--debug"]).await;
     node.api.create_pod(pod("shop", "web").ip("127.0.0.43").role("app").build());
-    eventually(5, "the prefetch", async || node.sts.assume_role_calls().len() == 1).await;
+    // Wait for the prefetched credentials to be cached, not merely asked of STS: between the
+    // two, a request would join the fetch and count as a miss.
+    eventually(5, "the prefetched credentials in the cache", async || {
+        let store = node.admin_get("/debug/store").await.json();
+        store["credentials"].as_array().is_some_and(|c| c.iter().any(|k| k["session"] == "shop.web"))
+    })
+    .await;
     // Make STS slow: a request that waited on it would now take over a second.
     node.sts.set_delay(Duration::from_millis(1500));
     let started = std::time::Instant::now();

@@ -137,11 +137,38 @@ impl CredentialCache {
         }
     }
 
+    /// Forgets every key of the session `session` (one pod's) but `keep`: when the pod goes,
+    /// or its role changes, its keys go too, whether prefetched or made by a request.
+    pub async fn forget_session(&self, session: &str, keep: Option<&CredentialKey>) {
+        let stale = |key: &CredentialKey| &*key.session_name == session && Some(key) != keep;
+        let keys: Vec<Arc<CredentialKey>> = self.entries.iter().map(|(key, _)| key).filter(|k| stale(k)).collect();
+        let failed: Vec<Arc<CredentialKey>> = self
+            .failures
+            .iter()
+            .flat_map(|failures| failures.iter().map(|(key, _)| key))
+            .filter(|k| stale(k))
+            .collect();
+        for key in keys.iter().chain(&failed) {
+            self.forget(key).await;
+        }
+    }
+
     /// Refreshes every entry that is due, so pods that have not asked lately still find fresh
-    /// credentials. Called periodically.
-    pub fn refresh_due(self: &Arc<Self>) {
+    /// credentials, and drops those whose pod is gone (`live` says which sessions still have
+    /// one): whatever escaped the prefetcher's forgetting never costs an STS call. Called
+    /// periodically.
+    pub async fn refresh_due(self: &Arc<Self>, live: impl Fn(&str) -> bool) {
+        let mut orphans = Vec::new();
         for (key, issued) in self.entries.iter() {
-            self.refresh_if_due(&key, &issued);
+            if live(&key.session_name) {
+                self.refresh_if_due(&key, &issued);
+            } else {
+                orphans.push(key);
+            }
+        }
+        for key in orphans {
+            tracing::debug!(session = %key.session_name, role = %key.role, "forgetting credentials of a pod that is gone");
+            self.forget(&key).await;
         }
     }
 
@@ -396,12 +423,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn refresh_due_drops_the_keys_of_pods_that_are_gone() {
+        let sts = FakeSts::new(Duration::from_secs(1200), Duration::ZERO);
+        let cache = cache(&sts, Duration::ZERO);
+        cache.get(&key("ns.gone")).await.unwrap();
+        cache.get(&key("ns.here")).await.unwrap();
+        cache.refresh_due(|session| session != "ns.gone").await;
+        let left: Vec<String> = cache.snapshot().iter().map(|(k, _)| k.session_name.to_string()).collect();
+        assert_eq!(left, ["ns.here"], "the departed pod's key is dropped, not refreshed");
+        settle(&sts, 3).await;
+        assert_eq!(sts.calls(), 3, "the live pod's due key was refreshed");
+    }
+
+    #[tokio::test]
     async fn refresh_due_refreshes_idle_entries() {
         let sts = FakeSts::new(Duration::from_secs(1200), Duration::ZERO);
         let cache = cache(&sts, Duration::ZERO);
         cache.get(&key("ns.pod")).await.unwrap(); // a miss: fetched, no refresh yet
         assert_eq!(sts.calls(), 1);
-        cache.refresh_due();
+        cache.refresh_due(|_| true).await;
         settle(&sts, 2).await;
         assert_eq!(sts.calls(), 2);
     }
