@@ -52,8 +52,16 @@ async fn churn_crosses_no_roles_and_leaves_nothing_of_departed_pods() {
         for (name, _) in pods.iter().skip(1).step_by(2) {
             node.api.delete_pod("churn", name);
         }
+        // Each round's keys go with its pods, long before the refresh scan (every 30 s) could
+        // catch them: this is the prefetcher forgetting, not that safety net.
+        let prefix = format!("churn.p{round}-");
+        eventually(15, "the round's keys to be forgotten", async || {
+            let store = node.admin_get("/debug/store").await.json();
+            let credentials = store["credentials"].as_array().cloned().unwrap_or_default();
+            !credentials.iter().any(|c| c["session"].as_str().is_some_and(|s| s.starts_with(&prefix)))
+        })
+        .await;
     }
-    // Sooner than the refresh scan (30 s), so this is the prefetcher forgetting, not that safety net.
     eventually(20, "every pod and every cached key to be gone", async || {
         let store = node.admin_get("/debug/store").await.json();
         store["pods"].as_array().is_some_and(|p| p.is_empty())
