@@ -269,6 +269,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         let (upstream, metrics) = (imds.upstream.clone(), metrics.clone());
         background.spawn(async move { crate::imds::upstream::report_node_exposure(&upstream, &metrics).await });
     }
+    let refusals = metrics.connections_refused.clone();
     let admin = Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: config.debug, readiness });
 
     let (stop, stopped) = watch::channel(false);
@@ -279,6 +280,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let grace = config.shutdown_grace;
     for listener in app_listeners {
         let imds = imds.clone();
+        let refusals = refusals.clone();
         servers.spawn(crate::http::serve(
             listener,
             move |peer, request| {
@@ -287,8 +289,13 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
             },
             until_stopped(stopped.clone()),
             grace,
+            config.connection_limits,
+            move |refusal| {
+                refusals.get_or_create(&crate::metrics::RefusalLabels::from(refusal)).inc();
+            },
         ));
     }
+    // The admin port is the kubelet's and Prometheus's: the default limits.
     servers.spawn(crate::http::serve(
         admin_listener,
         move |_, request| {
@@ -297,6 +304,8 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         },
         until_stopped(stopped),
         grace,
+        crate::http::Limits::default(),
+        |_| {},
     ));
     tracing::info!(%app_addr, %admin_addr, "serving");
     Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, rules })

@@ -240,6 +240,18 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub sts_concurrency: u16,
 
+    /// Most metadata API connections open at once, from all pods.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Most metadata API connections open at once from one source IP (one pod).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_ip: u32,
+
+    /// Longest wait for a request's headers (idle keep-alive connections included).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
@@ -339,6 +351,7 @@ pub struct Config {
     pub sts_timeout: Duration,
     pub sts_concurrency: u16,
     pub shutdown_grace: Duration,
+    pub connection_limits: crate::http::Limits,
 }
 
 /// Shortest `--iam-role-session-ttl`: credentials handed out keep at least this long, which is
@@ -466,6 +479,12 @@ impl AgentArgs {
                 "--host-ip is already IPv6; give --host-ip the node's IPv4 address".into(),
             ));
         }
+        if self.header_read_timeout < Duration::from_millis(100) || self.header_read_timeout > Duration::from_secs(60) {
+            return Err(flag("--header-read-timeout", "must be between 100ms and 60s".into()));
+        }
+        if self.max_connections_per_ip > self.max_connections {
+            return Err(flag("--max-connections-per-ip", "cannot exceed --max-connections".into()));
+        }
         if self.iptables_sync_period < Duration::from_secs(1) {
             return Err(flag("--iptables-sync-period", "must be at least 1s".into()));
         }
@@ -512,6 +531,12 @@ impl AgentArgs {
             sts_timeout: self.sts_timeout,
             sts_concurrency: self.sts_concurrency,
             shutdown_grace: self.shutdown_grace_period,
+            connection_limits: crate::http::Limits {
+                connections: self.max_connections as usize,
+                connections_per_ip: self.max_connections_per_ip as usize,
+                header_read_timeout: self.header_read_timeout,
+                ..crate::http::Limits::default()
+            },
         })
     }
 }

@@ -3,10 +3,17 @@
 //! Each server takes its listener and a shutdown future (tests bind port 0 and pass their
 //! own), stops accepting when the future resolves, and gives open connections a bounded
 //! grace period to finish their requests.
+//!
+//! Every pod reaches the metadata port, so what one client may hold is bounded: connections
+//! per source IP and in total (one over either limit is closed as soon as it is accepted),
+//! the time to send a request's headers, and their size. A pod that opens connections in a
+//! loop, or trickles its headers, exhausts its own share, never the node's.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,14 +37,96 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
         .expect("static headers are valid")
 }
 
+/// What one server lets its clients hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, from everyone.
+    pub connections: usize,
+    /// Connections open at once from one source IP (one pod).
+    pub connections_per_ip: usize,
+    /// Longest wait for a request's headers, idle keep-alive connections included.
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes; at least 8 KiB.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connections: 2048,
+            connections_per_ip: 64,
+            header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Why a connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `Limits::connections` were open.
+    Total,
+    /// `Limits::connections_per_ip` were open from the same IP.
+    PerIp,
+}
+
+/// Open connections, in total and by source IP. Entries go when their count drops to zero,
+/// so the map holds only IPs with a connection open.
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place among the open ones, given back when dropped.
+struct Slot {
+    open: Arc<Mutex<Open>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.total -= 1;
+        if let Some(count) = open.by_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn admit(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &Limits) -> Result<Slot, Refusal> {
+    let mut state = open.lock().unwrap_or_else(|e| e.into_inner());
+    if state.total >= limits.connections {
+        return Err(Refusal::Total);
+    }
+    let from_ip = state.by_ip.entry(ip).or_default();
+    if *from_ip >= limits.connections_per_ip {
+        return Err(Refusal::PerIp);
+    }
+    *from_ip += 1;
+    state.total += 1;
+    Ok(Slot { open: open.clone(), ip })
+}
+
 /// Serves connections from `listener` with `handler` until `shutdown` resolves, then waits up
-/// to `grace` for in-flight requests.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, grace: Duration)
-where
+/// to `grace` for in-flight requests. Connections over `limits` are closed at once and
+/// reported to `refused`.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    limits: Limits,
+    refused: impl Fn(Refusal),
+) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(Mutex::new(Open::default()));
     futures::pin_mut!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -52,6 +141,13 @@ where
             },
             () = &mut shutdown => break,
         };
+        let slot = match admit(&open, peer.ip().to_canonical(), &limits) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refused(refusal);
+                continue; // dropping the stream closes it
+            }
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |request| {
@@ -60,18 +156,41 @@ where
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .max_buf_size(64 * 1024)
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace = %humantime::format_duration(grace), "connections still open after the grace period; closing them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_bounded_per_ip_and_in_total_and_given_back() {
+        let open = Arc::new(Mutex::new(Open::default()));
+        let limits = Limits { connections: 3, connections_per_ip: 2, ..Limits::default() };
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let first = admit(&open, a, &limits).unwrap();
+        let _second = admit(&open, a, &limits).unwrap();
+        assert_eq!(admit(&open, a, &limits).err(), Some(Refusal::PerIp));
+        let _third = admit(&open, b, &limits).unwrap();
+        assert_eq!(admit(&open, c, &limits).err(), Some(Refusal::Total));
+        drop(first);
+        assert!(admit(&open, a, &limits).is_ok(), "a closed connection gives its place back");
+        drop(_third);
+        assert!(!open.lock().unwrap().by_ip.contains_key(&b), "no entry for an IP with nothing open");
     }
 }

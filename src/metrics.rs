@@ -28,6 +28,21 @@ pub struct WatchLabels {
     pub watch: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: &'static str,
+}
+
+impl From<crate::http::Refusal> for RefusalLabels {
+    fn from(refusal: crate::http::Refusal) -> Self {
+        let reason = match refusal {
+            crate::http::Refusal::Total => "total",
+            crate::http::Refusal::PerIp => "per-ip",
+        };
+        Self { reason }
+    }
+}
+
 /// Every metric iamlet exports. Cheap to record into from any task.
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,6 +59,7 @@ pub struct Metrics {
     pub pods_not_intercepted: Gauge,
     pub node_imdsv1_enabled: Gauge,
     pub pod_watch_stale_seconds: Gauge,
+    pub connections_refused: Family<RefusalLabels, Counter>,
     pub registry: Registry,
 }
 
@@ -67,6 +83,7 @@ impl Metrics {
         let pods_not_intercepted = Gauge::default();
         let node_imdsv1_enabled = Gauge::default();
         let pod_watch_stale_seconds = Gauge::default();
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
 
         let mut registry = Registry::with_prefix("iamlet");
         registry.register("http_requests", "Metadata API requests by route and status code", requests.clone());
@@ -102,6 +119,11 @@ impl Metrics {
             "How long the pod watch has been failing (0 while it is current): pods known before keep being served",
             pod_watch_stale_seconds.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Metadata API connections closed at once, over --max-connections (total) or --max-connections-per-ip (per-ip)",
+            connections_refused.clone(),
+        );
 
         Self {
             requests,
@@ -117,6 +139,7 @@ impl Metrics {
             pods_not_intercepted,
             node_imdsv1_enabled,
             pod_watch_stale_seconds,
+            connections_refused,
             registry,
         }
     }
