@@ -12,7 +12,9 @@
 //! 4. scale: RSS after sync with 110 and 5,000 pods, RSS over a sustained load, startup to ready;
 //! 5. STS calls per distinct (role, pod);
 //! 6. the restart gap: SIGTERM, then the successor's process start to a pod's first
-//!    credentials, with 110 pods (during a rolling update pods are refused for that long).
+//!    credentials, with 110 pods (during a rolling update pods are refused for that long);
+//! 7. exhaustion: slow-header connections, a flood from unknown IPs and one pod opening
+//!    connections in a loop, while a known pod keeps asking: its latency, refusals, RSS.
 //!
 //! It prints a table and writes target/bench/load.json. `--quick` shortens every phase.
 
@@ -545,6 +547,21 @@ async fn bench(d: Durations) {
     );
     report["sts"] = json!({"calls": calls, "distinct_keys": keys});
 
+    let hostile = exhaustion(&agent).await;
+    println!(
+        "exhaustion ({} slow-header connections, {} unknown-IP requests in flight, one pod opening {} connections): \
+         a known pod's p50 / p99 {:.2} / {:.2} ms, {} errors; {} connections refused; RSS {:.1} MiB",
+        hostile["slow_connections"],
+        hostile["flood_in_flight"],
+        hostile["greedy_attempts"],
+        hostile["known_p50_ms"].as_f64().unwrap_or_default(),
+        hostile["known_p99_ms"].as_f64().unwrap_or_default(),
+        hostile["known_errors"],
+        hostile["refused"],
+        hostile["rss_mib"].as_f64().unwrap_or_default()
+    );
+    report["exhaustion"] = hostile;
+
     let gaps = restart_gap(&api, &sts, &imds, agent, NODE_PODS, d.restarts).await;
     let median = gaps[gaps.len() / 2];
     println!(
@@ -576,6 +593,68 @@ async fn bench(d: Durations) {
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/load.json", serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("\nwritten: target/bench/load.json");
+}
+
+/// Hostile load against the agent's default limits, while the pod at `pod_ip(0)` asks for its
+/// credentials on a new connection each time: 1,000 connections trickling their headers from
+/// 250 unknown IPs, 200 requests at a time from unknown IPs (each held for the watch wait), and
+/// one IP opening 200 connections (64 are allowed).
+async fn exhaustion(agent: &Agent) -> Value {
+    const SLOW: usize = 1000;
+    const FLOOD: usize = 200;
+    const GREEDY: usize = 200;
+    let unknown = |i: usize| IpAddr::V4(Ipv4Addr::new(127, 200, (i / 250) as u8, (i % 250 + 2) as u8));
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(unknown(i / 4), 0)).unwrap();
+        if let Ok(mut stream) = socket.connect(agent.app).await {
+            use tokio::io::AsyncWriteExt as _;
+            let _ = stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254").await;
+            slow.push(stream);
+        }
+    }
+    let mut greedy = Vec::new();
+    for _ in 0..GREEDY {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 201, 0, 2)), 0)).unwrap();
+        if let Ok(stream) = socket.connect(agent.app).await {
+            greedy.push(stream);
+        }
+    }
+    let running = Arc::new(AtomicBool::new(true));
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            let (running, app) = (running.clone(), agent.app);
+            tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    let _ = get(Some(unknown(300 + i)), app, CREDS_PATH, &[]).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the flood's first requests are waiting
+    let mut known = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut errors = 0;
+    for _ in 0..500 {
+        let started = Instant::now();
+        match get(Some(pod_ip(0)), agent.app, CREDS_PATH, &[]).await {
+            Ok((200, _)) => known.saturating_record(started.elapsed().as_micros() as u64),
+            _ => errors += 1,
+        }
+    }
+    let (rss, _) = agent.rss_mib();
+    running.store(false, Ordering::Relaxed);
+    for task in flood {
+        let _ = task.await;
+    }
+    let refused = agent.metric("iamlet_connections_refused_total{reason=\"per-ip\"}").await
+        + agent.metric("iamlet_connections_refused_total{reason=\"total\"}").await;
+    drop((slow, greedy));
+    json!({"slow_connections": SLOW, "flood_in_flight": FLOOD, "greedy_attempts": GREEDY,
+           "known_p50_ms": known.value_at_quantile(0.5) as f64 / 1000.0,
+           "known_p99_ms": known.value_at_quantile(0.99) as f64 / 1000.0,
+           "known_errors": errors, "refused": refused, "rss_mib": rss})
 }
 
 /// Replaces `agent` `restarts` times, as a rolling update does: SIGTERM, then a successor on
