@@ -14,7 +14,9 @@
 //! 6. the restart gap: SIGTERM, then the successor's process start to a pod's first
 //!    credentials, with 110 pods (during a rolling update pods are refused for that long);
 //! 7. exhaustion: slow-header connections, a flood from unknown IPs and one pod opening
-//!    connections in a loop, while a known pod keeps asking: its latency, refusals, RSS.
+//!    connections in a loop, while a known pod keeps asking: its latency, refusals, RSS;
+//! 8. churn: three cycles of 1,000 pods created, given credentials and deleted: RSS after each
+//!    (growth from one cycle to the next is the leak signal).
 //!
 //! It prints a table and writes target/bench/load.json. `--quick` shortens every phase.
 
@@ -562,6 +564,10 @@ async fn bench(d: Durations) {
     );
     report["exhaustion"] = hostile;
 
+    let churn = churn_rss(&api, &agent, NODE_PODS).await;
+    println!("churn, 3 cycles of 1,000 pods created and deleted: RSS {churn:.1?} MiB (before, then after each cycle)");
+    report["churn_rss_mib"] = json!(churn);
+
     let gaps = restart_gap(&api, &sts, &imds, agent, NODE_PODS, d.restarts).await;
     let median = gaps[gaps.len() / 2];
     println!(
@@ -655,6 +661,36 @@ async fn exhaustion(agent: &Agent) -> Value {
            "known_p50_ms": known.value_at_quantile(0.5) as f64 / 1000.0,
            "known_p99_ms": known.value_at_quantile(0.99) as f64 / 1000.0,
            "known_errors": errors, "refused": refused, "rss_mib": rss})
+}
+
+/// RSS before and after each of three cycles in which 1,000 pods appear (their credentials
+/// are prefetched) and are deleted, back to the node's `base` pods.
+async fn churn_rss(api: &apiserver::FakeApiServer, agent: &Agent, base: usize) -> Vec<f64> {
+    const PODS: usize = 1000;
+    let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
+    let mut rss = vec![agent.rss_mib().0];
+    for cycle in 0..3 {
+        let before = agent.metric(fetched).await;
+        let names: Vec<String> = (0..PODS).map(|i| format!("churn-{cycle}-{i}")).collect();
+        for (i, name) in names.iter().enumerate() {
+            let ip = pod_ip(20_000 + cycle * PODS + i).to_string();
+            api.create_pod(apiserver::pod("bench", name).ip(&ip).role(ROLE).build());
+        }
+        let started = Instant::now();
+        while agent.metric(fetched).await < before + PODS as f64 {
+            assert!(started.elapsed() < Duration::from_secs(120), "churn prefetch incomplete");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for name in &names {
+            api.delete_pod("bench", name);
+        }
+        while agent.metric("iamlet_pods_indexed").await > base as f64 {
+            assert!(started.elapsed() < Duration::from_secs(180), "churn deletions not seen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        rss.push(agent.rss_mib().0);
+    }
+    rss
 }
 
 /// Replaces `agent` `restarts` times, as a rolling update does: SIGTERM, then a successor on
