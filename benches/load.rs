@@ -564,7 +564,7 @@ async fn bench(d: Durations) {
     );
     report["exhaustion"] = hostile;
 
-    let churn = churn_rss(&api, &agent, NODE_PODS).await;
+    let churn = churn_rss(&api, &agent).await;
     println!("churn, 3 cycles of 1,000 pods created and deleted: RSS {churn:.1?} MiB (before, then after each cycle)");
     report["churn_rss_mib"] = json!(churn);
 
@@ -664,10 +664,11 @@ async fn exhaustion(agent: &Agent) -> Value {
 }
 
 /// RSS before and after each of three cycles in which 1,000 pods appear (their credentials
-/// are prefetched) and are deleted, back to the node's `base` pods.
-async fn churn_rss(api: &apiserver::FakeApiServer, agent: &Agent, base: usize) -> Vec<f64> {
+/// are prefetched) and are deleted, back to the pods the node had.
+async fn churn_rss(api: &apiserver::FakeApiServer, agent: &Agent) -> Vec<f64> {
     const PODS: usize = 1000;
     let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
+    let base = agent.metric("iamlet_pods_indexed").await;
     let mut rss = vec![agent.rss_mib().0];
     for cycle in 0..3 {
         let before = agent.metric(fetched).await;
@@ -684,7 +685,7 @@ async fn churn_rss(api: &apiserver::FakeApiServer, agent: &Agent, base: usize) -
         for name in &names {
             api.delete_pod("bench", name);
         }
-        while agent.metric("iamlet_pods_indexed").await > base as f64 {
+        while agent.metric("iamlet_pods_indexed").await > base {
             assert!(started.elapsed() < Duration::from_secs(180), "churn deletions not seen");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
