@@ -46,7 +46,7 @@ async fn one_pods_connections_never_crowd_out_another() {
 
     let started = Instant::now();
     assert_eq!(node.get("127.0.0.71", CREDS).await.status, 200);
-    assert!(started.elapsed() < Duration::from_secs(1), "the other pod is answered promptly");
+    assert!(started.elapsed() < Duration::from_secs(2), "the other pod is answered, not queued behind the greedy one");
 
     drop(held.pop());
     eventually(5, "the greedy pod's place to come back", async || {
@@ -81,7 +81,8 @@ async fn slow_or_huge_headers_are_cut_off() {
     slow.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n").await.unwrap();
     let started = Instant::now();
     assert!(closed(&mut slow, Duration::from_secs(5)).await);
-    assert!(started.elapsed() < Duration::from_secs(3), "cut after about 1 s: {:?}", started.elapsed());
+    // The default (5 s) would not cut it before this; the 1 s timeout does, even on a busy machine.
+    assert!(started.elapsed() < Duration::from_secs(4), "cut after about 1 s: {:?}", started.elapsed());
 
     // An idle keep-alive connection is closed the same way.
     let mut idle = connect("127.0.0.76", node.app()).await;
