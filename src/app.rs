@@ -198,12 +198,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         let sink = NamespaceSink { store: store.clone(), rules, listing: Vec::new() };
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
-    let prefetcher = Prefetcher::new(
-        credentials.clone(),
-        policy.clone(),
-        namespaces.clone(),
-        config.sts_timeout + Duration::from_secs(1),
-    );
+    let prefetcher = Prefetcher::new(credentials.clone(), policy.clone(), namespaces.clone());
     background.spawn(prefetcher.run(changes_rx));
     let (refresher, live_pods) = (credentials.clone(), pods.clone());
     background.spawn(async move {

@@ -1,7 +1,7 @@
 //! The credential cache: one STS call per key however many requests arrive, credentials
 //! refreshed ahead of expiry in the background, and cached credentials kept while STS fails.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -88,6 +88,9 @@ pub struct CredentialCache {
     entries: Cache<CredentialKey, Arc<Issued>>,
     failures: Option<Cache<CredentialKey, Arc<StsError>>>,
     refreshing: Mutex<HashSet<CredentialKey>>,
+    /// Sessions with a fetch under way, and whether their pod was forgotten meanwhile: a
+    /// fetch's result is inserted after it completes, so forgetting alone could be undone.
+    in_flight: Mutex<HashMap<Arc<str>, InFlight>>,
     sts_permits: tokio::sync::Semaphore,
     assumer: Arc<dyn RoleAssumer>,
     settings: CacheSettings,
@@ -100,7 +103,8 @@ impl CredentialCache {
         let failures = (!settings.error_ttl.is_zero())
             .then(|| Cache::builder().max_capacity(settings.capacity).time_to_live(settings.error_ttl).build());
         let sts_permits = tokio::sync::Semaphore::new(settings.max_concurrent_sts.max(1));
-        Arc::new(Self { entries, failures, refreshing: Mutex::default(), sts_permits, assumer, settings, metrics })
+        let (refreshing, in_flight) = (Mutex::default(), Mutex::default());
+        Arc::new(Self { entries, failures, refreshing, in_flight, sts_permits, assumer, settings, metrics })
     }
 
     /// Credentials for `key`: from memory when possible (starting a background refresh if
@@ -116,12 +120,31 @@ impl CredentialCache {
             return Err(sts_error(error));
         }
         self.metrics.cache_misses.inc();
-        self.entries.try_get_with_by_ref(key, self.fetch(key)).await.map_err(sts_error)
+        let fetching = self.track(&key.session_name);
+        let issued = self.entries.try_get_with_by_ref(key, self.fetch(key)).await.map_err(sts_error)?;
+        if fetching.forgotten() {
+            // The pod went while its credentials were being fetched: take back what the
+            // fetch just inserted (`forget_session` marked this before invalidating).
+            self.entries.invalidate(key).await;
+            return Err(sts_error(Arc::new(StsError::other("the pod is gone"))));
+        }
+        Ok(issued)
+    }
+
+    /// Counts a fetch for `session` under way until the returned guard is dropped.
+    fn track(&self, session: &Arc<str>) -> Fetching<'_> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).entry(session.clone()).or_default().count += 1;
+        Fetching { cache: self, session: session.clone() }
     }
 
     /// Starts fetching credentials for `key` without waiting: a pod's first request then
     /// finds them in memory.
     pub fn prefetch(self: &Arc<Self>, key: CredentialKey) {
+        // A live pod under this session (a StatefulSet's, recreated under the same name):
+        // what is being fetched for it is wanted again.
+        if let Some(fetching) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key.session_name) {
+            fetching.forgotten = false;
+        }
         let cache = self.clone();
         tokio::spawn(async move {
             // A failure is logged (once) by `fetch`; the pod's request will try again.
@@ -140,6 +163,10 @@ impl CredentialCache {
     /// Forgets every key of the session `session` (one pod's) but `keep`: when the pod goes,
     /// or its role changes, its keys go too, whether prefetched or made by a request.
     pub async fn forget_session(&self, session: &str, keep: Option<&CredentialKey>) {
+        // First mark fetches under way, so none of them can bring a key back afterwards.
+        if let Some(fetching) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get_mut(session) {
+            fetching.forgotten = true;
+        }
         let stale = |key: &CredentialKey| &*key.session_name == session && Some(key) != keep;
         let keys: Vec<Arc<CredentialKey>> = self.entries.iter().map(|(key, _)| key).filter(|k| stale(k)).collect();
         let failed: Vec<Arc<CredentialKey>> = self
@@ -200,10 +227,16 @@ impl CredentialCache {
         let cache = self.clone();
         let key = key.clone();
         tokio::spawn(async move {
+            let fetching = cache.track(&key.session_name);
             match cache.fetch(&key).await {
-                // A pod deleted meanwhile has been forgotten: do not bring it back.
-                Ok(fresh) if cache.entries.contains_key(&key) => cache.entries.insert(key.clone(), fresh).await,
-                Ok(_) => {}
+                Ok(fresh) => {
+                    cache.entries.insert(key.clone(), fresh).await;
+                    // A pod forgotten meanwhile: do not bring it back.
+                    if fetching.forgotten() {
+                        cache.entries.invalidate(&key).await;
+                    }
+                }
+                Err(_) if fetching.forgotten() => {}
                 Err(error) => tracing::warn!(
                     role = %key.role, session = %key.session_name, %error,
                     "refresh failed; serving the cached credentials while they last"
@@ -241,6 +274,39 @@ impl CredentialCache {
                     failures.insert(key.clone(), Arc::new(error.clone())).await;
                 }
                 Err(error)
+            }
+        }
+    }
+}
+
+/// Fetches under way for one session.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: usize,
+    forgotten: bool,
+}
+
+/// A fetch under way for a session; the count goes down when dropped.
+struct Fetching<'a> {
+    cache: &'a CredentialCache,
+    session: Arc<str>,
+}
+
+impl Fetching<'_> {
+    /// Whether the session was forgotten since this fetch began.
+    fn forgotten(&self) -> bool {
+        let in_flight = self.cache.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.get(&self.session).is_some_and(|f| f.forgotten)
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.cache.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fetching) = in_flight.get_mut(&self.session) {
+            fetching.count -= 1;
+            if fetching.count == 0 {
+                in_flight.remove(&self.session);
             }
         }
     }
@@ -420,6 +486,39 @@ mod tests {
         cache.forget(&key("ns.pod")).await;
         cache.get(&key("ns.pod")).await.unwrap();
         assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_under_way_when_its_pod_goes_leaves_nothing_behind() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(500));
+        let cache = cache(&sts, Duration::ZERO);
+        let asking = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key("ns.gone")).await }
+        });
+        settle(&sts, 1).await; // the call is under way
+        cache.forget_session("ns.gone", None).await;
+        assert!(asking.await.unwrap().is_err(), "the departed pod's request gets nothing");
+        assert!(cache.snapshot().is_empty(), "nothing of the departed pod stays to be refreshed");
+        assert!(cache.in_flight.lock().unwrap().is_empty());
+
+        // The same session under a new pod (a StatefulSet's): its prefetch is kept.
+        let asking = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key("ns.gone")).await }
+        });
+        settle(&sts, 2).await;
+        cache.forget_session("ns.gone", None).await;
+        cache.prefetch(key("ns.gone"));
+        let _ = asking.await.unwrap();
+        settle(&sts, 2).await;
+        for _ in 0..100 {
+            if !cache.snapshot().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(cache.snapshot().len(), 1, "the new pod's credentials are cached");
     }
 
     #[tokio::test]

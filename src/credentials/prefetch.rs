@@ -3,17 +3,13 @@
 //!
 //! Forgetting goes by the pod's session (`<namespace>.<pod>`), not by the key prefetched: a
 //! request can make a key the prefetcher never did (the pod was seen before its namespace's
-//! rule, or the rule changed since), and that key must go with the pod too. A fetch already
-//! under way when the pod goes re-inserts its key when it completes, so the session is
-//! forgotten once more after `--sts-timeout`, the longest a fetch can take: no fetch for the
-//! pod can start after it left the index.
+//! rule, or the rule changed since), and that key must go with the pod too, even when its
+//! fetch is still under way (the cache takes such a key back once the fetch completes).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use super::{CredentialCache, CredentialKey};
 use crate::cluster::{Change, NamespaceStore};
@@ -28,50 +24,17 @@ pub struct Prefetcher {
     keys: HashMap<String, CredentialKey>,
     /// The session of every live pod (by uid), with or without a role.
     sessions: HashMap<String, String>,
-    /// Sessions of departed pods to forget again once fetches under way have ended, in order.
-    retiring: VecDeque<(Instant, String)>,
-    /// The longest a fetch can take (`--sts-timeout`).
-    fetch_bound: Duration,
 }
 
 impl Prefetcher {
-    pub fn new(
-        cache: Arc<CredentialCache>,
-        policy: Arc<Policy>,
-        namespaces: Option<Arc<NamespaceStore>>,
-        fetch_bound: Duration,
-    ) -> Self {
-        let (keys, sessions, retiring) = (HashMap::new(), HashMap::new(), VecDeque::new());
-        Self { cache, policy, namespaces, keys, sessions, retiring, fetch_bound }
+    pub fn new(cache: Arc<CredentialCache>, policy: Arc<Policy>, namespaces: Option<Arc<NamespaceStore>>) -> Self {
+        Self { cache, policy, namespaces, keys: HashMap::new(), sessions: HashMap::new() }
     }
 
     /// Applies changes until the sender is dropped.
     pub async fn run(mut self, mut changes: mpsc::UnboundedReceiver<Change>) {
-        loop {
-            let next = self.retiring.front().map(|(due, _)| *due);
-            tokio::select! {
-                change = changes.recv() => match change {
-                    Some(change) => self.apply(change).await,
-                    None => return,
-                },
-                () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
-                    self.retire_due().await;
-                }
-            }
-        }
-    }
-
-    /// Forgets, once more, the sessions of pods gone long enough for every fetch to have ended.
-    async fn retire_due(&mut self) {
-        let now = Instant::now();
-        while let Some((due, session)) = self.retiring.front().cloned() {
-            if due > now {
-                break;
-            }
-            self.retiring.pop_front();
-            if !self.sessions.values().any(|s| *s == session) {
-                self.cache.forget_session(&session, None).await;
-            }
+        while let Some(change) = changes.recv().await {
+            self.apply(change).await;
         }
     }
 
@@ -104,7 +67,6 @@ impl Prefetcher {
                     && !self.shared(&pod.uid, &session)
                 {
                     self.cache.forget_session(&session, None).await;
-                    self.retiring.push_back((Instant::now() + self.fetch_bound, session));
                 }
             }
         }
