@@ -121,17 +121,13 @@ pub fn classify<'a>(path: &'a str, allow: &AllowList) -> Route<'a> {
     if path == "/latest/api/token" {
         return Route::Token;
     }
-    // Whatever the first segment is (a version, in IMDS), rules 2 and 3 apply to the rest.
-    // Compared in lower case, so no letter-case variant slips through; canonical paths are
-    // ASCII, so offsets are the same in both.
-    let lower = path.to_ascii_lowercase();
-    if let Some(offset) = lower[1..].find('/').map(|i| i + 2) {
-        let rest = &lower[offset..];
-        if let Some(after) = rest.strip_prefix(CREDENTIALS) {
-            let name = &path[offset + CREDENTIALS.len()..];
+    // Whatever the first segment is (a version, in IMDS), rules 2 and 3 apply to the rest, in
+    // any letter case, so no case variant slips through.
+    if let Some((_, rest)) = path[1..].split_once('/') {
+        if let Some(after) = strip_prefix_ignore_case(rest, CREDENTIALS) {
             return match after {
                 "" | "/" => Route::RoleName,
-                _ => match name[1..].strip_suffix('/').unwrap_or(&name[1..]) {
+                _ => match after[1..].strip_suffix('/').unwrap_or(&after[1..]) {
                     name if after.starts_with('/') && !name.contains('/') => Route::Credentials(name),
                     _ => Route::NotAllowed,
                 },
@@ -144,7 +140,7 @@ pub fn classify<'a>(path: &'a str, allow: &AllowList) -> Route<'a> {
     if allow.is_match(path) { Route::Proxy } else { Route::NotAllowed }
 }
 
-/// Rule 3, on the path after its version segment, in lower case, without a trailing slash.
+/// Rule 3, on the path after its version segment, without a trailing slash, in any case.
 fn is_sensitive(rest: &str) -> bool {
     const EXACT: &[&str] = &["meta-data/iam/info", "api/token"];
     const TREES: &[&str] = &[
@@ -154,8 +150,16 @@ fn is_sensitive(rest: &str) -> bool {
         "dynamic/instance-identity/signature",
         "dynamic/instance-identity/rsa2048",
     ];
-    EXACT.contains(&rest)
-        || TREES.iter().any(|tree| rest.strip_prefix(tree).is_some_and(|r| r.is_empty() || r.starts_with('/')))
+    EXACT.iter().any(|exact| rest.eq_ignore_ascii_case(exact))
+        || TREES
+            .iter()
+            .any(|tree| strip_prefix_ignore_case(rest, tree).is_some_and(|r| r.is_empty() || r.starts_with('/')))
+}
+
+/// `text` without `prefix`, compared in any ASCII letter case.
+fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
 }
 
 /// Absolute, no empty or dot segments (a trailing slash is fine), printable ASCII, no escapes.
