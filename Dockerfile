@@ -4,6 +4,10 @@
 # metadata address made before iamlet's rules.
 
 FROM rust:1.95-slim-bookworm AS build
+# make builds jemalloc, the agent's allocator (the slim image has gcc, not make).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -15,8 +15,8 @@
 //!    credentials, with 110 pods (during a rolling update pods are refused for that long);
 //! 7. exhaustion: slow-header connections, a flood from unknown IPs and one pod opening
 //!    connections in a loop, while a known pod keeps asking: its latency, refusals, RSS;
-//! 8. churn: three cycles of 1,000 pods created, given credentials and deleted: RSS after each
-//!    (growth from one cycle to the next is the leak signal).
+//! 8. churn: three cycles of 1,000 pods created, given credentials and deleted: RSS after each,
+//!    at once and settled, against the settled baseline (what stays above it is the leak signal).
 //!
 //! It prints a table and writes target/bench/load.json. `--quick` shortens every phase.
 
@@ -564,9 +564,21 @@ async fn bench(d: Durations) {
     );
     report["exhaustion"] = hostile;
 
-    let churn = churn_rss(&api, &agent).await;
-    println!("churn, 3 cycles of 1,000 pods created and deleted: RSS {churn:.1?} MiB (before, then after each cycle)");
-    report["churn_rss_mib"] = json!(churn);
+    let churn = churn(&api, &agent).await;
+    let mib = |key: &str| -> Vec<String> {
+        let pairs: Vec<(f64, f64)> = serde_json::from_value(churn[key].clone()).unwrap_or_default();
+        pairs.iter().map(|(rss, anon)| format!("{rss:.1} ({anon:.1})")).collect()
+    };
+    let baseline: (f64, f64) = serde_json::from_value(churn["baseline_mib"].clone()).unwrap_or_default();
+    println!(
+        "churn, 3 cycles of 1,000 pods created and deleted: RSS (anonymous) MiB: baseline {:.1} ({:.1}); \
+         after each cycle at once {}; settled {}",
+        baseline.0,
+        baseline.1,
+        mib("at_once_mib").join(", "),
+        mib("settled_mib").join(", ")
+    );
+    report["churn"] = churn;
 
     let gaps = restart_gap(&api, &sts, &imds, agent, NODE_PODS, d.restarts).await;
     let median = gaps[gaps.len() / 2];
@@ -663,14 +675,18 @@ async fn exhaustion(agent: &Agent) -> Value {
            "known_errors": errors, "refused": refused, "rss_mib": rss})
 }
 
-/// RSS before and after each of three cycles in which 1,000 pods appear (their credentials
-/// are prefetched) and are deleted, back to the pods the node had.
-async fn churn_rss(api: &apiserver::FakeApiServer, agent: &Agent) -> Vec<f64> {
+/// Memory over pod churn: three cycles in which 1,000 pods appear (their credentials are
+/// prefetched) and are deleted, back to the pods the node had. RSS (all, anonymous) settled
+/// before the first cycle, then after each: at once, and settled (freed pages go back to the
+/// kernel a few seconds after a burst). Settled figures above the baseline are the leak signal.
+async fn churn(api: &apiserver::FakeApiServer, agent: &Agent) -> Value {
     const PODS: usize = 1000;
+    const CYCLES: usize = 3;
     let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
     let base = agent.metric("iamlet_pods_indexed").await;
-    let mut rss = vec![agent.rss_mib().0];
-    for cycle in 0..3 {
+    let baseline = settled_rss(agent).await;
+    let (mut at_once, mut settled) = (Vec::new(), Vec::new());
+    for cycle in 0..CYCLES {
         let before = agent.metric(fetched).await;
         let names: Vec<String> = (0..PODS).map(|i| format!("churn-{cycle}-{i}")).collect();
         for (i, name) in names.iter().enumerate() {
@@ -689,9 +705,28 @@ async fn churn_rss(api: &apiserver::FakeApiServer, agent: &Agent) -> Vec<f64> {
             assert!(started.elapsed() < Duration::from_secs(180), "churn deletions not seen");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        rss.push(agent.rss_mib().0);
+        at_once.push(agent.rss_mib());
+        settled.push(settled_rss(agent).await);
     }
-    rss
+    json!({"pods_per_cycle": PODS, "baseline_mib": baseline, "at_once_mib": at_once, "settled_mib": settled})
+}
+
+/// RSS (all, anonymous) once it has stopped falling: sampled every second until five samples
+/// in a row bring no new low, at most a minute.
+async fn settled_rss(agent: &Agent) -> (f64, f64) {
+    let started = Instant::now();
+    let mut low = agent.rss_mib();
+    let mut samples_since_low = 0;
+    while samples_since_low < 5 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = agent.rss_mib();
+        if now.0 < low.0 - 0.05 {
+            (low, samples_since_low) = (now, 0);
+        } else {
+            samples_since_low += 1;
+        }
+    }
+    low
 }
 
 /// Replaces `agent` `restarts` times, as a rolling update does: SIGTERM, then a successor on

@@ -5,6 +5,15 @@ use std::process::ExitCode;
 use clap::Parser;
 use iamlet::cli::{Cli, Command, LogFormat};
 
+/// jemalloc, with its background threads returning freed pages to the kernel after a few
+/// seconds: pod churn (a node's pods replaced in bulk, thousands of watch events and STS
+/// answers parsed) leaves RSS back at its baseline. glibc's malloc kept ~14 MiB of such
+/// bursts resident for good, spread over its per-thread arenas (see the benchmark's churn
+/// phase, and the README's "Memory").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
