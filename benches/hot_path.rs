@@ -6,12 +6,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use iamlet::cluster::{PodIdentity, PodIndex};
+use iamlet::cluster::PodIndex;
 use iamlet::credentials::{Credentials, Issued};
 use iamlet::imds::TokenIssuer;
 use iamlet::imds::render;
 use iamlet::imds::routes::classify;
+use iamlet::pod::PodIdentity;
 use iamlet::policy::{BaseArn, Policy};
+use iamlet::resolve::{Resolver, SessionRules};
 
 fn ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, (i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))
@@ -53,9 +55,10 @@ fn hot_path(c: &mut Criterion) {
         restrictions: None,
         account: None,
     };
+    let resolver = Resolver::new(std::sync::Arc::new(policy), None, SessionRules::new(Duration::from_secs(1800)));
     let identity = pod(1);
-    c.bench_function("policy resolve (bare role name)", |b| {
-        b.iter(|| black_box(policy.resolve(black_box(&identity), None)))
+    c.bench_function("resolve (bare role name, credential key included)", |b| {
+        b.iter(|| black_box(resolver.resolve(black_box(&identity))))
     });
 
     let issued = Issued::new(

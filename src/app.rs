@@ -26,6 +26,7 @@ use crate::netfilter::coverage::Probe;
 use crate::netfilter::lifecycle::{self, Decision, KeepOnExit};
 use crate::netfilter::{NodeRules, RuleKeeper, RulesState};
 use crate::policy::{BaseArn, Policy, RoleArn};
+use crate::resolve::{Resolver, SessionRules};
 
 /// How often every cached credential is checked for a due refresh.
 const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
@@ -120,10 +121,11 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         "policy ready"
     );
 
-    if let (used, true) = crate::credentials::refresh_before(config.session_ttl) {
+    let sessions = SessionRules::new(config.session_ttl);
+    if let Some(requested) = sessions.lowered_from() {
         tracing::warn!(
-            requested = %humantime::format_duration(config.session_ttl),
-            used = %humantime::format_duration(used),
+            requested = %humantime::format_duration(requested),
+            used = %humantime::format_duration(sessions.refresh_before()),
             "--iam-role-session-ttl is lowered: STS caps role-chained sessions (an instance profile's, IRSA's) at 1h \
              and sessions last twice the TTL; credentials are refreshed with this much left"
         );
@@ -151,7 +153,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let credentials = CredentialCache::new(
         deps.sts,
         CacheSettings {
-            refresh_before: crate::credentials::refresh_before(config.session_ttl).0,
+            sessions,
             error_ttl: config.error_ttl,
             sts_timeout: config.sts_timeout,
             capacity: 20_000,
@@ -198,16 +200,16 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         let sink = NamespaceSink { store: store.clone(), rules, listing: Vec::new() };
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
-    let prefetcher = Prefetcher::new(credentials.clone(), policy.clone(), namespaces.clone());
+    let resolver = Arc::new(Resolver::new(policy, namespaces.clone(), sessions));
+    let prefetcher = Prefetcher::new(credentials.clone(), resolver.clone());
     background.spawn(prefetcher.run(changes_rx));
     let (refresher, live_pods) = (credentials.clone(), pods.clone());
     background.spawn(async move {
         let mut ticks = tokio::time::interval(REFRESH_SCAN_PERIOD);
         loop {
             ticks.tick().await;
-            let live: std::collections::HashSet<String> = live_pods.read(|index| {
-                index.pods().map(|pod| crate::credentials::session_name(&pod.namespace, &pod.name)).collect()
-            });
+            let live: std::collections::HashSet<String> =
+                live_pods.read(|index| index.pods().map(|pod| sessions.name(pod)).collect());
             refresher.refresh_due(|session| live.contains(session)).await;
         }
     });
@@ -219,8 +221,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     });
     let imds = Arc::new(ImdsService {
         pods: pods.clone(),
-        namespaces: namespaces.clone(),
-        policy,
+        resolver,
         credentials: credentials.clone(),
         tokens: TokenIssuer::new(),
         upstream,

@@ -5,6 +5,7 @@
 //! agree), using the same flags and the same policy code as the agent.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -12,12 +13,13 @@ use kube::Api;
 
 use crate::StartupError;
 use crate::cli::Config;
-use crate::cluster::{AnnotationKeys, NamespaceRules, PodIdentity};
-use crate::credentials::{AwsSts, CredentialKey, RoleAssumer};
+use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore};
+use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
 use crate::netfilter::coverage::Routes;
 use crate::netfilter::{InterfaceSetting, cni};
-use crate::policy::{Assignment, Policy, RoleSource};
+use crate::policy::{Assignment, RoleSource};
+use crate::resolve::{CredentialKey, Resolved, Resolver, SessionRules};
 
 /// What `explain` found, line by line, and its verdict.
 #[derive(Debug)]
@@ -41,14 +43,9 @@ impl Explanation {
     }
 }
 
-/// Explains `pod` (and its `namespace`, when restrictions are on). Pure.
-pub fn explain(
-    pod: &Pod,
-    namespace: Option<&Namespace>,
-    policy: &Policy,
-    keys: &AnnotationKeys,
-    rules: Option<&NamespaceRules>,
-) -> Explanation {
+/// Explains `pod` as `resolver` sees it: with restrictions on, its namespace store holds the
+/// pod's namespace, whose `namespace_key` annotation is read. Pure.
+pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_key: Option<&str>) -> Explanation {
     let mut lines = Vec::new();
     let name =
         format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or("?"), pod.metadata.name.as_deref().unwrap_or("?"));
@@ -57,7 +54,7 @@ pub fn explain(
         "node",
         pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| "(not scheduled)".into()),
     ));
-    let Some(identity) = PodIdentity::from_pod(pod, keys) else {
+    let Some(identity) = crate::cluster::identity(pod, keys) else {
         let reason = "iamlet never serves this pod: it is on the host network or has finished".to_string();
         lines.push(("served", reason.clone()));
         return Explanation { lines, verdict: Err(reason), key: None };
@@ -71,13 +68,10 @@ pub fn explain(
             None => format!("{} is not set", keys.role),
         },
     ));
-    let rule = match (rules, namespace) {
-        (Some(rules), Some(ns)) => rules.rule_of(ns),
-        _ => None,
-    };
-    let verdict = policy.resolve(&identity, rule.as_ref());
-    match &verdict {
-        Ok(assignment) => {
+    let rule = resolver.namespace_rule(&identity.namespace);
+    let resolved = resolver.resolve(&identity);
+    match &resolved {
+        Ok(Resolved { assignment, .. }) => {
             let source = match assignment.source {
                 RoleSource::Annotation => "from the annotation",
                 RoleSource::DefaultRole => "the default role (--default-role)",
@@ -88,23 +82,25 @@ pub fn explain(
     }
     lines.push((
         "namespace",
-        match (rules, &verdict) {
+        match (namespace_key, &resolved) {
             (None, _) => "restrictions off (--namespace-restrictions not set)".into(),
-            (Some(rules), Ok(assignment)) => {
-                format!("allowed by {:?} in {}", assignment.allowed_by.as_deref().unwrap_or_default(), rules.annotation)
+            (Some(annotation), Ok(Resolved { assignment, .. })) => {
+                format!("allowed by {:?} in {annotation}", assignment.allowed_by.as_deref().unwrap_or_default())
             }
-            (Some(rules), Err(_)) => match &rule {
+            (Some(annotation), Err(_)) => match rule.as_deref() {
                 Some(Ok(allowed)) => format!(
-                    "{} lists {:?}",
-                    rules.annotation,
+                    "{annotation} lists {:?}",
                     allowed.entries.iter().map(|e| e.source.as_str()).collect::<Vec<_>>()
                 ),
-                Some(Err(error)) => format!("{} is malformed: {error}", rules.annotation),
-                None => format!("{} is not set: no role is allowed", rules.annotation),
+                Some(Err(error)) => format!("{annotation} is malformed: {error}"),
+                None => format!("{annotation} is not set: no role is allowed"),
             },
         },
     ));
-    let key = verdict.as_ref().ok().map(|assignment| CredentialKey::for_pod(&identity, assignment));
+    let (verdict, key) = match resolved {
+        Ok(Resolved { assignment, key }) => (Ok(assignment), Some(key)),
+        Err(denial) => (Err(denial.to_string()), None),
+    };
     if let Some(key) = &key {
         lines.push((
             "external id",
@@ -112,7 +108,7 @@ pub fn explain(
         ));
         lines.push(("session name", key.session_name.to_string()));
     }
-    Explanation { lines, verdict: verdict.map_err(|denial| denial.to_string()), key }
+    Explanation { lines, verdict, key }
 }
 
 /// Parses `namespace/name`.
@@ -135,28 +131,32 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
     let upstream = UpstreamImds::new(config.metadata_authority.clone(), Duration::from_secs(2));
     let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await;
     let policy = crate::app::discover_policy(config, &upstream, &sts).await?;
-    let rules = config.namespace_restrictions.map(|format| NamespaceRules {
-        annotation: config.namespace_annotation.clone(),
-        format,
-        base: policy.base.clone(),
-        account: policy.account.clone(),
-    });
-    let ns_object = match rules {
-        Some(_) => Some(
-            Api::<Namespace>::all(client)
+    let namespaces = match config.namespace_restrictions {
+        Some(format) => {
+            let rules = NamespaceRules {
+                annotation: config.namespace_annotation.clone(),
+                format,
+                base: policy.base.clone(),
+                account: policy.account.clone(),
+            };
+            let object = Api::<Namespace>::all(client)
                 .get(namespace)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?,
-        ),
+                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
+            let store = NamespaceStore::new();
+            store.set(namespace, rules.rule_of(&object));
+            Some(store)
+        }
         None => None,
     };
+    let resolver = Resolver::new(Arc::new(policy), namespaces, SessionRules::new(config.session_ttl));
     let keys =
         AnnotationKeys { role: config.role_annotation.clone(), external_id: config.external_id_annotation.clone() };
-    let mut explanation = explain(&pod, ns_object.as_ref(), &policy, &keys, rules.as_ref());
+    let namespace_key = config.namespace_restrictions.map(|_| config.namespace_annotation.as_str());
+    let mut explanation = explain(&pod, &resolver, &keys, namespace_key);
     let mut ok = explanation.verdict.is_ok();
     if check_sts && let Some(key) = explanation.key.clone() {
-        let duration = crate::credentials::session_duration(crate::credentials::refresh_before(config.session_ttl).0);
-        let line = match sts.assume_role(&key, duration).await {
+        let line = match sts.assume_role(&key, resolver.sessions().duration()).await {
             Ok(credentials) => format!(
                 "AssumeRole succeeded; credentials valid until {}",
                 humantime::format_rfc3339_seconds(credentials.expiration)
@@ -227,7 +227,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::policy::{BaseArn, RestrictionFormat};
+    use crate::policy::{BaseArn, Policy, RestrictionFormat};
 
     fn keys() -> AnnotationKeys {
         AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
@@ -240,6 +240,10 @@ mod tests {
             restrictions: None,
             account: None,
         }
+    }
+
+    fn resolver(policy: Policy, namespaces: Option<Arc<NamespaceStore>>) -> Resolver {
+        Resolver::new(Arc::new(policy), namespaces, SessionRules::new(Duration::from_secs(1800)))
     }
 
     fn pod(annotations: serde_json::Value) -> Pod {
@@ -255,8 +259,7 @@ mod tests {
     fn explains_an_annotated_pod() {
         let report = explain(
             &pod(json!({"iam.amazonaws.com/role": "app", "iam.amazonaws.com/external-id": "x-1"})),
-            None,
-            &policy(),
+            &resolver(policy(), None),
             &keys(),
             None,
         );
@@ -278,7 +281,7 @@ mod tests {
 
     #[test]
     fn explains_why_not() {
-        let report = explain(&pod(json!({})), None, &policy(), &keys(), None);
+        let report = explain(&pod(json!({})), &resolver(policy(), None), &keys(), None);
         assert!(report.verdict.unwrap_err().contains("no role annotation"));
 
         let mut restricted = policy();
@@ -293,8 +296,14 @@ mod tests {
             json!({"metadata": {"name": "shop", "annotations": {"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}}}),
         )
         .unwrap();
-        let report =
-            explain(&pod(json!({"iam.amazonaws.com/role": "app"})), Some(&ns), &restricted, &keys(), Some(&rules));
+        let store = NamespaceStore::new();
+        store.set("shop", rules.rule_of(&ns));
+        let report = explain(
+            &pod(json!({"iam.amazonaws.com/role": "app"})),
+            &resolver(restricted, Some(store)),
+            &keys(),
+            Some("iam.amazonaws.com/allowed-roles"),
+        );
         assert!(report.verdict.is_err());
         assert!(
             report.render().contains("namespace:  iam.amazonaws.com/allowed-roles lists [\"batch-*\"]"),

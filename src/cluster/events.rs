@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tokio::sync::mpsc;
 
-use super::PodIdentity;
+use crate::pod::PodIdentity;
 
 /// The API server's limit on an event's note, in bytes.
 const MAX_NOTE: usize = 1024;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::pod::PodIdentity;
+use crate::pod::PodIdentity;
 
 /// What an update did, so the caller can prefetch for new pods and forget removed ones.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,5 +17,5 @@ pub mod watch;
 pub use events::{PodEvents, Reason};
 pub use index::{Change, PodIndex};
 pub use namespaces::{NamespaceRules, NamespaceStore};
-pub use pod::{AnnotationKeys, PodIdentity};
+pub use pod::{AnnotationKeys, identity};
 pub use store::PodStore;

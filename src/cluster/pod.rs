@@ -1,11 +1,10 @@
-//! What iamlet keeps of a pod: the few fields that decide its role, not the whole object.
-//!
-//! Keeping only these (and only the two annotations policy reads, never e.g.
-//! `kubectl.kubernetes.io/last-applied-configuration`) keeps memory flat on busy nodes.
+//! From a pod object to the [`PodIdentity`] iamlet keeps of it.
 
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
+
+use crate::pod::PodIdentity;
 
 /// The annotation keys policy reads; everything else on a pod is dropped.
 #[derive(Debug, Clone)]
@@ -14,82 +13,46 @@ pub struct AnnotationKeys {
     pub external_id: String,
 }
 
-/// A pod as the index sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodIdentity {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub service_account: String,
-    /// Every address in `status.podIPs` (dual stack), or `status.podIP` alone on old servers.
-    pub ips: Vec<IpAddr>,
-    pub role_annotation: Option<String>,
-    pub external_id: Option<String>,
-    /// `metadata.creationTimestamp` in seconds since the epoch; newer wins on IP reuse.
-    pub created: i64,
-    /// `metadata.deletionTimestamp` is set: the pod is going away.
-    pub terminating: bool,
-    /// Every container has terminated (`status.containerStatuses[*].state.terminated`).
-    /// With `terminating`, the pod has released its IP: the CNI may already have given it to
-    /// a new pod whose update the watch has not delivered yet.
-    pub stopped: bool,
-    /// `status.phase` is Running.
-    pub running: bool,
-}
-
-impl PodIdentity {
-    /// The identity of a pod that may be served, or `None` for a pod that never is: one on
-    /// the host network (its IP is the node's), one that has finished (Succeeded or Failed,
-    /// whose IP may already belong to another pod), or one without a uid.
-    pub fn from_pod(pod: &Pod, keys: &AnnotationKeys) -> Option<Self> {
-        let meta = &pod.metadata;
-        let uid = meta.uid.clone()?;
-        let spec = pod.spec.as_ref();
-        if spec.and_then(|s| s.host_network).unwrap_or(false) {
-            return None;
-        }
-        let status = pod.status.as_ref();
-        let phase = status.and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
-            return None;
-        }
-        let mut ips: Vec<IpAddr> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .map(|list| list.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
-            .unwrap_or_default();
-        if ips.is_empty()
-            && let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok())
-        {
-            ips.push(ip);
-        }
-        let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).map(|v| v.trim().to_string());
-        Some(Self {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
-            uid,
-            service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
-            ips,
-            role_annotation: annotation(&keys.role),
-            external_id: annotation(&keys.external_id),
-            created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
-            terminating: meta.deletion_timestamp.is_some(),
-            stopped: status.and_then(|s| s.container_statuses.as_deref()).is_some_and(|all| {
-                !all.is_empty() && all.iter().all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
-            }),
-            running: phase == Some("Running"),
-        })
+/// The identity of a pod that may be served, or `None` for a pod that never is: one on the
+/// host network (its IP is the node's), one that has finished (Succeeded or Failed, whose IP
+/// may already belong to another pod), or one without a uid.
+pub fn identity(pod: &Pod, keys: &AnnotationKeys) -> Option<PodIdentity> {
+    let meta = &pod.metadata;
+    let uid = meta.uid.clone()?;
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        return None;
     }
-
-    /// Whether the pod still owns its IPs: a terminating pod whose containers have all
-    /// stopped does not (its graceful shutdown is over; the address may be reused).
-    pub fn owns_its_ips(&self) -> bool {
-        !(self.terminating && self.stopped)
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
     }
-
-    /// `namespace/name`, for logs and messages.
-    pub fn qualified_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|list| list.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if ips.is_empty()
+        && let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
     }
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).map(|v| v.trim().to_string());
+    Some(PodIdentity {
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid,
+        service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+        ips,
+        role_annotation: annotation(&keys.role),
+        external_id: annotation(&keys.external_id),
+        created: meta.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
+        terminating: meta.deletion_timestamp.is_some(),
+        stopped: status.and_then(|s| s.container_statuses.as_deref()).is_some_and(|all| {
+            !all.is_empty() && all.iter().all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+        }),
+        running: phase == Some("Running"),
+    })
 }
 
 #[cfg(test)]
@@ -107,7 +70,7 @@ mod tests {
 
     #[test]
     fn keeps_the_fields_that_decide_the_role() {
-        let identity = PodIdentity::from_pod(
+        let identity = identity(
             &pod(json!({
                 "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
                     "creationTimestamp": "2026-01-01T00:00:10Z",
@@ -139,24 +102,20 @@ mod tests {
         };
         let terminated = json!({"terminated": {"exitCode": 0}});
         let running = json!({"running": {}});
-        let stopped = PodIdentity::from_pod(
-            &status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": terminated}])),
-            &keys(),
-        )
-        .unwrap();
+        let stopped =
+            identity(&status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": terminated}])), &keys())
+                .unwrap();
         assert!(stopped.stopped && !stopped.owns_its_ips());
-        let draining = PodIdentity::from_pod(
-            &status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": running}])),
-            &keys(),
-        )
-        .unwrap();
+        let draining =
+            identity(&status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": running}])), &keys())
+                .unwrap();
         assert!(!draining.stopped && draining.owns_its_ips(), "graceful shutdown needs credentials");
-        assert!(PodIdentity::from_pod(&status(json!([])), &keys()).unwrap().owns_its_ips());
+        assert!(identity(&status(json!([])), &keys()).unwrap().owns_its_ips());
     }
 
     #[test]
     fn falls_back_to_pod_ip() {
-        let identity = PodIdentity::from_pod(
+        let identity = identity(
             &pod(json!({"metadata": {"name": "a", "namespace": "n", "uid": "u"},
                          "status": {"phase": "Pending", "podIP": "10.0.0.9"}})),
             &keys(),
@@ -175,7 +134,7 @@ mod tests {
             json!({"metadata": {"name": "a", "namespace": "n", "uid": "u"}, "status": {"phase": "Failed", "podIP": "10.0.0.1"}}),
             json!({"metadata": {"name": "a", "namespace": "n"}, "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
         ] {
-            assert!(PodIdentity::from_pod(&pod(value.clone()), &keys()).is_none(), "{value}");
+            assert!(identity(&pod(value.clone()), &keys()).is_none(), "{value}");
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::index::{Change, PodIndex};
-use super::pod::PodIdentity;
+use crate::pod::PodIdentity;
 
 /// The pods of this node, shared by the watch task (writer) and requests (readers).
 #[derive(Debug)]

@@ -17,9 +17,10 @@ use tokio::sync::mpsc;
 use super::health::WatchHealth;
 use super::index::Change;
 use super::namespaces::{NamespaceRules, NamespaceStore};
-use super::pod::{AnnotationKeys, PodIdentity};
+use super::pod::{AnnotationKeys, identity};
 use super::store::PodStore;
 use crate::metrics::Metrics;
+use crate::pod::PodIdentity;
 use crate::policy::NamespaceRule;
 
 /// Where the events of one watch go.
@@ -98,7 +99,7 @@ impl PodSink {
 
 impl WatchSink<Pod> for PodSink {
     fn apply(&mut self, pod: Pod) {
-        let change = match PodIdentity::from_pod(&pod, &self.keys) {
+        let change = match identity(&pod, &self.keys) {
             Some(identity) => self.store.update(|index| index.upsert(identity)),
             // Finished or host-network now: it may have been indexed before.
             None => self.store.update(|index| index.remove(&pod.uid().unwrap_or_default())),
@@ -116,7 +117,7 @@ impl WatchSink<Pod> for PodSink {
     }
 
     fn init_apply(&mut self, pod: Pod) {
-        self.listing.extend(PodIdentity::from_pod(&pod, &self.keys));
+        self.listing.extend(identity(&pod, &self.keys));
     }
 
     fn init_done(&mut self) {

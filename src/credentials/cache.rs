@@ -8,19 +8,20 @@ use std::time::{Duration, Instant, SystemTime};
 use moka::Expiry;
 use moka::future::Cache;
 
+use super::Issued;
 use super::sts::{RoleAssumer, StsError};
-use super::{CredentialKey, Issued};
 use crate::metrics::{Metrics, StsLabels};
+use crate::resolve::{CredentialKey, SessionRules};
 
 /// Credentials closer to expiry than this are never handed out, even while STS is failing.
 const MIN_VALIDITY: Duration = Duration::from_secs(60);
 
-/// How the cache behaves; from `--iam-role-session-ttl`, `--iam-role-error-ttl`, `--sts-timeout`.
+/// How the cache behaves; from `--iam-role-session-ttl`, `--iam-role-error-ttl`, `--sts-timeout`
+/// and `--sts-concurrency`.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSettings {
-    /// Refresh once less than this remains. Sessions are asked for twice as long, so what a
-    /// pod receives always has more than this left while STS is healthy.
-    pub refresh_before: Duration,
+    /// How long sessions last and when they are refreshed.
+    pub sessions: SessionRules,
     /// How long a failed AssumeRole is remembered (zero: not at all).
     pub error_ttl: Duration,
     /// Longest wait for one AssumeRole.
@@ -30,29 +31,6 @@ pub struct CacheSettings {
     /// Most AssumeRole calls in flight at once: a node full of new pods (or a restart on a
     /// busy node) prefetches without a burst of connections or STS throttling.
     pub max_concurrent_sts: usize,
-}
-
-/// The longest session STS grants when the caller's credentials are themselves a role's (an
-/// instance profile, IRSA, an intermediate role): role chaining caps `DurationSeconds` at 1 h,
-/// and asking for more fails every call.
-pub const MAX_CHAINED_SESSION: Duration = Duration::from_secs(3600);
-
-/// The refresh point for `--iam-role-session-ttl`: sessions are twice as long, so a TTL above
-/// half the role-chaining cap is lowered to it. Returns the TTL used and whether it was lowered.
-pub fn refresh_before(session_ttl: Duration) -> (Duration, bool) {
-    let most = MAX_CHAINED_SESSION / 2;
-    (session_ttl.min(most), session_ttl > most)
-}
-
-/// The `DurationSeconds` asked of STS for a refresh point: twice as long, never above the cap.
-pub fn session_duration(refresh_before: Duration) -> Duration {
-    (refresh_before * 2).min(MAX_CHAINED_SESSION)
-}
-
-impl CacheSettings {
-    pub fn session_duration(&self) -> Duration {
-        session_duration(self.refresh_before)
-    }
 }
 
 /// Why no credentials could be handed out.
@@ -218,7 +196,7 @@ impl CredentialCache {
     }
 
     fn refresh_if_due(self: &Arc<Self>, key: &CredentialKey, issued: &Issued) {
-        if issued.remaining(SystemTime::now()) >= self.settings.refresh_before {
+        if issued.remaining(SystemTime::now()) >= self.settings.sessions.refresh_before() {
             return;
         }
         if !self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
@@ -251,7 +229,7 @@ impl CredentialCache {
     async fn fetch(&self, key: &CredentialKey) -> Result<Arc<Issued>, StsError> {
         let _permit = self.sts_permits.acquire().await.expect("the semaphore is never closed");
         let started = Instant::now();
-        let duration = self.settings.session_duration();
+        let duration = self.settings.sessions.duration();
         let call = self.assumer.assume_role(key, duration);
         let result = match tokio::time::timeout(self.settings.sts_timeout, call).await {
             Ok(result) => result,
@@ -309,33 +287,6 @@ impl Drop for Fetching<'_> {
                 in_flight.remove(&self.session);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod cap_tests {
-    use super::*;
-
-    #[test]
-    fn sessions_never_exceed_the_role_chaining_cap() {
-        let settings = |ttl| CacheSettings {
-            refresh_before: refresh_before(ttl).0,
-            error_ttl: Duration::ZERO,
-            sts_timeout: Duration::from_secs(5),
-            capacity: 10,
-            max_concurrent_sts: 1,
-        };
-        for minutes in [15, 20, 30, 45, 60, 360] {
-            let ttl = Duration::from_secs(minutes * 60);
-            let s = settings(ttl);
-            assert!(s.session_duration() <= MAX_CHAINED_SESSION, "{minutes}m");
-            assert!(s.refresh_before >= Duration::from_secs(15 * 60), "handed out outside the SDKs' refresh window");
-            assert!(s.refresh_before < s.session_duration(), "{minutes}m: a refresh point inside the session");
-            assert_eq!(refresh_before(ttl).1, minutes > 30);
-        }
-        assert_eq!(settings(Duration::from_secs(1800)).session_duration(), Duration::from_secs(3600));
-        assert_eq!(settings(Duration::from_secs(900)).session_duration(), Duration::from_secs(1800));
-        assert_eq!(session_duration(Duration::from_secs(7200)), MAX_CHAINED_SESSION, "whatever the refresh point");
     }
 }
 
@@ -398,7 +349,7 @@ mod tests {
 
     fn cache(sts: &Arc<FakeSts>, error_ttl: Duration) -> Arc<CredentialCache> {
         let settings = CacheSettings {
-            refresh_before: Duration::from_secs(1800),
+            sessions: SessionRules::new(Duration::from_secs(1800)),
             error_ttl,
             sts_timeout: Duration::from_secs(2),
             capacity: 100,
@@ -564,7 +515,7 @@ mod tests {
         // 100 ms timeout all succeed, though the last waits 300 ms for its turn.
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(60));
         let settings = CacheSettings {
-            refresh_before: Duration::from_secs(1800),
+            sessions: SessionRules::new(Duration::from_secs(1800)),
             error_ttl: Duration::ZERO,
             sts_timeout: Duration::from_millis(100),
             capacity: 100,
@@ -579,7 +530,7 @@ mod tests {
     async fn a_slow_sts_is_cut_off_at_the_timeout() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_secs(10));
         let settings = CacheSettings {
-            refresh_before: Duration::from_secs(1800),
+            sessions: SessionRules::new(Duration::from_secs(1800)),
             error_ttl: Duration::ZERO,
             sts_timeout: Duration::from_millis(100),
             capacity: 10,

@@ -7,31 +7,16 @@
 
 mod cache;
 mod prefetch;
-mod session;
 mod sts;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use cache::{
-    CacheSettings, CredentialCache, CredentialError, MAX_CHAINED_SESSION, refresh_before, session_duration,
-};
+pub use cache::{CacheSettings, CredentialCache, CredentialError};
 pub use prefetch::Prefetcher;
-pub use session::session_name;
 pub use sts::{AwsSts, RoleAssumer, StsError, global_endpoint};
-
-use crate::policy::RoleArn;
-
-/// What the cache is keyed by: the same role with another external ID or for another pod is
-/// another session (kube2iam keyed by role alone, #98 #128).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CredentialKey {
-    pub role: RoleArn,
-    pub external_id: Option<Arc<str>>,
-    pub session_name: Arc<str>,
-}
 
 /// Temporary credentials from AssumeRole.
 #[derive(Clone, PartialEq, Eq)]
@@ -73,16 +58,5 @@ impl Issued {
     /// The response body, rendered by `render` the first time only.
     pub fn rendered(&self, render: impl FnOnce(&Self) -> Bytes) -> Bytes {
         self.rendered.get_or_init(|| render(self)).clone()
-    }
-}
-
-impl CredentialKey {
-    /// The key of `pod` assuming its assigned role: the session is named after the pod.
-    pub fn for_pod(pod: &crate::cluster::PodIdentity, assignment: &crate::policy::Assignment) -> Self {
-        Self {
-            role: assignment.role.clone(),
-            external_id: assignment.external_id.as_deref().map(Into::into),
-            session_name: session_name(&pod.namespace, &pod.name).into(),
-        }
     }
 }

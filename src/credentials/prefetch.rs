@@ -11,15 +11,14 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{CredentialCache, CredentialKey};
-use crate::cluster::{Change, NamespaceStore};
-use crate::policy::Policy;
+use super::CredentialCache;
+use crate::cluster::Change;
+use crate::resolve::{CredentialKey, Resolver};
 
 /// Follows pod changes and keeps the cache's keys in step with the pods.
 pub struct Prefetcher {
-    pub cache: Arc<CredentialCache>,
-    pub policy: Arc<Policy>,
-    pub namespaces: Option<Arc<NamespaceStore>>,
+    cache: Arc<CredentialCache>,
+    resolver: Arc<Resolver>,
     /// The key each pod (by uid) was prefetched under.
     keys: HashMap<String, CredentialKey>,
     /// The session of every live pod (by uid), with or without a role.
@@ -27,8 +26,8 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn new(cache: Arc<CredentialCache>, policy: Arc<Policy>, namespaces: Option<Arc<NamespaceStore>>) -> Self {
-        Self { cache, policy, namespaces, keys: HashMap::new(), sessions: HashMap::new() }
+    pub fn new(cache: Arc<CredentialCache>, resolver: Arc<Resolver>) -> Self {
+        Self { cache, resolver, keys: HashMap::new(), sessions: HashMap::new() }
     }
 
     /// Applies changes until the sender is dropped.
@@ -41,10 +40,9 @@ impl Prefetcher {
     async fn apply(&mut self, change: Change) {
         match change {
             Change::Upserted(pod) => {
-                let session = super::session_name(&pod.namespace, &pod.name);
+                let session = self.resolver.sessions().name(&pod);
                 let first_sight = self.sessions.insert(pod.uid.clone(), session.clone()).is_none();
-                let rule = self.namespaces.as_ref().and_then(|store| store.rule(&pod.namespace));
-                let key = self.policy.resolve(&pod, rule.as_deref()).ok().map(|a| CredentialKey::for_pod(&pod, &a));
+                let key = self.resolver.resolve(&pod).ok().map(|resolved| resolved.key);
                 let old = match &key {
                     Some(key) => self.keys.insert(pod.uid.clone(), key.clone()),
                     None => self.keys.remove(&pod.uid),

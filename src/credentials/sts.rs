@@ -7,7 +7,8 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sts::config::{Region, timeout::TimeoutConfig};
 use futures::future::BoxFuture;
 
-use super::{CredentialKey, Credentials};
+use super::Credentials;
+use crate::resolve::CredentialKey;
 
 /// An AssumeRole failure, as STS (or the way to it) reported it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,11 +10,12 @@ use super::render;
 use super::routes::{AllowList, Route, classify};
 use super::token::{TokenIssuer, parse_ttl};
 use super::upstream::UpstreamImds;
-use crate::cluster::{NamespaceStore, PodEvents, PodIdentity, PodStore, Reason};
-use crate::credentials::{CredentialCache, CredentialError, CredentialKey};
+use crate::cluster::{PodEvents, PodStore, Reason};
+use crate::credentials::{CredentialCache, CredentialError};
 use crate::http::{Body, text};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
-use crate::policy::{Assignment, Policy};
+use crate::pod::PodIdentity;
+use crate::resolve::{Resolved, Resolver};
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -22,9 +23,7 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// Everything a metadata request needs.
 pub struct ImdsService {
     pub pods: Arc<PodStore>,
-    /// Present when namespace restrictions are on.
-    pub namespaces: Option<Arc<NamespaceStore>>,
-    pub policy: Arc<Policy>,
+    pub resolver: Arc<Resolver>,
     pub credentials: Arc<CredentialCache>,
     pub tokens: TokenIssuer,
     pub upstream: Arc<UpstreamImds>,
@@ -76,8 +75,8 @@ impl ImdsService {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         }
         match route {
-            Route::RoleName => match self.assignment(peer).await {
-                Ok((_, assignment)) => text(StatusCode::OK, assignment.role.name().to_string()),
+            Route::RoleName => match self.resolve(peer).await {
+                Ok((_, resolved)) => text(StatusCode::OK, resolved.assignment.role.name().to_string()),
                 Err(refusal) => refusal,
             },
             Route::Credentials(name) => self.credentials(peer, name).await,
@@ -131,8 +130,8 @@ impl ImdsService {
         }
     }
 
-    /// The pod behind `peer` and the role it may use, or the 404 that says why not.
-    async fn assignment(&self, peer: IpAddr) -> Result<(Arc<PodIdentity>, Assignment), Response<Body>> {
+    /// The pod behind `peer`, its role and credential key, or the 404 that says why not.
+    async fn resolve(&self, peer: IpAddr) -> Result<(Arc<PodIdentity>, Resolved), Response<Body>> {
         let Some(pod) = self.pods.wait_for(&peer, self.pod_wait).await else {
             tracing::info!(%peer, node = %self.node, "request from an IP with no known pod");
             return Err(text(
@@ -140,9 +139,8 @@ impl ImdsService {
                 format!("not found: no pod with IP {peer} is known on node {}\n", self.node),
             ));
         };
-        let rule = self.namespaces.as_ref().and_then(|store| store.rule(&pod.namespace));
-        match self.policy.resolve(&pod, rule.as_deref()) {
-            Ok(assignment) => Ok((pod, assignment)),
+        match self.resolver.resolve(&pod) {
+            Ok(resolved) => Ok((pod, resolved)),
             Err(denial) => {
                 tracing::info!(
                     namespace = %pod.namespace, pod = %pod.name, role = pod.role_annotation.as_deref().unwrap_or_default(),
@@ -157,7 +155,7 @@ impl ImdsService {
     }
 
     async fn credentials(&self, peer: IpAddr, requested: &str) -> Response<Body> {
-        let (pod, assignment) = match self.assignment(peer).await {
+        let (pod, Resolved { assignment, key }) = match self.resolve(peer).await {
             Ok(found) => found,
             Err(refusal) => return refusal,
         };
@@ -167,7 +165,6 @@ impl ImdsService {
                 format!("not found: this pod's role is {}, not {requested}\n", assignment.role.name()),
             );
         }
-        let key = CredentialKey::for_pod(&pod, &assignment);
         // Bounded: behind a queue of prefetches (a restart on a busy node) the answer may take
         // a while, and SDKs give up long before; the fetch itself goes on for the next try.
         let fetched = tokio::time::timeout(self.credential_wait, self.credentials.get(&key)).await;

@@ -10,7 +10,7 @@ use std::fmt;
 pub use arn::{ArnError, BaseArn, RoleArn};
 pub use namespace::{AllowedRole, AllowedRoles, AnnotationError, RestrictionFormat};
 
-use crate::cluster::PodIdentity;
+use crate::pod::PodIdentity;
 
 /// What the namespace annotation says, as the namespace cache holds it.
 pub type NamespaceRule = Result<AllowedRoles, AnnotationError>;
@@ -89,7 +89,7 @@ impl Policy {
 
     /// The role `pod` may use. `namespace_rule` is the pod namespace's annotation, if any;
     /// it only matters when restrictions are on, and then its absence allows nothing.
-    pub fn resolve(&self, pod: &PodIdentity, namespace_rule: Option<&NamespaceRule>) -> Result<Assignment, Denial> {
+    pub fn assign(&self, pod: &PodIdentity, namespace_rule: Option<&NamespaceRule>) -> Result<Assignment, Denial> {
         let (role, source) = match pod.role_annotation.as_deref().filter(|v| !v.trim().is_empty()) {
             Some(value) => (self.role_from_annotation(value)?, RoleSource::Annotation),
             None => (self.default_role.clone().ok_or(Denial::NoRole)?, RoleSource::DefaultRole),
@@ -146,9 +146,9 @@ mod tests {
     #[test]
     fn bare_names_join_the_base_and_arns_stay() {
         let p = policy();
-        assert_eq!(p.resolve(&pod(Some("app")), None).unwrap().role.as_str(), "arn:aws:iam::123456789012:role/app");
+        assert_eq!(p.assign(&pod(Some("app")), None).unwrap().role.as_str(), "arn:aws:iam::123456789012:role/app");
         let full = "arn:aws:iam::999999999999:role/other";
-        let assignment = p.resolve(&pod(Some(full)), None).unwrap();
+        let assignment = p.assign(&pod(Some(full)), None).unwrap();
         assert_eq!(assignment.role.as_str(), full);
         assert_eq!(assignment.source, RoleSource::Annotation);
     }
@@ -156,10 +156,10 @@ mod tests {
     #[test]
     fn no_annotation_uses_the_default_role_or_nothing() {
         let mut p = policy();
-        assert_eq!(p.resolve(&pod(None), None), Err(Denial::NoRole));
-        assert_eq!(p.resolve(&pod(Some("  ")), None), Err(Denial::NoRole));
+        assert_eq!(p.assign(&pod(None), None), Err(Denial::NoRole));
+        assert_eq!(p.assign(&pod(Some("  ")), None), Err(Denial::NoRole));
         p.default_role = Some(p.base.as_ref().unwrap().join("fallback").unwrap());
-        let assignment = p.resolve(&pod(None), None).unwrap();
+        let assignment = p.assign(&pod(None), None).unwrap();
         assert_eq!(assignment.role.name(), "fallback");
         assert_eq!(assignment.source, RoleSource::DefaultRole);
     }
@@ -167,10 +167,10 @@ mod tests {
     #[test]
     fn bad_annotations_are_denied_with_the_reason() {
         let mut p = policy();
-        assert!(matches!(p.resolve(&pod(Some("arn:aws:s3:::bucket")), None), Err(Denial::BadAnnotation { .. })));
-        assert!(matches!(p.resolve(&pod(Some("two words")), None), Err(Denial::BadAnnotation { .. })));
+        assert!(matches!(p.assign(&pod(Some("arn:aws:s3:::bucket")), None), Err(Denial::BadAnnotation { .. })));
+        assert!(matches!(p.assign(&pod(Some("two words")), None), Err(Denial::BadAnnotation { .. })));
         p.base = None;
-        let denial = p.resolve(&pod(Some("app")), None).unwrap_err();
+        let denial = p.assign(&pod(Some("app")), None).unwrap_err();
         assert!(denial.to_string().contains("--base-role-arn"), "{denial}");
     }
 
@@ -179,20 +179,20 @@ mod tests {
         let mut p = policy();
         p.restrictions = Some(RestrictionFormat::Glob);
         let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref(), None);
-        let assignment = p.resolve(&pod(Some("app-web")), Some(&rule)).unwrap();
+        let assignment = p.assign(&pod(Some("app-web")), Some(&rule)).unwrap();
         assert_eq!(assignment.allowed_by.as_deref(), Some("app*"));
-        assert!(matches!(p.resolve(&pod(Some("admin")), Some(&rule)), Err(Denial::NotAllowedInNamespace { .. })));
-        assert!(matches!(p.resolve(&pod(Some("app-web")), None), Err(Denial::NotAllowedInNamespace { .. })));
+        assert!(matches!(p.assign(&pod(Some("admin")), Some(&rule)), Err(Denial::NotAllowedInNamespace { .. })));
+        assert!(matches!(p.assign(&pod(Some("app-web")), None), Err(Denial::NotAllowedInNamespace { .. })));
         let broken: NamespaceRule = AllowedRoles::parse("nope", RestrictionFormat::Glob, p.base.as_ref(), None);
-        assert!(matches!(p.resolve(&pod(Some("app-web")), Some(&broken)), Err(Denial::BadNamespaceAnnotation { .. })));
+        assert!(matches!(p.assign(&pod(Some("app-web")), Some(&broken)), Err(Denial::BadNamespaceAnnotation { .. })));
     }
 
     #[test]
     fn external_id_comes_from_the_pod() {
         let mut with_id = pod(Some("app"));
         with_id.external_id = Some("ext-123".into());
-        assert_eq!(policy().resolve(&with_id, None).unwrap().external_id.as_deref(), Some("ext-123"));
+        assert_eq!(policy().assign(&with_id, None).unwrap().external_id.as_deref(), Some("ext-123"));
         with_id.external_id = Some(String::new());
-        assert_eq!(policy().resolve(&with_id, None).unwrap().external_id, None);
+        assert_eq!(policy().assign(&with_id, None).unwrap().external_id, None);
     }
 }
