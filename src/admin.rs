@@ -13,6 +13,14 @@ use crate::credentials::CredentialCache;
 use crate::http::{Body, text};
 use crate::metrics::Metrics;
 
+/// The admin port's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminSettings {
+    pub metrics_port: u16,
+    /// Serve `/debug/store`.
+    pub debug: bool,
+}
+
 /// A named condition `/readyz` waits for.
 pub type ReadinessCheck = (&'static str, Box<dyn Fn() -> bool + Send + Sync>);
 

@@ -14,19 +14,19 @@ use tokio::task::JoinSet;
 
 use crate::StartupError;
 use crate::admin::{AdminService, Readiness};
-use crate::cli::{BaseArnSource, Config, DefaultRoleSource};
+use crate::cli::{Config, Settings};
 use crate::cluster::health::WatchHealth;
 use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
-use crate::credentials::{AwsSts, CacheSettings, CredentialCache, Prefetcher, RoleAssumer};
+use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer};
 use crate::imds::{ImdsService, TokenIssuer, UpstreamImds};
 use crate::metrics::Metrics;
 use crate::netfilter::coverage::Probe;
 use crate::netfilter::lifecycle::{self, Decision, KeepOnExit};
-use crate::netfilter::{NodeRules, RuleKeeper, RulesState};
-use crate::policy::{BaseArn, Policy, RoleArn};
-use crate::resolve::{Resolver, SessionRules};
+use crate::netfilter::{NetworkSettings, NodeRules, RuleKeeper, RulesState};
+use crate::policy::{BaseArn, RoleArn};
+use crate::resolve::Resolver;
 
 /// How often every cached credential is checked for a due refresh.
 const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
@@ -98,8 +98,10 @@ impl RunningAgent {
 
 /// Runs the agent until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let kube = crate::cluster::client::client(&config).await?;
-    let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await.into_assumer();
+    let sts_settings = &config.settings.sts;
+    let kube = crate::cluster::client::client(&config.settings.kube).await?;
+    let sts =
+        AwsSts::from_environment(sts_settings.use_regional_sts_endpoint, sts_settings.sts_timeout).await.into_assumer();
     let agent = start(config, Dependencies { kube, sts }).await?;
     let signal = crate::shutdown::signalled().await;
     tracing::info!(signal, "shutting down: draining in-flight requests");
@@ -111,17 +113,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Starts the agent: discovery, listeners, watches, prefetcher, servers.
 pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, StartupError> {
+    let Config { node, settings } = config;
+    let Settings {
+        pod_watch_stale_after, network, policy: policy_settings, sts, imds: api, admin: admin_settings, ..
+    } = settings;
     let metrics = Arc::new(Metrics::new());
-    let upstream = Arc::new(UpstreamImds::new(config.metadata_authority.clone(), UPSTREAM_TIMEOUT));
-    let policy = Arc::new(discover_policy(&config, &upstream, deps.sts.as_ref()).await?);
+    let upstream = Arc::new(UpstreamImds::new(api.metadata_addr.clone(), UPSTREAM_TIMEOUT));
+    let policy = Arc::new(crate::policy::discover(&policy_settings, upstream.as_ref(), &deps.sts).await?);
     tracing::info!(
         base_arn = policy.base.as_ref().map(BaseArn::as_str),
         default_role = policy.default_role.as_ref().map(RoleArn::as_str),
-        node = %config.node,
+        %node,
         "policy ready"
     );
 
-    let sessions = SessionRules::new(config.session_ttl);
+    let sessions = sts.sessions;
     if let Some(requested) = sessions.lowered_from() {
         tracing::warn!(
             requested = %humantime::format_duration(requested),
@@ -130,7 +136,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
              and sessions last twice the TTL; credentials are refreshed with this much left"
         );
     }
-    let overreach = config.allow_route.overreach();
+    let overreach = api.allow_route_regexp.overreach();
     if !overreach.is_empty() {
         tracing::warn!(
             paths = %overreach.join(", "),
@@ -138,47 +144,37 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
              they stay refused"
         );
     }
-    let bind_ip = config.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let app_listener = bind("--app-port", SocketAddr::new(bind_ip, config.app_port)).await?;
+    let bind_ip = network.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let app_listener = bind("--app-port", SocketAddr::new(bind_ip, api.app_port)).await?;
     let app_addr = app_listener.local_addr().expect("a bound socket has an address");
     let mut app_listeners = vec![app_listener];
-    if let Some(v6) = config.host_ipv6 {
+    if let Some(v6) = network.host_ipv6 {
         app_listeners.push(bind("--app-port", SocketAddr::new(IpAddr::V6(v6), app_addr.port())).await?);
     }
-    let admin_listener = bind("--metrics-port", SocketAddr::new(bind_ip, config.metrics_port)).await?;
+    let admin_listener = bind("--metrics-port", SocketAddr::new(bind_ip, admin_settings.metrics_port)).await?;
     let admin_addr = admin_listener.local_addr().expect("a bound socket has an address");
 
     let pods = PodStore::new();
-    let namespaces = config.namespace_restrictions.map(|_| NamespaceStore::new());
-    let credentials = CredentialCache::new(
-        deps.sts,
-        CacheSettings {
-            sessions,
-            error_ttl: config.error_ttl,
-            sts_timeout: config.sts_timeout,
-            capacity: 20_000,
-            max_concurrent_sts: config.sts_concurrency.into(),
-        },
-        metrics.clone(),
-    );
+    let namespaces = policy_settings.namespace_restrictions.map(|_| NamespaceStore::new());
+    let credentials = CredentialCache::new(deps.sts, sts, metrics.clone());
 
     let mut background = JoinSet::new();
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let sink = PodSink {
         store: pods.clone(),
         keys: AnnotationKeys {
-            role: config.role_annotation.clone(),
-            external_id: config.external_id_annotation.clone(),
+            role: policy_settings.iam_role_key.clone(),
+            external_id: policy_settings.iam_external_id.clone(),
         },
         changes: changes_tx,
         metrics: metrics.clone(),
         listing: Vec::new(),
     };
-    let (kube, node) = (deps.kube.clone(), config.node.clone());
+    let (kube, watched_node) = (deps.kube.clone(), node.clone());
     let pod_watch = Arc::new(WatchHealth::new(std::time::Instant::now()));
     let health = pod_watch.clone();
-    background.spawn(async move { watch_pods(kube, &node, sink, health).await });
-    let confirm_every = (config.pod_watch_stale_after / 3).min(Duration::from_secs(10));
+    background.spawn(async move { watch_pods(kube, &watched_node, sink, health).await });
+    let confirm_every = (pod_watch_stale_after / 3).min(Duration::from_secs(10));
     background.spawn(crate::cluster::health::confirm_reachable(deps.kube.clone(), pod_watch.clone(), confirm_every));
     {
         let (health, gauge) = (pod_watch.clone(), metrics.pod_watch_stale_seconds.clone());
@@ -190,9 +186,9 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
             }
         });
     }
-    if let (Some(store), Some(format)) = (&namespaces, config.namespace_restrictions) {
+    if let (Some(store), Some(format)) = (&namespaces, policy_settings.namespace_restrictions) {
         let rules = NamespaceRules {
-            annotation: config.namespace_annotation.clone(),
+            annotation: policy_settings.namespace_key.clone(),
             format,
             base: policy.base.clone(),
             account: policy.account.clone(),
@@ -214,8 +210,8 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         }
     });
 
-    let events = config.pod_events.then(|| {
-        let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &config.node);
+    let events = api.pod_events.then(|| {
+        let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &node);
         background.spawn(publisher);
         events
     });
@@ -225,37 +221,37 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         credentials: credentials.clone(),
         tokens: TokenIssuer::new(),
         upstream,
-        allow_route: config.allow_route.clone(),
-        require_imdsv2: config.require_imdsv2,
-        pod_wait: config.pod_wait,
-        credential_wait: config.sts_timeout,
-        node: config.node.clone(),
+        allow_route: api.allow_route_regexp.clone(),
+        require_imdsv2: api.require_imdsv2,
+        pod_wait: api.backoff_max_elapsed_time,
+        credential_wait: sts.sts_timeout,
+        node: node.clone(),
         metrics: metrics.clone(),
         events,
     });
     let mut checks: Vec<crate::admin::ReadinessCheck> = Vec::new();
-    let stale_after = config.pod_watch_stale_after;
+    let stale_after = pod_watch_stale_after;
     checks.push((
         "pod watch failing for longer than --pod-watch-stale-after",
         Box::new(move || pod_watch.stale_for(std::time::Instant::now()) <= stale_after),
     ));
-    let rules = match config.iptables {
+    let rules = match network.iptables {
         true => {
-            let (rules, check) = start_rules(&config, app_addr.port(), &pods, &metrics, &mut background).await?;
+            let (rules, check) = start_rules(&network, app_addr.port(), &pods, &metrics, &mut background).await?;
             checks.push(("netfilter rules not in place", check));
             let pod = SelfPod::from_env();
             let controller = Arc::new(OnceLock::new());
             if let Some(pod) = pod.clone() {
                 background.spawn(find_controller(deps.kube.clone(), pod, controller.clone()));
             }
-            let (keep, kube, node) = (config.iptables_keep_on_exit, deps.kube.clone(), config.node.clone());
+            let (keep, kube, node) = (network.iptables_keep_on_exit, deps.kube.clone(), node.clone());
             Some(RulesOnExit { rules, keep, kube, node, pod, controller })
         }
         false => None,
     };
     let readiness = Arc::new(Readiness { pods: pods.clone(), namespaces: namespaces.clone(), checks });
-    if let Some(taint) = config.startup_taint.clone() {
-        let (readiness, kube, node) = (readiness.clone(), deps.kube.clone(), config.node.clone());
+    if let Some(taint) = network.startup_taint.clone() {
+        let (readiness, kube, node) = (readiness.clone(), deps.kube.clone(), node.clone());
         background.spawn(async move {
             readiness.ready().await;
             crate::cluster::taint::remove(kube, &node, &taint).await;
@@ -266,14 +262,15 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         background.spawn(async move { crate::imds::upstream::report_node_exposure(&upstream, &metrics).await });
     }
     let refusals = metrics.connections_refused.clone();
-    let admin = Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: config.debug, readiness });
+    let admin =
+        Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: admin_settings.debug, readiness });
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut servers = JoinSet::new();
-    let grace = config.shutdown_grace;
+    let grace = api.shutdown_grace_period;
     for listener in app_listeners {
         let imds = imds.clone();
         let refusals = refusals.clone();
@@ -285,7 +282,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
             },
             until_stopped(stopped.clone()),
             grace,
-            config.connection_limits,
+            api.limits,
             move |refusal| {
                 refusals.get_or_create(&crate::metrics::RefusalLabels::from(refusal)).inc();
             },
@@ -311,7 +308,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
 /// missing iptables or capability), and starts the tasks that own them: the keeper (detect,
 /// install, repair) and the coverage check. Returns the rules and the readiness check.
 async fn start_rules(
-    config: &Config,
+    config: &NetworkSettings,
     port: u16,
     pods: &Arc<PodStore>,
     metrics: &Arc<Metrics>,
@@ -393,81 +390,4 @@ async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         };
         StartupError::Bind { flag, addr, source, hint }
     })
-}
-
-/// Resolves the base ARN and default role, asking the node's metadata service when told to.
-pub(crate) async fn discover_policy(
-    config: &Config,
-    upstream: &UpstreamImds,
-    sts: &dyn RoleAssumer,
-) -> Result<Policy, StartupError> {
-    let discovery = |flag, message| StartupError::Discovery { flag, message };
-    let base = match &config.base_arn {
-        BaseArnSource::None => None,
-        BaseArnSource::Given(base) => Some(base.clone()),
-        BaseArnSource::Discover => {
-            let flag = "--auto-discover-base-arn";
-            let base = node_profile_base(upstream).await.map_err(|message| discovery(flag, message))?;
-            tracing::info!(base_arn = base.as_str(), "discovered the base role ARN");
-            Some(base)
-        }
-    };
-    let account = match (&base, config.namespace_restrictions) {
-        (Some(base), _) => Some(base.account().to_string()),
-        (None, None) => None,
-        (None, Some(_)) => node_account(upstream, sts).await,
-    };
-    let mut policy = Policy { base, default_role: None, restrictions: config.namespace_restrictions, account };
-    policy.default_role = match &config.default_role {
-        DefaultRoleSource::None => None,
-        DefaultRoleSource::Given(role) => Some(
-            policy
-                .role_from_annotation(role)
-                .map_err(|denial| StartupError::Flag { flag: "--default-role", message: denial.to_string() })?,
-        ),
-        DefaultRoleSource::Discover => {
-            let flag = "--auto-discover-default-role";
-            let listing = upstream
-                .get_text("/latest/meta-data/iam/security-credentials/")
-                .await
-                .map_err(|e| discovery(flag, e.to_string()))?;
-            let name = listing.lines().next().map(str::trim).filter(|n| !n.is_empty());
-            let name = name.ok_or_else(|| discovery(flag, "the node has no instance role".into()))?;
-            let role = policy.role_from_annotation(name).map_err(|d| discovery(flag, d.to_string()))?;
-            tracing::info!(default_role = role.as_str(), "discovered the default role");
-            Some(role)
-        }
-    };
-    Ok(policy)
-}
-
-/// The base ARN of the node's instance profile (IMDS `iam/info`): its partition and account.
-async fn node_profile_base(upstream: &UpstreamImds) -> Result<BaseArn, String> {
-    let info = upstream.get_text("/latest/meta-data/iam/info").await.map_err(|e| e.to_string())?;
-    let profile = serde_json::from_str::<serde_json::Value>(&info)
-        .ok()
-        .and_then(|v| v.get("InstanceProfileArn")?.as_str().map(str::to_string))
-        .ok_or("iam/info has no InstanceProfileArn: does the node have an instance profile?")?;
-    BaseArn::from_instance_profile_arn(&profile).map_err(|e| e.to_string())
-}
-
-/// The node's account, which confines namespace entries that name none when there is no
-/// base ARN: the instance profile's, else that of iamlet's own credentials. Without one,
-/// such entries allow nothing.
-async fn node_account(upstream: &UpstreamImds, sts: &dyn RoleAssumer) -> Option<String> {
-    let account = match node_profile_base(upstream).await {
-        Ok(base) => Ok(base.account().to_string()),
-        Err(profile_error) => sts.own_account().await.map_err(|sts_error| format!("{profile_error}; {sts_error}")),
-    };
-    match account {
-        Ok(account) => {
-            tracing::info!(account, "namespace entries without an account are confined to this one");
-            Some(account)
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot tell the node's account: namespace entries without one allow nothing \
-                (give --base-role-arn, or list full role ARNs)");
-            None
-        }
-    }
 }

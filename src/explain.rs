@@ -12,14 +12,14 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 
 use crate::StartupError;
-use crate::cli::Config;
+use crate::cli::Settings;
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore};
 use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
 use crate::netfilter::coverage::Routes;
-use crate::netfilter::{InterfaceSetting, cni};
+use crate::netfilter::{InterfaceSetting, NetworkSettings, cni};
 use crate::policy::{Assignment, RoleSource};
-use crate::resolve::{CredentialKey, Resolved, Resolver, SessionRules};
+use crate::resolve::{CredentialKey, Resolved, Resolver};
 
 /// What `explain` found, line by line, and its verdict.
 #[derive(Debug)]
@@ -119,40 +119,20 @@ pub fn parse_target(target: &str) -> Result<(&str, &str), StartupError> {
     }
 }
 
-/// Runs `iamlet explain`: prints the report; true when the pod gets a role (and, with
-/// `check_sts`, STS agreed).
-pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Result<bool> {
+/// Runs `iamlet explain` with the agent's `settings`, on `node` when known: prints the
+/// report; true when the pod gets a role (and, with `check_sts`, STS agreed).
+pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_sts: bool) -> anyhow::Result<bool> {
     let (namespace, name) = parse_target(target)?;
-    let client = crate::cluster::client::client(config).await?;
+    let client = crate::cluster::client::client(&settings.kube).await?;
     let pod = Api::<Pod>::namespaced(client.clone(), namespace)
         .get(name)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read pod {namespace}/{name}: {e}"))?;
-    let upstream = UpstreamImds::new(config.metadata_authority.clone(), Duration::from_secs(2));
-    let sts = AwsSts::from_environment(config.use_regional_sts_endpoint, config.sts_timeout).await;
-    let policy = crate::app::discover_policy(config, &upstream, &sts).await?;
-    let namespaces = match config.namespace_restrictions {
-        Some(format) => {
-            let rules = NamespaceRules {
-                annotation: config.namespace_annotation.clone(),
-                format,
-                base: policy.base.clone(),
-                account: policy.account.clone(),
-            };
-            let object = Api::<Namespace>::all(client)
-                .get(namespace)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
-            let store = NamespaceStore::new();
-            store.set(namespace, rules.rule_of(&object));
-            Some(store)
-        }
-        None => None,
-    };
-    let resolver = Resolver::new(Arc::new(policy), namespaces, SessionRules::new(config.session_ttl));
-    let keys =
-        AnnotationKeys { role: config.role_annotation.clone(), external_id: config.external_id_annotation.clone() };
-    let namespace_key = config.namespace_restrictions.map(|_| config.namespace_annotation.as_str());
+    let sts = AwsSts::from_environment(settings.sts.use_regional_sts_endpoint, settings.sts.sts_timeout).await;
+    let resolver = resolver(settings, client, namespace, &sts).await?;
+    let policy = &settings.policy;
+    let keys = AnnotationKeys { role: policy.iam_role_key.clone(), external_id: policy.iam_external_id.clone() };
+    let namespace_key = policy.namespace_restrictions.map(|_| policy.namespace_key.as_str());
     let mut explanation = explain(&pod, &resolver, &keys, namespace_key);
     let mut ok = explanation.verdict.is_ok();
     if check_sts && let Some(key) = explanation.key.clone() {
@@ -168,7 +148,7 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
         };
         explanation.lines.push(("sts", line));
     }
-    if let Some(line) = interception(config, &pod).await {
+    if let Some(line) = interception(&settings.network, node, &pod).await {
         explanation.lines.push(("interface", line));
     }
     explanation.lines.push((
@@ -183,12 +163,44 @@ pub async fn run(config: &Config, target: &str, check_sts: bool) -> anyhow::Resu
     Ok(ok)
 }
 
+/// The agent's resolver, as it stands for a pod of `namespace`: the policy discovered as the
+/// agent discovers it, and with restrictions on, that namespace's allow-list.
+async fn resolver(
+    settings: &Settings,
+    client: kube::Client,
+    namespace: &str,
+    sts: &AwsSts,
+) -> anyhow::Result<Resolver> {
+    let upstream = UpstreamImds::new(settings.imds.metadata_addr.clone(), Duration::from_secs(2));
+    let caller: Arc<dyn RoleAssumer> = Arc::new(sts.clone());
+    let policy = crate::policy::discover(&settings.policy, &upstream, &caller).await?;
+    let namespaces = match settings.policy.namespace_restrictions {
+        Some(format) => {
+            let rules = NamespaceRules {
+                annotation: settings.policy.namespace_key.clone(),
+                format,
+                base: policy.base.clone(),
+                account: policy.account.clone(),
+            };
+            let object = Api::<Namespace>::all(client)
+                .get(namespace)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
+            let store = NamespaceStore::new();
+            store.set(namespace, rules.rule_of(&object));
+            Some(store)
+        }
+        None => None,
+    };
+    Ok(Resolver::new(Arc::new(policy), namespaces, settings.sts.sessions))
+}
+
 /// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its
 /// IP through, and whether the agent's `--host-interface` covers it. Only on the pod's own
 /// node (`--node`/`NODE_NAME`, as in `kubectl exec ds/iamlet -- iamlet explain ...`).
-async fn interception(config: &Config, pod: &Pod) -> Option<String> {
+async fn interception(config: &NetworkSettings, node: Option<&str>, pod: &Pod) -> Option<String> {
     let pod_node = pod.spec.as_ref()?.node_name.as_deref()?;
-    if pod_node != config.node {
+    if Some(pod_node) != node {
         return Some(format!("not checked: run explain on node {pod_node} (kubectl exec into its iamlet pod)"));
     }
     let interfaces = match &config.host_interface {
@@ -228,6 +240,7 @@ mod tests {
 
     use super::*;
     use crate::policy::{BaseArn, Policy, RestrictionFormat};
+    use crate::resolve::SessionRules;
 
     fn keys() -> AnnotationKeys {
         AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }

@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use iamlet::cli::{Cli, Command, LogFormat};
+use iamlet::cli::{Cli, Command, LogFormat, Logging};
 
 /// jemalloc, with its background threads returning freed pages to the kernel after a few
 /// seconds: pod churn (a node's pods replaced in bulk, thousands of watch events and STS
@@ -15,7 +14,10 @@ use iamlet::cli::{Cli, Command, LogFormat};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     match cli.command {
         Some(Command::Cleanup) => return cleanup(),
         Some(Command::Explain(args)) => return explain(args),
@@ -28,7 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format, config.log_level);
+    init_logging(config.settings.logging);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the tokio runtime");
     match runtime.block_on(iamlet::app::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,11 +43,9 @@ fn main() -> ExitCode {
 }
 
 /// `iamlet explain`: exit 0 when the pod gets a role, 1 when not, 2 for bad flags.
-fn explain(mut args: Box<iamlet::cli::ExplainArgs>) -> ExitCode {
-    // The node only scopes the agent's watch; explain reads one pod.
-    args.agent.node.get_or_insert_with(|| "-".into());
-    let config = match iamlet::explain::parse_target(&args.target).and_then(|_| args.agent.clone().validate()) {
-        Ok(config) => config,
+fn explain(args: Box<iamlet::cli::ExplainArgs>) -> ExitCode {
+    let settings = match iamlet::explain::parse_target(&args.target).and_then(|_| args.components.clone().validate()) {
+        Ok(settings) => settings,
         Err(error) => {
             eprintln!("iamlet explain: {error}");
             return ExitCode::from(2);
@@ -53,7 +53,8 @@ fn explain(mut args: Box<iamlet::cli::ExplainArgs>) -> ExitCode {
     };
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the tokio runtime");
-    match runtime.block_on(iamlet::explain::run(&config, &args.target, args.check_sts)) {
+    let node = args.node.as_deref().map(str::trim).filter(|node| !node.is_empty());
+    match runtime.block_on(iamlet::explain::run(&settings, node, &args.target, args.check_sts)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
@@ -79,15 +80,15 @@ fn cleanup() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, level: tracing::Level) {
+fn init_logging(Logging { log_format, log_level }: Logging) {
     // RUST_LOG, when set, refines the level (e.g. `iamlet=debug,kube=info`).
     let filter = tracing_subscriber::EnvFilter::builder()
-        .with_default_directive(tracing_subscriber::filter::LevelFilter::from_level(level).into())
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::from_level(log_level).into())
         .from_env_lossy();
     // Colours only on a terminal: `kubectl logs` and log shippers get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
+    match log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }

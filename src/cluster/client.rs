@@ -1,13 +1,23 @@
 //! The Kubernetes client, from `--kubeconfig`, `--api-server`, `--api-token`, `--insecure`,
 //! or the in-cluster service account.
 
+use std::path::PathBuf;
+
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::StartupError;
-use crate::cli::Config;
+
+/// How to reach the API server.
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub api_server: Option<String>,
+    pub api_token: Option<String>,
+    pub insecure: bool,
+}
 
 /// Builds the client the watches use.
-pub async fn client(config: &Config) -> Result<kube::Client, StartupError> {
+pub async fn client(config: &KubeSettings) -> Result<kube::Client, StartupError> {
     let error = |e: &dyn std::fmt::Display| StartupError::Kube(e.to_string());
     let mut kube_config = match (&config.kubeconfig, &config.api_server) {
         (Some(path), _) => {

@@ -16,21 +16,23 @@ use crate::resolve::{CredentialKey, SessionRules};
 /// Credentials closer to expiry than this are never handed out, even while STS is failing.
 const MIN_VALIDITY: Duration = Duration::from_secs(60);
 
-/// How the cache behaves; from `--iam-role-session-ttl`, `--iam-role-error-ttl`, `--sts-timeout`
-/// and `--sts-concurrency`.
+/// Most keys kept: pods with roles on one node, with room to spare.
+const CAPACITY: u64 = 20_000;
+
+/// STS and the cache in front of it, from the STS flags.
 #[derive(Debug, Clone, Copy)]
-pub struct CacheSettings {
-    /// How long sessions last and when they are refreshed.
+pub struct StsSettings {
+    /// How long sessions last and when they are refreshed (`--iam-role-session-ttl`).
     pub sessions: SessionRules,
     /// How long a failed AssumeRole is remembered (zero: not at all).
-    pub error_ttl: Duration,
-    /// Longest wait for one AssumeRole.
+    pub iam_role_error_ttl: Duration,
+    /// Longest wait for one AssumeRole, and for a request whose credentials are not cached.
     pub sts_timeout: Duration,
-    /// Most keys kept (pods with roles on this node, with room to spare).
-    pub capacity: u64,
     /// Most AssumeRole calls in flight at once: a node full of new pods (or a restart on a
     /// busy node) prefetches without a burst of connections or STS throttling.
-    pub max_concurrent_sts: usize,
+    pub sts_concurrency: usize,
+    /// Call the region's STS endpoint rather than the global one.
+    pub use_regional_sts_endpoint: bool,
 }
 
 /// Why no credentials could be handed out.
@@ -71,16 +73,16 @@ pub struct CredentialCache {
     in_flight: Mutex<HashMap<Arc<str>, InFlight>>,
     sts_permits: tokio::sync::Semaphore,
     assumer: Arc<dyn RoleAssumer>,
-    settings: CacheSettings,
+    settings: StsSettings,
     metrics: Arc<Metrics>,
 }
 
 impl CredentialCache {
-    pub fn new(assumer: Arc<dyn RoleAssumer>, settings: CacheSettings, metrics: Arc<Metrics>) -> Arc<Self> {
-        let entries = Cache::builder().max_capacity(settings.capacity).expire_after(UntilExpiry).build();
-        let failures = (!settings.error_ttl.is_zero())
-            .then(|| Cache::builder().max_capacity(settings.capacity).time_to_live(settings.error_ttl).build());
-        let sts_permits = tokio::sync::Semaphore::new(settings.max_concurrent_sts.max(1));
+    pub fn new(assumer: Arc<dyn RoleAssumer>, settings: StsSettings, metrics: Arc<Metrics>) -> Arc<Self> {
+        let entries = Cache::builder().max_capacity(CAPACITY).expire_after(UntilExpiry).build();
+        let failures = (!settings.iam_role_error_ttl.is_zero())
+            .then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(settings.iam_role_error_ttl).build());
+        let sts_permits = tokio::sync::Semaphore::new(settings.sts_concurrency.max(1));
         let (refreshing, in_flight) = (Mutex::default(), Mutex::default());
         Arc::new(Self { entries, failures, refreshing, in_flight, sts_permits, assumer, settings, metrics })
     }
@@ -348,12 +350,12 @@ mod tests {
     }
 
     fn cache(sts: &Arc<FakeSts>, error_ttl: Duration) -> Arc<CredentialCache> {
-        let settings = CacheSettings {
+        let settings = StsSettings {
             sessions: SessionRules::new(Duration::from_secs(1800)),
-            error_ttl,
+            iam_role_error_ttl: error_ttl,
             sts_timeout: Duration::from_secs(2),
-            capacity: 100,
-            max_concurrent_sts: 4,
+            sts_concurrency: 4,
+            use_regional_sts_endpoint: false,
         };
         CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()))
     }
@@ -514,12 +516,12 @@ mod tests {
         // Waiting for a turn is not STS being slow: calls of 60 ms, two at a time, with a
         // 100 ms timeout all succeed, though the last waits 300 ms for its turn.
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(60));
-        let settings = CacheSettings {
+        let settings = StsSettings {
             sessions: SessionRules::new(Duration::from_secs(1800)),
-            error_ttl: Duration::ZERO,
+            iam_role_error_ttl: Duration::ZERO,
             sts_timeout: Duration::from_millis(100),
-            capacity: 100,
-            max_concurrent_sts: 2,
+            sts_concurrency: 2,
+            use_regional_sts_endpoint: false,
         };
         let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
         let results = futures::future::join_all(keys.iter().map(|k| cache.get(k))).await;
@@ -529,12 +531,12 @@ mod tests {
     #[tokio::test]
     async fn a_slow_sts_is_cut_off_at_the_timeout() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_secs(10));
-        let settings = CacheSettings {
+        let settings = StsSettings {
             sessions: SessionRules::new(Duration::from_secs(1800)),
-            error_ttl: Duration::ZERO,
+            iam_role_error_ttl: Duration::ZERO,
             sts_timeout: Duration::from_millis(100),
-            capacity: 10,
-            max_concurrent_sts: 4,
+            sts_concurrency: 4,
+            use_regional_sts_endpoint: false,
         };
         let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
         let error = cache.get(&key("ns.pod")).await.unwrap_err();

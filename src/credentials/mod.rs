@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-pub use cache::{CacheSettings, CredentialCache, CredentialError};
+pub use cache::{CredentialCache, CredentialError, StsSettings};
 pub use prefetch::Prefetcher;
 pub use sts::{AwsSts, RoleAssumer, StsError, global_endpoint};
 

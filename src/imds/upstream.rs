@@ -169,3 +169,9 @@ pub async fn report_node_exposure(upstream: &UpstreamImds, metrics: &crate::metr
         None => {}
     }
 }
+
+impl crate::policy::NodeMetadata for UpstreamImds {
+    fn get_text<'a>(&'a self, path: &'a str) -> futures::future::BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move { UpstreamImds::get_text(self, path).await.map_err(|e| e.to_string()) })
+    }
+}

@@ -33,6 +33,24 @@ use rules::Present;
 /// How often `auto` looks again for the CNI while there is none.
 const CNI_POLL: Duration = Duration::from_secs(2);
 
+/// How iamlet protects the node: its rules, where they send traffic, and the taint lifted once
+/// they are in place. From the node networking flags.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    /// The agent's IPv4 (or only) address: where the DNAT sends pod traffic.
+    pub host_ip: Option<std::net::IpAddr>,
+    pub host_ipv6: Option<std::net::Ipv6Addr>,
+    pub host_interface: InterfaceSetting,
+    pub cni_conf_dir: PathBuf,
+    /// Whether iamlet installs its rules at all.
+    pub iptables: bool,
+    pub iptables_sync_period: Duration,
+    pub iptables_keep_on_exit: lifecycle::KeepOnExit,
+    pub iptables_backend: BackendChoice,
+    /// The taint removed from the node once the rules are in place; `None` when disabled.
+    pub startup_taint: Option<String>,
+}
+
 /// `--host-interface`: patterns given by the operator, or detection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InterfaceSetting {

@@ -3,11 +3,13 @@
 //! final and answered at once rather than retried.
 
 mod arn;
+mod discovery;
 mod namespace;
 
 use std::fmt;
 
 pub use arn::{ArnError, BaseArn, RoleArn};
+pub use discovery::{BaseArnSource, CallerAccount, DefaultRoleSource, NodeMetadata, PolicySettings, discover};
 pub use namespace::{AllowedRole, AllowedRoles, AnnotationError, RestrictionFormat};
 
 use crate::pod::PodIdentity;

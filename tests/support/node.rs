@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::config::{Credentials, Region};
-use clap::Parser;
 use iamlet::app::{Dependencies, RunningAgent};
 use iamlet::cli::Cli;
 use iamlet::credentials::AwsSts;
@@ -109,11 +108,12 @@ pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, a
         argv.push(base);
     }
     argv.extend(args.iter().map(|a| a.to_string()));
-    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let cli = Cli::try_parse_args(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let mut config = cli.agent.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    config.app_port = 0;
-    config.metrics_port = 0;
-    let kube = iamlet::cluster::client::client(&config).await.unwrap();
-    let sts = sts_client(&sts.url, config.sts_timeout).into_assumer();
+    // Free ports, chosen by the kernel.
+    config.settings.imds.app_port = 0;
+    config.settings.admin.metrics_port = 0;
+    let kube = iamlet::cluster::client::client(&config.settings.kube).await.unwrap();
+    let sts = sts_client(&sts.url, config.settings.sts.sts_timeout).into_assumer();
     iamlet::app::start(config, Dependencies { kube, sts }).await.unwrap()
 }

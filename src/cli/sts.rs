@@ -1,0 +1,68 @@
+//! STS flags: sessions, failures, timeouts, concurrency, the endpoint.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::values::parse_duration;
+use crate::StartupError;
+use crate::credentials::StsSettings;
+use crate::resolve::SessionRules;
+
+/// Shortest `--iam-role-session-ttl`: credentials handed out keep at least this long, which is
+/// the window in which the Java SDK refetches on every call (kiam #191).
+pub const MIN_SESSION_TTL: Duration = Duration::from_secs(15 * 60);
+/// Longest `--iam-role-session-ttl`: sessions last twice the TTL, and STS caps them at 12 h.
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(6 * 3600);
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "STS")]
+pub struct StsArgs {
+    /// Refresh credentials once less than this remains; sessions last twice as long.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub iam_role_session_ttl: Duration,
+
+    /// How long a failed AssumeRole is remembered before STS is asked again.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub iam_role_error_ttl: Duration,
+
+    /// Call STS at the region's endpoint instead of the global one.
+    #[arg(long)]
+    pub use_regional_sts_endpoint: bool,
+
+    /// Longest wait for STS when a request finds no cached credentials.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub sts_timeout: Duration,
+
+    /// Most STS AssumeRole calls in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub sts_concurrency: u16,
+}
+
+impl StsArgs {
+    pub fn settings(self) -> Result<StsSettings, StartupError> {
+        let flag = |flag: &'static str, message: String| StartupError::Flag { flag, message };
+        if !(MIN_SESSION_TTL..=MAX_SESSION_TTL).contains(&self.iam_role_session_ttl) {
+            return Err(flag(
+                "--iam-role-session-ttl",
+                format!(
+                    "{} is out of range: it must be between 15m and 6h (sessions last twice the TTL; STS allows 15m to 12h)",
+                    humantime::format_duration(self.iam_role_session_ttl)
+                ),
+            ));
+        }
+        if self.iam_role_error_ttl > Duration::from_secs(3600) {
+            return Err(flag("--iam-role-error-ttl", "must be at most 1h".into()));
+        }
+        if self.sts_timeout.is_zero() {
+            return Err(flag("--sts-timeout", "must be greater than 0".into()));
+        }
+        Ok(StsSettings {
+            sessions: SessionRules::new(self.iam_role_session_ttl),
+            iam_role_error_ttl: self.iam_role_error_ttl,
+            sts_timeout: self.sts_timeout,
+            sts_concurrency: self.sts_concurrency.into(),
+            use_regional_sts_endpoint: self.use_regional_sts_endpoint,
+        })
+    }
+}
