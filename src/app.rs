@@ -20,7 +20,7 @@ use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
 use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer};
-use crate::imds::{ImdsService, TokenIssuer, UpstreamImds};
+use crate::imds::{ImdsService, UpstreamImds};
 use crate::metrics::Metrics;
 use crate::netfilter::coverage::Probe;
 use crate::netfilter::lifecycle::{self, Decision, KeepOnExit};
@@ -160,16 +160,11 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
 
     let mut background = JoinSet::new();
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-    let sink = PodSink {
-        store: pods.clone(),
-        keys: AnnotationKeys {
-            role: policy_settings.iam_role_key.clone(),
-            external_id: policy_settings.iam_external_id.clone(),
-        },
-        changes: changes_tx,
-        metrics: metrics.clone(),
-        listing: Vec::new(),
+    let keys = AnnotationKeys {
+        role: policy_settings.iam_role_key.clone(),
+        external_id: policy_settings.iam_external_id.clone(),
     };
+    let sink = PodSink::new(pods.clone(), keys, changes_tx, metrics.clone());
     let (kube, watched_node) = (deps.kube.clone(), node.clone());
     let pod_watch = Arc::new(WatchHealth::new(std::time::Instant::now()));
     let health = pod_watch.clone();
@@ -193,7 +188,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
             base: policy.base.clone(),
             account: policy.account.clone(),
         };
-        let sink = NamespaceSink { store: store.clone(), rules, listing: Vec::new() };
+        let sink = NamespaceSink::new(store.clone(), rules);
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
     let resolver = Arc::new(Resolver::new(policy, namespaces.clone(), sessions));
@@ -215,20 +210,8 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         background.spawn(publisher);
         events
     });
-    let imds = Arc::new(ImdsService {
-        pods: pods.clone(),
-        resolver,
-        credentials: credentials.clone(),
-        tokens: TokenIssuer::new(),
-        upstream,
-        allow_route: api.allow_route_regexp.clone(),
-        require_imdsv2: api.require_imdsv2,
-        pod_wait: api.backoff_max_elapsed_time,
-        credential_wait: sts.sts_timeout,
-        node: node.clone(),
-        metrics: metrics.clone(),
-        events,
-    });
+    let imds = ImdsService::new(&api, &node, pods.clone(), resolver, credentials.clone(), upstream, metrics.clone());
+    let imds = Arc::new(imds.with_events(events));
     let mut checks: Vec<crate::admin::ReadinessCheck> = Vec::new();
     let stale_after = pod_watch_stale_after;
     checks.push((
@@ -258,7 +241,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         });
     }
     {
-        let (upstream, metrics) = (imds.upstream.clone(), metrics.clone());
+        let (upstream, metrics) = (imds.upstream().clone(), metrics.clone());
         background.spawn(async move { crate::imds::upstream::report_node_exposure(&upstream, &metrics).await });
     }
     let refusals = metrics.connections_refused.clone();

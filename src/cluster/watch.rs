@@ -80,15 +80,25 @@ pub async fn drive<K, S>(
 
 /// Feeds the pod store and reports changes (for prefetching and forgetting credentials).
 pub struct PodSink {
-    pub store: Arc<PodStore>,
-    pub keys: AnnotationKeys,
-    pub changes: mpsc::UnboundedSender<Change>,
-    pub metrics: Arc<Metrics>,
+    store: Arc<PodStore>,
+    keys: AnnotationKeys,
+    changes: mpsc::UnboundedSender<Change>,
+    metrics: Arc<Metrics>,
     /// The listing under way.
-    pub listing: Vec<PodIdentity>,
+    listing: Vec<PodIdentity>,
 }
 
 impl PodSink {
+    /// Keeps of each pod what `keys` name, in `store`; every change goes to `changes`.
+    pub fn new(
+        store: Arc<PodStore>,
+        keys: AnnotationKeys,
+        changes: mpsc::UnboundedSender<Change>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { store, keys, changes, metrics, listing: Vec::new() }
+    }
+
     fn publish(&self, changes: impl IntoIterator<Item = Change>) {
         for change in changes {
             let _ = self.changes.send(change);
@@ -128,10 +138,17 @@ impl WatchSink<Pod> for PodSink {
 
 /// Feeds the namespace store.
 pub struct NamespaceSink {
-    pub store: Arc<NamespaceStore>,
-    pub rules: NamespaceRules,
+    store: Arc<NamespaceStore>,
+    rules: NamespaceRules,
     /// The listing under way: annotated namespaces and their rules.
-    pub listing: Vec<(String, NamespaceRule)>,
+    listing: Vec<(String, NamespaceRule)>,
+}
+
+impl NamespaceSink {
+    /// Compiles each namespace's annotation with `rules` into `store`.
+    pub fn new(store: Arc<NamespaceStore>, rules: NamespaceRules) -> Self {
+        Self { store, rules, listing: Vec::new() }
+    }
 }
 
 impl WatchSink<Namespace> for NamespaceSink {

@@ -179,6 +179,11 @@ impl CredentialCache {
         }
     }
 
+    /// `--sts-timeout`: the longest a request waits for credentials not cached yet.
+    pub fn sts_timeout(&self) -> Duration {
+        self.settings.sts_timeout
+    }
+
     /// Number of cached credentials.
     pub fn len(&self) -> u64 {
         self.entries.entry_count()

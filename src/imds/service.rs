@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
+use super::ImdsSettings;
 use super::render;
 use super::routes::{AllowList, Route, classify};
 use super::token::{TokenIssuer, parse_ttl};
@@ -22,24 +23,57 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 
 /// Everything a metadata request needs.
 pub struct ImdsService {
-    pub pods: Arc<PodStore>,
-    pub resolver: Arc<Resolver>,
-    pub credentials: Arc<CredentialCache>,
-    pub tokens: TokenIssuer,
-    pub upstream: Arc<UpstreamImds>,
-    pub allow_route: AllowList,
-    pub require_imdsv2: bool,
+    pods: Arc<PodStore>,
+    resolver: Arc<Resolver>,
+    credentials: Arc<CredentialCache>,
+    tokens: TokenIssuer,
+    upstream: Arc<UpstreamImds>,
+    allow_route: AllowList,
+    require_imdsv2: bool,
     /// How long a request from an unknown IP waits for the watch.
-    pub pod_wait: Duration,
-    /// How long a request waits for credentials that are not cached yet.
-    pub credential_wait: Duration,
-    pub node: String,
-    pub metrics: Arc<Metrics>,
+    pod_wait: Duration,
+    node: String,
+    metrics: Arc<Metrics>,
     /// Events on pods that get no credentials (`--pod-events`).
-    pub events: Option<PodEvents>,
+    events: Option<PodEvents>,
 }
 
 impl ImdsService {
+    /// The service for `node`'s pods, as the metadata API flags say.
+    pub fn new(
+        settings: &ImdsSettings,
+        node: &str,
+        pods: Arc<PodStore>,
+        resolver: Arc<Resolver>,
+        credentials: Arc<CredentialCache>,
+        upstream: Arc<UpstreamImds>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            pods,
+            resolver,
+            credentials,
+            tokens: TokenIssuer::new(),
+            upstream,
+            allow_route: settings.allow_route_regexp.clone(),
+            require_imdsv2: settings.require_imdsv2,
+            pod_wait: settings.backoff_max_elapsed_time,
+            node: node.to_string(),
+            metrics,
+            events: None,
+        }
+    }
+
+    /// Records why pods get no credentials as Events on them (`--pod-events`).
+    pub fn with_events(self, events: Option<PodEvents>) -> Self {
+        Self { events, ..self }
+    }
+
+    /// The node's metadata service this one relays to.
+    pub fn upstream(&self) -> &Arc<UpstreamImds> {
+        &self.upstream
+    }
+
     /// Answers `request` from `peer`, recording metrics. Never panics on input.
     pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Body> {
         let started = Instant::now();
@@ -165,12 +199,12 @@ impl ImdsService {
                 format!("not found: this pod's role is {}, not {requested}\n", assignment.role.name()),
             );
         }
-        // Bounded: behind a queue of prefetches (a restart on a busy node) the answer may take
-        // a while, and SDKs give up long before; the fetch itself goes on for the next try.
-        let fetched = tokio::time::timeout(self.credential_wait, self.credentials.get(&key)).await;
-        let fetched = fetched.unwrap_or_else(|_| {
-            Err(CredentialError::Busy { role: assignment.role.to_string(), waited: self.credential_wait })
-        });
+        // Bounded by --sts-timeout: behind a queue of prefetches (a restart on a busy node) the
+        // answer may take a while, and SDKs give up long before; the fetch goes on for the next try.
+        let wait = self.credentials.sts_timeout();
+        let fetched = tokio::time::timeout(wait, self.credentials.get(&key)).await;
+        let fetched =
+            fetched.unwrap_or_else(|_| Err(CredentialError::Busy { role: assignment.role.to_string(), waited: wait }));
         match fetched {
             Ok(issued) => text(StatusCode::OK, issued.rendered(render::credentials)),
             Err(error) => {
