@@ -5,9 +5,11 @@
 //! serving. `/readyz` turns ready once the caches have synced.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -16,15 +18,13 @@ use crate::StartupError;
 use crate::admin::{AdminService, Readiness};
 use crate::cli::{Config, Settings};
 use crate::cluster::health::WatchHealth;
-use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
-use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer};
-use crate::imds::{ImdsService, UpstreamImds};
-use crate::metrics::Metrics;
-use crate::netfilter::coverage::Probe;
-use crate::netfilter::lifecycle::{self, Decision, KeepOnExit};
-use crate::netfilter::{NetworkSettings, NodeRules, RuleKeeper, RulesState};
+use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer, StsSettings};
+use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
+use crate::metrics::{Metrics, RefusalLabels};
+use crate::netfilter::NetworkSettings;
+use crate::netfilter::agent::RulesOnExit;
 use crate::policy::{BaseArn, RoleArn};
 use crate::resolve::Resolver;
 
@@ -51,36 +51,6 @@ pub struct RunningAgent {
     background: JoinSet<()>,
     /// iamlet's rules and what decides their fate on stop.
     rules: Option<RulesOnExit>,
-}
-
-/// What [`RunningAgent::stop`] needs to keep or remove the rules (`--iptables-keep-on-exit`).
-struct RulesOnExit {
-    rules: NodeRules,
-    keep: KeepOnExit,
-    kube: kube::Client,
-    node: String,
-    pod: Option<SelfPod>,
-    /// The agent's controller, looked up at startup.
-    controller: Arc<OnceLock<Controller>>,
-}
-
-impl RulesOnExit {
-    async fn finish(self) {
-        let placement = match self.keep {
-            KeepOnExit::Auto => {
-                let known = self.controller.get().cloned();
-                Some(crate::cluster::placement::placement(&self.kube, self.pod.as_ref(), known, &self.node).await)
-            }
-            _ => None,
-        };
-        let decision = lifecycle::decide(self.keep, || placement.expect("asked under auto"));
-        tracing::info!("{decision}");
-        if let Decision::Remove(_) = decision
-            && let Err(error) = self.rules.remove().await
-        {
-            tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
-        }
-    }
 }
 
 impl RunningAgent {
@@ -128,31 +98,9 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     );
 
     let sessions = sts.sessions;
-    if let Some(requested) = sessions.lowered_from() {
-        tracing::warn!(
-            requested = %humantime::format_duration(requested),
-            used = %humantime::format_duration(sessions.refresh_before()),
-            "--iam-role-session-ttl is lowered: STS caps role-chained sessions (an instance profile's, IRSA's) at 1h \
-             and sessions last twice the TTL; credentials are refreshed with this much left"
-        );
-    }
-    let overreach = api.allow_route_regexp.overreach();
-    if !overreach.is_empty() {
-        tracing::warn!(
-            paths = %overreach.join(", "),
-            "--allow-route-regexp matches paths that iamlet never relays (they identify or empower the node); \
-             they stay refused"
-        );
-    }
-    let bind_ip = network.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let app_listener = bind("--app-port", SocketAddr::new(bind_ip, api.app_port)).await?;
-    let app_addr = app_listener.local_addr().expect("a bound socket has an address");
-    let mut app_listeners = vec![app_listener];
-    if let Some(v6) = network.host_ipv6 {
-        app_listeners.push(bind("--app-port", SocketAddr::new(IpAddr::V6(v6), app_addr.port())).await?);
-    }
-    let admin_listener = bind("--metrics-port", SocketAddr::new(bind_ip, admin_settings.metrics_port)).await?;
-    let admin_addr = admin_listener.local_addr().expect("a bound socket has an address");
+    warn_about_overrides(&sts, &api);
+    let listeners = Listeners::bind(&network, api.app_port, admin_settings.metrics_port).await?;
+    let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);
 
     let pods = PodStore::new();
     let namespaces = policy_settings.namespace_restrictions.map(|_| NamespaceStore::new());
@@ -171,16 +119,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     background.spawn(async move { watch_pods(kube, &watched_node, sink, health).await });
     let confirm_every = (pod_watch_stale_after / 3).min(Duration::from_secs(10));
     background.spawn(crate::cluster::health::confirm_reachable(deps.kube.clone(), pod_watch.clone(), confirm_every));
-    {
-        let (health, gauge) = (pod_watch.clone(), metrics.pod_watch_stale_seconds.clone());
-        background.spawn(async move {
-            let mut ticks = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                ticks.tick().await;
-                gauge.set(health.stale_for(std::time::Instant::now()).as_secs() as i64);
-            }
-        });
-    }
+    background.spawn(crate::cluster::health::export(pod_watch.clone(), metrics.pod_watch_stale_seconds.clone()));
     if let (Some(store), Some(format)) = (&namespaces, policy_settings.namespace_restrictions) {
         let rules = NamespaceRules {
             annotation: policy_settings.namespace_key.clone(),
@@ -194,16 +133,9 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let resolver = Arc::new(Resolver::new(policy, namespaces.clone(), sessions));
     let prefetcher = Prefetcher::new(credentials.clone(), resolver.clone());
     background.spawn(prefetcher.run(changes_rx));
-    let (refresher, live_pods) = (credentials.clone(), pods.clone());
-    background.spawn(async move {
-        let mut ticks = tokio::time::interval(REFRESH_SCAN_PERIOD);
-        loop {
-            ticks.tick().await;
-            let live: std::collections::HashSet<String> =
-                live_pods.read(|index| index.pods().map(|pod| sessions.name(pod)).collect());
-            refresher.refresh_due(|session| live.contains(session)).await;
-        }
-    });
+    let live_pods = pods.clone();
+    let live_sessions = move || live_pods.read(|index| index.pods().map(|pod| sessions.name(pod)).collect());
+    background.spawn(credentials.clone().refresh_every(REFRESH_SCAN_PERIOD, live_sessions));
 
     let events = api.pod_events.then(|| {
         let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &node);
@@ -220,15 +152,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     ));
     let rules = match network.iptables {
         true => {
-            let (rules, check) = start_rules(&network, app_addr.port(), &pods, &metrics, &mut background).await?;
-            checks.push(("netfilter rules not in place", check));
-            let pod = SelfPod::from_env();
-            let controller = Arc::new(OnceLock::new());
-            if let Some(pod) = pod.clone() {
-                background.spawn(find_controller(deps.kube.clone(), pod, controller.clone()));
-            }
-            let (keep, kube, node) = (network.iptables_keep_on_exit, deps.kube.clone(), node.clone());
-            Some(RulesOnExit { rules, keep, kube, node, pod, controller })
+            let port = app_addr.port();
+            let (rules, in_place) =
+                crate::netfilter::agent::guard(&network, port, &deps.kube, &node, &pods, &metrics, &mut background)
+                    .await?;
+            checks.push(("netfilter rules not in place", in_place));
+            Some(rules)
         }
         false => None,
     };
@@ -248,116 +177,98 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let admin =
         Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: admin_settings.debug, readiness });
 
-    let (stop, stopped) = watch::channel(false);
-    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let mut servers = JoinSet::new();
-    let grace = api.shutdown_grace_period;
-    for listener in app_listeners {
-        let imds = imds.clone();
-        let refusals = refusals.clone();
-        servers.spawn(crate::http::serve(
-            listener,
-            move |peer, request| {
-                let imds = imds.clone();
-                async move { imds.handle(peer.ip(), request).await }
-            },
-            until_stopped(stopped.clone()),
-            grace,
-            api.limits,
-            move |refusal| {
-                refusals.get_or_create(&crate::metrics::RefusalLabels::from(refusal)).inc();
-            },
-        ));
-    }
-    // The admin port is the kubelet's and Prometheus's: the default limits.
-    servers.spawn(crate::http::serve(
-        admin_listener,
-        move |_, request| {
-            let admin = admin.clone();
-            async move { admin.handle(request).await }
-        },
-        until_stopped(stopped),
-        grace,
-        crate::http::Limits::default(),
-        |_| {},
-    ));
+    let (stop, servers) = listeners.serve(imds, admin, &api, refusals);
     tracing::info!(%app_addr, %admin_addr, "serving");
     Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, rules })
 }
 
-/// Prepares iamlet's rules for each family the agent has an address on (failing fast on a
-/// missing iptables or capability), and starts the tasks that own them: the keeper (detect,
-/// install, repair) and the coverage check. Returns the rules and the readiness check.
-async fn start_rules(
-    config: &NetworkSettings,
-    port: u16,
-    pods: &Arc<PodStore>,
-    metrics: &Arc<Metrics>,
-    background: &mut JoinSet<()>,
-) -> Result<(NodeRules, Box<dyn Fn() -> bool + Send + Sync>), StartupError> {
-    let targets: Vec<SocketAddr> = config
-        .host_ip
-        .into_iter()
-        .chain(config.host_ipv6.map(IpAddr::V6))
-        .map(|ip| SocketAddr::new(ip, port))
-        .collect();
-    let rules = NodeRules::prepare(&targets, config.iptables_backend)
-        .await
-        .map_err(|e| StartupError::Netfilter(e.to_string()))?;
-    let (state, watching) = watch::channel(RulesState::Waiting("starting".into()));
-    background.spawn(
-        RuleKeeper {
-            rules: rules.clone(),
-            setting: config.host_interface.clone(),
-            cni_conf_dir: config.cni_conf_dir.clone(),
-            sync_period: config.iptables_sync_period,
-            metrics: metrics.clone(),
-            state,
-        }
-        .run(),
-    );
-    let probes = {
-        let pods = pods.clone();
-        move || {
-            pods.read(|index| {
-                index
-                    .pods()
-                    .flat_map(|pod| {
-                        pod.ips.iter().map(|ip| Probe { uid: pod.uid.clone(), pod: pod.qualified_name(), ip: *ip })
-                    })
-                    .collect()
-            })
-        }
-    };
-    background.spawn(crate::netfilter::coverage::run(
-        watching.clone(),
-        probes,
-        metrics.pods_not_intercepted.clone(),
-        config.iptables_sync_period,
-    ));
-    let ready = move || matches!(*watching.borrow(), RulesState::InPlace(_));
-    Ok((rules, Box::new(ready)))
+/// Warns about flags iamlet honours only in part.
+fn warn_about_overrides(sts: &StsSettings, api: &ImdsSettings) {
+    if let Some(requested) = sts.sessions.lowered_from() {
+        tracing::warn!(
+            requested = %humantime::format_duration(requested),
+            used = %humantime::format_duration(sts.sessions.refresh_before()),
+            "--iam-role-session-ttl is lowered: STS caps role-chained sessions (an instance profile's, IRSA's) at 1h \
+             and sessions last twice the TTL; credentials are refreshed with this much left"
+        );
+    }
+    let overreach = api.allow_route_regexp.overreach();
+    if !overreach.is_empty() {
+        tracing::warn!(
+            paths = %overreach.join(", "),
+            "--allow-route-regexp matches paths that iamlet never relays (they identify or empower the node); \
+             they stay refused"
+        );
+    }
 }
 
-/// Looks up the agent's controller (its DaemonSet) while the pod surely exists, retrying
-/// while the API server cannot be reached; shutdown asks again if this never succeeded.
-async fn find_controller(kube: kube::Client, pod: SelfPod, found: Arc<OnceLock<Controller>>) {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match crate::cluster::placement::controller(&kube, &pod).await {
-            Ok(controller) => {
-                tracing::debug!(?controller, "found the agent's controller");
-                let _ = found.set(controller);
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(%error, "cannot read the agent's own pod yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-            }
+/// The agent's sockets, bound before anything starts so a port conflict fails fast.
+struct Listeners {
+    /// The metadata API: the IPv4 (or only) address, and the IPv6 one when given.
+    app: Vec<TcpListener>,
+    admin: TcpListener,
+    app_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(network: &NetworkSettings, app_port: u16, metrics_port: u16) -> Result<Self, StartupError> {
+        let bind_ip = network.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let app_listener = bind("--app-port", SocketAddr::new(bind_ip, app_port)).await?;
+        let app_addr = app_listener.local_addr().expect("a bound socket has an address");
+        let mut app = vec![app_listener];
+        if let Some(v6) = network.host_ipv6 {
+            app.push(bind("--app-port", SocketAddr::new(IpAddr::V6(v6), app_addr.port())).await?);
         }
+        let admin = bind("--metrics-port", SocketAddr::new(bind_ip, metrics_port)).await?;
+        let admin_addr = admin.local_addr().expect("a bound socket has an address");
+        Ok(Self { app, admin, app_addr, admin_addr })
+    }
+
+    /// Serves the metadata API and the admin port until the returned sender says stop.
+    fn serve(
+        self,
+        imds: Arc<ImdsService>,
+        admin: Arc<AdminService>,
+        api: &ImdsSettings,
+        refusals: Family<RefusalLabels, Counter>,
+    ) -> (watch::Sender<bool>, JoinSet<()>) {
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let mut servers = JoinSet::new();
+        let grace = api.shutdown_grace_period;
+        for listener in self.app {
+            let imds = imds.clone();
+            let refusals = refusals.clone();
+            servers.spawn(crate::http::serve(
+                listener,
+                move |peer, request| {
+                    let imds = imds.clone();
+                    async move { imds.handle(peer.ip(), request).await }
+                },
+                until_stopped(stopped.clone()),
+                grace,
+                api.limits,
+                move |refusal| {
+                    refusals.get_or_create(&RefusalLabels::from(refusal)).inc();
+                },
+            ));
+        }
+        // The admin port is the kubelet's and Prometheus's: the default limits.
+        servers.spawn(crate::http::serve(
+            self.admin,
+            move |_, request| {
+                let admin = admin.clone();
+                async move { admin.handle(request).await }
+            },
+            until_stopped(stopped),
+            grace,
+            crate::http::Limits::default(),
+            |_| {},
+        ));
+        (stop, servers)
     }
 }
 

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -86,7 +88,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.open.lock();
         open.total -= 1;
         if let Some(count) = open.by_ip.get_mut(&self.ip) {
             *count -= 1;
@@ -98,7 +100,7 @@ impl Drop for Slot {
 }
 
 fn admit(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &Limits) -> Result<Slot, Refusal> {
-    let mut state = open.lock().unwrap_or_else(|e| e.into_inner());
+    let mut state = open.lock();
     if state.total >= limits.connections {
         return Err(Refusal::Total);
     }
@@ -191,6 +193,6 @@ mod tests {
         drop(first);
         assert!(admit(&open, a, &limits).is_ok(), "a closed connection gives its place back");
         drop(_third);
-        assert!(!open.lock().unwrap().by_ip.contains_key(&b), "no entry for an IP with nothing open");
+        assert!(!open.lock().by_ip.contains_key(&b), "no entry for an IP with nothing open");
     }
 }

@@ -8,8 +8,10 @@
 //! count too: a streak of them ends at the next event, or once none has come for longer than
 //! the watcher's back-off ceiling.
 
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Longer than the watcher's longest back-off between retries (30 s).
 pub const STREAK_GAP: Duration = Duration::from_secs(45);
@@ -35,24 +37,24 @@ impl WatchHealth {
 
     /// The watch delivered something at `now`: the view is current.
     pub fn delivered(&self, now: Instant) {
-        *self.lock() = State { confirmed: now, failing_since: None, last_error: None };
+        *self.state.lock() = State { confirmed: now, failing_since: None, last_error: None };
     }
 
     /// The API server answered at `now`: the watch can reach it.
     pub fn reachable(&self, now: Instant) {
-        self.lock().confirmed = now;
+        self.state.lock().confirmed = now;
     }
 
     /// The watch reported a failure at `now`.
     pub fn failed(&self, now: Instant) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.failing_since.get_or_insert(now);
         state.last_error = Some(now);
     }
 
     /// How long the view may have been out of date at `now`.
     pub fn stale_for(&self, now: Instant) -> Duration {
-        let state = self.lock();
+        let state = self.state.lock();
         let unconfirmed = now.saturating_duration_since(state.confirmed);
         let failing = match (state.failing_since, state.last_error) {
             (Some(since), Some(last)) if now.saturating_duration_since(last) <= STREAK_GAP => {
@@ -61,10 +63,6 @@ impl WatchHealth {
             _ => Duration::ZERO,
         };
         unconfirmed.max(failing)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -78,6 +76,15 @@ pub async fn confirm_reachable(client: kube::Client, health: std::sync::Arc<Watc
         if let Ok(Ok(_)) = tokio::time::timeout(period, client.apiserver_version()).await {
             health.reachable(Instant::now());
         }
+    }
+}
+
+/// Keeps `gauge` (`iamlet_pod_watch_stale_seconds`) at how stale the view is, every second.
+pub async fn export(health: Arc<WatchHealth>, gauge: prometheus_client::metrics::gauge::Gauge) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        gauge.set(health.stale_for(Instant::now()).as_secs() as i64);
     }
 }
 

@@ -1,7 +1,9 @@
 //! Namespace allow lists (`--namespace-restrictions`), compiled once per namespace update.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use k8s_openapi::api::core::v1::Namespace;
 use tokio::sync::watch;
@@ -46,12 +48,12 @@ impl NamespaceStore {
 
     /// The namespace's rule; `None` if it has no annotation (or is not known yet).
     pub fn rule(&self, namespace: &str) -> Option<Arc<NamespaceRule>> {
-        self.rules.read().unwrap_or_else(|e| e.into_inner()).get(namespace).cloned()
+        self.rules.read().get(namespace).cloned()
     }
 
     /// Sets (or, with `None`, clears) a namespace's rule.
     pub fn set(&self, namespace: &str, rule: Option<NamespaceRule>) {
-        let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
+        let mut rules = self.rules.write();
         match rule {
             Some(rule) => rules.insert(namespace.to_string(), Arc::new(rule)),
             None => rules.remove(namespace),
@@ -61,7 +63,7 @@ impl NamespaceStore {
     /// Replaces every rule with a fresh listing and marks the store synced.
     pub fn replace_all(&self, listing: impl IntoIterator<Item = (String, NamespaceRule)>) {
         let fresh = listing.into_iter().map(|(name, rule)| (name, Arc::new(rule))).collect();
-        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.rules.write() = fresh;
         self.synced.send_replace(true);
     }
 
@@ -71,8 +73,7 @@ impl NamespaceStore {
 
     /// Names and rules of all annotated namespaces, sorted, for `/debug/store`.
     pub fn snapshot(&self) -> Vec<(String, Arc<NamespaceRule>)> {
-        let mut all: Vec<_> =
-            self.rules.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut all: Vec<_> = self.rules.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }

@@ -6,7 +6,9 @@
 //! until the pod appears or its deadline passes.
 
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -37,7 +39,7 @@ impl PodStore {
 
     /// Applies `update` to the index and wakes waiters if it changed anything.
     pub fn update<T>(&self, update: impl FnOnce(&mut PodIndex) -> T) -> T {
-        let result = update(&mut self.index.write().unwrap_or_else(|e| e.into_inner()));
+        let result = update(&mut self.index.write());
         self.generation.send_modify(|g| *g += 1);
         result
     }
@@ -76,7 +78,7 @@ impl PodStore {
 
     /// Runs `f` with the index read-locked.
     pub fn read<T>(&self, f: impl FnOnce(&PodIndex) -> T) -> T {
-        f(&self.index.read().unwrap_or_else(|e| e.into_inner()))
+        f(&self.index.read())
     }
 
     pub fn is_synced(&self) -> bool {

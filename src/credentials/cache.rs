@@ -2,7 +2,9 @@
 //! refreshed ahead of expiry in the background, and cached credentials kept while STS fails.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
@@ -113,7 +115,7 @@ impl CredentialCache {
 
     /// Counts a fetch for `session` under way until the returned guard is dropped.
     fn track(&self, session: &Arc<str>) -> Fetching<'_> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).entry(session.clone()).or_default().count += 1;
+        self.in_flight.lock().entry(session.clone()).or_default().count += 1;
         Fetching { cache: self, session: session.clone() }
     }
 
@@ -122,7 +124,7 @@ impl CredentialCache {
     pub fn prefetch(self: &Arc<Self>, key: CredentialKey) {
         // A live pod under this session (a StatefulSet's, recreated under the same name):
         // what is being fetched for it is wanted again.
-        if let Some(fetching) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key.session_name) {
+        if let Some(fetching) = self.in_flight.lock().get_mut(&key.session_name) {
             fetching.forgotten = false;
         }
         let cache = self.clone();
@@ -144,7 +146,7 @@ impl CredentialCache {
     /// or its role changes, its keys go too, whether prefetched or made by a request.
     pub async fn forget_session(&self, session: &str, keep: Option<&CredentialKey>) {
         // First mark fetches under way, so none of them can bring a key back afterwards.
-        if let Some(fetching) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get_mut(session) {
+        if let Some(fetching) = self.in_flight.lock().get_mut(session) {
             fetching.forgotten = true;
         }
         let stale = |key: &CredentialKey| &*key.session_name == session && Some(key) != keep;
@@ -184,6 +186,17 @@ impl CredentialCache {
         self.settings.sts_timeout
     }
 
+    /// Runs [`Self::refresh_due`] every `period`, with the sessions of the pods on the node
+    /// now (`live_sessions`).
+    pub async fn refresh_every(self: Arc<Self>, period: Duration, live_sessions: impl Fn() -> HashSet<String>) {
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            ticks.tick().await;
+            let live = live_sessions();
+            self.refresh_due(|session| live.contains(session)).await;
+        }
+    }
+
     /// Number of cached credentials.
     pub fn len(&self) -> u64 {
         self.entries.entry_count()
@@ -206,7 +219,7 @@ impl CredentialCache {
         if issued.remaining(SystemTime::now()) >= self.settings.sessions.refresh_before() {
             return;
         }
-        if !self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+        if !self.refreshing.lock().insert(key.clone()) {
             return; // already under way
         }
         let cache = self.clone();
@@ -227,7 +240,7 @@ impl CredentialCache {
                     "refresh failed; serving the cached credentials while they last"
                 ),
             }
-            cache.refreshing.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            cache.refreshing.lock().remove(&key);
         });
     }
 
@@ -280,14 +293,14 @@ struct Fetching<'a> {
 impl Fetching<'_> {
     /// Whether the session was forgotten since this fetch began.
     fn forgotten(&self) -> bool {
-        let in_flight = self.cache.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let in_flight = self.cache.in_flight.lock();
         in_flight.get(&self.session).is_some_and(|f| f.forgotten)
     }
 }
 
 impl Drop for Fetching<'_> {
     fn drop(&mut self) {
-        let mut in_flight = self.cache.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut in_flight = self.cache.in_flight.lock();
         if let Some(fetching) = in_flight.get_mut(&self.session) {
             fetching.count -= 1;
             if fetching.count == 0 {
@@ -458,7 +471,7 @@ mod tests {
         cache.forget_session("ns.gone", None).await;
         assert!(asking.await.unwrap().is_err(), "the departed pod's request gets nothing");
         assert!(cache.snapshot().is_empty(), "nothing of the departed pod stays to be refreshed");
-        assert!(cache.in_flight.lock().unwrap().is_empty());
+        assert!(cache.in_flight.lock().is_empty());
 
         // The same session under a new pod (a StatefulSet's): its prefetch is kept.
         let asking = tokio::spawn({

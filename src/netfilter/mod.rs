@@ -8,6 +8,7 @@
 //! iamlet added. [`RuleKeeper`] owns the rules while the agent runs; [`lifecycle`] decides
 //! whether they outlive it.
 
+pub mod agent;
 pub mod cni;
 pub mod conntrack;
 pub mod coverage;

@@ -1,0 +1,147 @@
+//! iamlet's rules for the agent's lifetime: prepared at start (failing fast without iptables
+//! or the capability), kept and checked while it runs, kept or removed when it stops.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::coverage::Probe;
+use super::lifecycle::{self, Decision, KeepOnExit};
+use super::{NetworkSettings, NodeRules, RuleKeeper, RulesState};
+use crate::StartupError;
+use crate::cluster::PodStore;
+use crate::cluster::placement::{Controller, SelfPod};
+use crate::metrics::Metrics;
+
+/// A readiness condition: true once the rules are in place.
+pub type InPlace = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Prepares the rules and starts the tasks that own them (see [`start_rules`]), and, under
+/// `--iptables-keep-on-exit=auto`, the lookup of the agent's DaemonSet that decides their
+/// fate on stop. Returns what stop needs, and the readiness condition.
+pub async fn guard(
+    settings: &NetworkSettings,
+    port: u16,
+    kube: &kube::Client,
+    node: &str,
+    pods: &Arc<PodStore>,
+    metrics: &Arc<Metrics>,
+    background: &mut JoinSet<()>,
+) -> Result<(RulesOnExit, InPlace), StartupError> {
+    let (rules, in_place) = start_rules(settings, port, pods, metrics, background).await?;
+    let pod = SelfPod::from_env();
+    let controller = Arc::new(OnceLock::new());
+    if let Some(pod) = pod.clone() {
+        background.spawn(find_controller(kube.clone(), pod, controller.clone()));
+    }
+    let keep = settings.iptables_keep_on_exit;
+    Ok((RulesOnExit { rules, keep, kube: kube.clone(), node: node.to_string(), pod, controller }, in_place))
+}
+
+/// What [`RunningAgent::stop`] needs to keep or remove the rules (`--iptables-keep-on-exit`).
+pub struct RulesOnExit {
+    rules: NodeRules,
+    keep: KeepOnExit,
+    kube: kube::Client,
+    node: String,
+    pod: Option<SelfPod>,
+    /// The agent's controller, looked up at startup.
+    controller: Arc<OnceLock<Controller>>,
+}
+
+impl RulesOnExit {
+    /// Keeps or removes the rules, as `--iptables-keep-on-exit` and the agent's DaemonSet say.
+    pub async fn finish(self) {
+        let placement = match self.keep {
+            KeepOnExit::Auto => {
+                let known = self.controller.get().cloned();
+                Some(crate::cluster::placement::placement(&self.kube, self.pod.as_ref(), known, &self.node).await)
+            }
+            _ => None,
+        };
+        let decision = lifecycle::decide(self.keep, || placement.expect("asked under auto"));
+        tracing::info!("{decision}");
+        if let Decision::Remove(_) = decision
+            && let Err(error) = self.rules.remove().await
+        {
+            tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
+        }
+    }
+}
+
+/// Prepares iamlet's rules for each family the agent has an address on (failing fast on a
+/// missing iptables or capability), and starts the tasks that own them: the keeper (detect,
+/// install, repair) and the coverage check. Returns the rules and the readiness check.
+async fn start_rules(
+    config: &NetworkSettings,
+    port: u16,
+    pods: &Arc<PodStore>,
+    metrics: &Arc<Metrics>,
+    background: &mut JoinSet<()>,
+) -> Result<(NodeRules, InPlace), StartupError> {
+    let targets: Vec<SocketAddr> = config
+        .host_ip
+        .into_iter()
+        .chain(config.host_ipv6.map(IpAddr::V6))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    let rules = NodeRules::prepare(&targets, config.iptables_backend)
+        .await
+        .map_err(|e| StartupError::Netfilter(e.to_string()))?;
+    let (state, watching) = watch::channel(RulesState::Waiting("starting".into()));
+    background.spawn(
+        RuleKeeper {
+            rules: rules.clone(),
+            setting: config.host_interface.clone(),
+            cni_conf_dir: config.cni_conf_dir.clone(),
+            sync_period: config.iptables_sync_period,
+            metrics: metrics.clone(),
+            state,
+        }
+        .run(),
+    );
+    let probes = {
+        let pods = pods.clone();
+        move || {
+            pods.read(|index| {
+                index
+                    .pods()
+                    .flat_map(|pod| {
+                        pod.ips.iter().map(|ip| Probe { uid: pod.uid.clone(), pod: pod.qualified_name(), ip: *ip })
+                    })
+                    .collect()
+            })
+        }
+    };
+    background.spawn(super::coverage::run(
+        watching.clone(),
+        probes,
+        metrics.pods_not_intercepted.clone(),
+        config.iptables_sync_period,
+    ));
+    let ready = move || matches!(*watching.borrow(), RulesState::InPlace(_));
+    Ok((rules, Box::new(ready)))
+}
+
+/// Looks up the agent's controller (its DaemonSet) while the pod surely exists, retrying
+/// while the API server cannot be reached; shutdown asks again if this never succeeded.
+async fn find_controller(kube: kube::Client, pod: SelfPod, found: Arc<OnceLock<Controller>>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match crate::cluster::placement::controller(&kube, &pod).await {
+            Ok(controller) => {
+                tracing::debug!(?controller, "found the agent's controller");
+                let _ = found.set(controller);
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the agent's own pod yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
