@@ -65,7 +65,7 @@ async fn a_reused_ip_belongs_to_the_new_pod_not_the_terminating_one() {
     );
     eventually(5, "the new pod to own the IP", async || node.get("127.0.0.24", CREDS).await.body == "new-role").await;
     node.api.delete_pod("shop", "old");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(5, "the old pod to leave the index", async || node.metric("iamlet_pods_indexed").await == 1.0).await;
     assert_eq!(node.get("127.0.0.24", CREDS).await.body, "new-role", "deleting the old pod keeps the new one");
     assert_eq!(node.get("127.0.0.24", &format!("{CREDS}old-role")).await.status, 404);
 }
@@ -175,7 +175,12 @@ async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     let imds = support::imds::FakeImds::start().await;
 
     let refused = support::node::start_agent(&api, &sts, &imds, &["--api-token=wrong"]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Not ready after the watch has been refused, not merely before it was tried.
+    eventually(10, "the pod watch to be refused", async || {
+        let metrics = support::pod_client::get("127.0.0.1", refused.admin_addr, "/metrics").await.body;
+        support::metric_value(&metrics, "iamlet_watch_errors_total").is_some_and(|errors| errors >= 1.0)
+    })
+    .await;
     let reply = support::pod_client::get("127.0.0.1", refused.admin_addr, "/readyz").await;
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("pod cache not synced"), "{}", reply.body);
@@ -199,9 +204,13 @@ async fn pod_events_say_why_a_pod_has_no_credentials_once_not_per_request() {
         assert_eq!(node.get("127.0.0.35", CREDS).await.status, 404);
     }
     assert_eq!(node.get("127.0.0.36", &format!("{CREDS}forbidden")).await.status, 503);
-    eventually(5, "two events", async || node.api.events().len() == 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let events = node.api.events();
+    // Events are published in the order they are reported, and each request reports before it
+    // is answered: once a later pod's event is out, every earlier one is too.
+    node.api.create_pod(pod("shop", "last").ip("127.0.0.37").build());
+    assert_eq!(node.get("127.0.0.37", CREDS).await.status, 404);
+    let last = |e: &serde_json::Value| e["regarding"]["name"] == "last";
+    eventually(5, "the last pod's event", async || node.api.events().iter().any(last)).await;
+    let events: Vec<_> = node.api.events().into_iter().filter(|e| !last(e)).collect();
     assert_eq!(events.len(), 2, "one per pod and reason, not one per request: {events:?}");
     let denied = events.iter().find(|e| e["regarding"]["name"] == "plain").expect("an event on the pod without a role");
     assert_eq!(denied["reason"], "IAMRoleDenied");
