@@ -27,6 +27,7 @@ use crate::netfilter::NetworkSettings;
 use crate::netfilter::agent::RulesOnExit;
 use crate::policy::{BaseArn, RoleArn};
 use crate::resolve::Resolver;
+use crate::shutdown::Stopped;
 
 /// How often every cached credential is checked for a due refresh.
 const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
@@ -66,8 +67,8 @@ impl RunningAgent {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, then drains, unless a second signal comes first.
+pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     let sts_settings = &config.settings.sts;
     let kube = crate::cluster::client::client(&config.settings.kube).await?;
     let sts =
@@ -75,10 +76,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let agent = start(config, Dependencies { kube, sts }).await?;
     let signal = crate::shutdown::signalled().await;
     tracing::info!(signal, "shutting down: draining in-flight requests");
-    crate::shutdown::abort_on_second_signal();
-    agent.stop().await;
-    tracing::info!("stopped");
-    Ok(())
+    let stopped = tokio::select! {
+        () = agent.stop() => Stopped::Drained,
+        signal = crate::shutdown::signalled() => {
+            tracing::warn!(signal, "second signal: exiting without draining");
+            Stopped::Aborted
+        }
+    };
+    tracing::info!(?stopped, "stopped");
+    Ok(stopped)
 }
 
 /// Starts the agent: discovery, listeners, watches, prefetcher, servers.

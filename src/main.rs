@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use iamlet::cli::{Cli, Command, LogFormat, Logging};
+use iamlet::shutdown::Stopped;
 
 /// jemalloc, with its background threads returning freed pages to the kernel after a few
 /// seconds: pod churn (a node's pods replaced in bulk, thousands of watch events and STS
@@ -33,7 +34,8 @@ fn main() -> ExitCode {
     init_logging(config.settings.logging);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the tokio runtime");
     match runtime.block_on(iamlet::app::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Drained) => ExitCode::SUCCESS,
+        Ok(Stopped::Aborted) => ExitCode::from(130),
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("iamlet: {error:#}");

@@ -1,4 +1,5 @@
-//! Signals: the first SIGTERM or SIGINT drains and exits cleanly; a second one aborts.
+//! Signals: the first SIGTERM or SIGINT drains and exits cleanly; a second one aborts (see
+//! [`crate::app::run`], which returns how the agent stopped; the binary picks the exit code).
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -12,11 +13,13 @@ pub async fn signalled() -> &'static str {
     }
 }
 
-/// After the first signal: a second one exits at once, without waiting for the drain.
-pub fn abort_on_second_signal() {
-    tokio::spawn(async {
-        let name = signalled().await;
-        tracing::warn!(signal = name, "second signal: exiting without draining");
-        std::process::exit(130);
-    });
+/// How the agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// In-flight requests finished (or the grace period ran out) and the rules were kept or
+    /// removed as configured.
+    Drained,
+    /// A second signal came during the drain: the process should exit at once (status 130,
+    /// as a shell reports an interrupt), leaving the rules in place.
+    Aborted,
 }
