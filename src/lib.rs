@@ -63,12 +63,46 @@ pub enum StartupError {
     #[error("cannot listen on {addr} ({flag}): {source}{hint}")]
     Bind { flag: &'static str, addr: std::net::SocketAddr, source: std::io::Error, hint: &'static str },
     /// The Kubernetes API server configuration could not be loaded.
-    #[error("cannot configure the Kubernetes client: {0}")]
-    Kube(String),
-    /// The DNAT rules could not be installed.
-    #[error("{0}")]
-    Netfilter(String),
+    #[error("cannot configure the Kubernetes client")]
+    Kube(#[from] cluster::client::ClientError),
+    /// iptables cannot be run, or not with the capabilities iamlet needs.
+    #[error(transparent)]
+    Netfilter(#[from] netfilter::IptablesError),
     /// Discovery through the node's metadata service failed.
-    #[error("{flag}: {message}")]
-    Discovery { flag: &'static str, message: String },
+    #[error("{flag}")]
+    Discovery {
+        /// The flag that asked for discovery.
+        flag: &'static str,
+        #[source]
+        source: policy::DiscoveryError,
+    },
+}
+
+/// An error and its sources on one line (`what: why: why`), for logs and the terminal. A
+/// source whose text its parent already shows (many libraries print their source too) is
+/// not repeated.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn describe_shows_each_source_once() {
+        let io = std::io::Error::other("disk gone");
+        let wrapped = anyhow::Error::new(io).context("reading the kubeconfig");
+        assert_eq!(super::describe(wrapped.as_ref()), "reading the kubeconfig: disk gone");
+        let repeating = anyhow::anyhow!("inner").context("outer: inner");
+        assert_eq!(super::describe(repeating.as_ref()), "outer: inner");
+    }
 }

@@ -37,8 +37,9 @@ fn main() -> ExitCode {
         Ok(Stopped::Drained) => ExitCode::SUCCESS,
         Ok(Stopped::Aborted) => ExitCode::from(130),
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("iamlet: {error:#}");
+            let error = iamlet::describe(error.as_ref());
+            tracing::error!("{error}");
+            eprintln!("iamlet: {error}");
             ExitCode::FAILURE
         }
     }
@@ -60,7 +61,7 @@ fn explain(args: Box<iamlet::cli::ExplainArgs>) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
-            eprintln!("iamlet explain: {error:#}");
+            eprintln!("iamlet explain: {}", iamlet::describe(error.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -41,8 +41,8 @@ pub trait RoleAssumer: Send + Sync + 'static {
 
 /// Discovery asks any assumer for the account of iamlet's own credentials.
 impl crate::policy::CallerAccount for Arc<dyn RoleAssumer> {
-    fn caller_account(&self) -> BoxFuture<'_, Result<String, String>> {
-        Box::pin(async move { self.own_account().await.map_err(|e| e.to_string()) })
+    fn caller_account(&self) -> BoxFuture<'_, Result<String, crate::policy::BoxError>> {
+        Box::pin(async move { self.own_account().await.map_err(Into::into) })
     }
 }
 

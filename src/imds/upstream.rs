@@ -171,7 +171,10 @@ pub async fn report_node_exposure(upstream: &UpstreamImds, metrics: &crate::metr
 }
 
 impl crate::policy::NodeMetadata for UpstreamImds {
-    fn get_text<'a>(&'a self, path: &'a str) -> futures::future::BoxFuture<'a, Result<String, String>> {
-        Box::pin(async move { UpstreamImds::get_text(self, path).await.map_err(|e| e.to_string()) })
+    fn get_text<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<String, crate::policy::BoxError>> {
+        Box::pin(async move { UpstreamImds::get_text(self, path).await.map_err(Into::into) })
     }
 }

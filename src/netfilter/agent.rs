@@ -88,9 +88,7 @@ async fn start_rules(
         .chain(config.host_ipv6.map(IpAddr::V6))
         .map(|ip| SocketAddr::new(ip, port))
         .collect();
-    let rules = NodeRules::prepare(&targets, config.iptables_backend)
-        .await
-        .map_err(|e| StartupError::Netfilter(e.to_string()))?;
+    let rules = NodeRules::prepare(&targets, config.iptables_backend).await?;
     let (state, watching) = watch::channel(RulesState::Waiting("starting".into()));
     background.spawn(
         RuleKeeper {

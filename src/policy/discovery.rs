@@ -3,8 +3,33 @@
 
 use futures::future::BoxFuture;
 
-use super::{BaseArn, Policy, RestrictionFormat};
+use super::{ArnError, BaseArn, Denial, Policy, RestrictionFormat};
 use crate::StartupError;
+
+/// An error from outside iamlet (the metadata service, STS), kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why discovery found no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot read {path} from the node's metadata service")]
+    Metadata {
+        path: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("iam/info has no InstanceProfileArn: does the node have an instance profile?")]
+    NoInstanceProfile,
+    #[error("the node's instance profile ARN is unusable")]
+    ProfileArn(#[source] ArnError),
+    #[error("the node has no instance role")]
+    NoInstanceRole,
+    #[error("the node's instance role is unusable: {0}")]
+    Role(Denial),
+}
+
+const IAM_INFO: &str = "/latest/meta-data/iam/info";
+const INSTANCE_ROLES: &str = "/latest/meta-data/iam/security-credentials/";
 
 /// Where the base role ARN comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,13 +70,13 @@ pub struct PolicySettings {
 /// What discovery reads from the node's metadata service.
 pub trait NodeMetadata: Sync {
     /// `GET path`, its body when the answer is 200.
-    fn get_text<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<String, String>>;
+    fn get_text<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<String, BoxError>>;
 }
 
 /// Who iamlet's own credentials belong to.
 pub trait CallerAccount: Sync {
     /// The account of the credentials iamlet runs with (STS GetCallerIdentity).
-    fn caller_account(&self) -> BoxFuture<'_, Result<String, String>>;
+    fn caller_account(&self) -> BoxFuture<'_, Result<String, BoxError>>;
 }
 
 /// Resolves the base ARN and default role, asking the node's metadata service when told to.
@@ -60,13 +85,13 @@ pub async fn discover(
     node: &dyn NodeMetadata,
     caller: &dyn CallerAccount,
 ) -> Result<Policy, StartupError> {
-    let discovery = |flag, message| StartupError::Discovery { flag, message };
+    let discovery = |flag| move |source| StartupError::Discovery { flag, source };
     let base = match &settings.base_role_arn {
         BaseArnSource::None => None,
         BaseArnSource::Given(base) => Some(base.clone()),
         BaseArnSource::Discover => {
             let flag = "--auto-discover-base-arn";
-            let base = node_profile_base(node).await.map_err(|message| discovery(flag, message))?;
+            let base = node_profile_base(node).await.map_err(discovery(flag))?;
             tracing::info!(base_arn = base.as_str(), "discovered the base role ARN");
             Some(base)
         }
@@ -86,11 +111,12 @@ pub async fn discover(
         ),
         DefaultRoleSource::Discover => {
             let flag = "--auto-discover-default-role";
-            let listing = node.get_text("/latest/meta-data/iam/security-credentials/").await;
-            let listing = listing.map_err(|message| discovery(flag, message))?;
+            let listing = node.get_text(INSTANCE_ROLES).await;
+            let listing = listing.map_err(|source| DiscoveryError::Metadata { path: INSTANCE_ROLES, source });
+            let listing = listing.map_err(discovery(flag))?;
             let name = listing.lines().next().map(str::trim).filter(|n| !n.is_empty());
-            let name = name.ok_or_else(|| discovery(flag, "the node has no instance role".into()))?;
-            let role = policy.role_from_annotation(name).map_err(|d| discovery(flag, d.to_string()))?;
+            let name = name.ok_or(DiscoveryError::NoInstanceRole).map_err(discovery(flag))?;
+            let role = policy.role_from_annotation(name).map_err(DiscoveryError::Role).map_err(discovery(flag))?;
             tracing::info!(default_role = role.as_str(), "discovered the default role");
             Some(role)
         }
@@ -99,13 +125,13 @@ pub async fn discover(
 }
 
 /// The base ARN of the node's instance profile (IMDS `iam/info`): its partition and account.
-async fn node_profile_base(node: &dyn NodeMetadata) -> Result<BaseArn, String> {
-    let info = node.get_text("/latest/meta-data/iam/info").await?;
+async fn node_profile_base(node: &dyn NodeMetadata) -> Result<BaseArn, DiscoveryError> {
+    let info = node.get_text(IAM_INFO).await.map_err(|source| DiscoveryError::Metadata { path: IAM_INFO, source })?;
     let profile = serde_json::from_str::<serde_json::Value>(&info)
         .ok()
         .and_then(|v| v.get("InstanceProfileArn")?.as_str().map(str::to_string))
-        .ok_or("iam/info has no InstanceProfileArn: does the node have an instance profile?")?;
-    BaseArn::from_instance_profile_arn(&profile).map_err(|e| e.to_string())
+        .ok_or(DiscoveryError::NoInstanceProfile)?;
+    BaseArn::from_instance_profile_arn(&profile).map_err(DiscoveryError::ProfileArn)
 }
 
 /// The node's account, which confines namespace entries that name none when there is no
@@ -115,7 +141,8 @@ async fn node_account(node: &dyn NodeMetadata, caller: &dyn CallerAccount) -> Op
     let account = match node_profile_base(node).await {
         Ok(base) => Ok(base.account().to_string()),
         Err(profile_error) => {
-            caller.caller_account().await.map_err(|sts_error| format!("{profile_error}; {sts_error}"))
+            let profile_error = crate::describe(&profile_error);
+            caller.caller_account().await.map_err(|sts_error| format!("{profile_error}; STS: {sts_error}"))
         }
     };
     match account {

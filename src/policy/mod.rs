@@ -9,7 +9,9 @@ mod namespace;
 use std::fmt;
 
 pub use arn::{ArnError, BaseArn, RoleArn};
-pub use discovery::{BaseArnSource, CallerAccount, DefaultRoleSource, NodeMetadata, PolicySettings, discover};
+pub use discovery::{
+    BaseArnSource, BoxError, CallerAccount, DefaultRoleSource, DiscoveryError, NodeMetadata, PolicySettings, discover,
+};
 pub use namespace::{AllowedRole, AllowedRoles, AnnotationError, RestrictionFormat};
 
 use crate::pod::PodIdentity;

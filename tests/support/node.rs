@@ -115,5 +115,5 @@ pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, a
     config.settings.admin.metrics_port = 0;
     let kube = iamlet::cluster::client::client(&config.settings.kube).await.unwrap();
     let sts = sts_client(&sts.url, config.settings.sts.sts_timeout).into_assumer();
-    iamlet::app::start(config, Dependencies { kube, sts }).await.unwrap()
+    iamlet::app::start(config, Dependencies { kube, sts }).await.unwrap_or_else(|e| panic!("{}", iamlet::describe(&e)))
 }
