@@ -103,7 +103,7 @@ impl NetworkArgs {
         let host_interface = match self.host_interface.trim() {
             "auto" => InterfaceSetting::Auto,
             text => InterfaceSetting::Given(
-                InterfaceMatch::parse(text).map_err(|message| flag("--host-interface", message))?,
+                InterfaceMatch::parse(text).map_err(|e| flag("--host-interface", e.to_string()))?,
             ),
         };
         let startup_taint = match self.startup_taint.trim() {

@@ -25,16 +25,28 @@ pub struct InterfaceMatch {
     patterns: Vec<InterfacePattern>,
 }
 
+/// Why a `--host-interface` value is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterfaceError {
+    #[error("{0:?} names no interface")]
+    Empty(String),
+    #[error("{0:?} is not an interface name (at most 15 of a-z, 0-9, -_.@:), nor name+ or !name")]
+    NotAName(String),
+    #[error("{0:?}: a negation (!name) must stand alone, as in !eth0")]
+    NegationInList(String),
+    #[error("{0:?}: at most 8 patterns")]
+    TooMany(String),
+}
+
 impl InterfaceMatch {
     /// Parses `cali+`, `eni+,vlan+` or `!eth0`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let patterns =
-            text.split(',').map(str::trim).map(InterfacePattern::parse).collect::<Result<Vec<_>, String>>()?;
+    pub fn parse(text: &str) -> Result<Self, InterfaceError> {
+        let patterns = text.split(',').map(str::trim).map(InterfacePattern::parse).collect::<Result<Vec<_>, _>>()?;
         if patterns.len() > 1 && patterns.iter().any(|p| p.negated) {
-            return Err(format!("{text:?}: a negation (!name) must stand alone, as in !eth0"));
+            return Err(InterfaceError::NegationInList(text.to_string()));
         }
         if patterns.len() > 8 {
-            return Err(format!("{text:?}: at most 8 patterns"));
+            return Err(InterfaceError::TooMany(text.to_string()));
         }
         Ok(Self { patterns })
     }
@@ -78,7 +90,7 @@ const MAX_NAME: usize = 15;
 
 impl InterfacePattern {
     /// Parses `eth0`, `cali+`, `!eth0` or `!cali+`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, InterfaceError> {
         let text = text.trim();
         let (negated, rest) = match text.strip_prefix('!') {
             Some(rest) => (true, rest.trim_start()),
@@ -90,12 +102,10 @@ impl InterfacePattern {
         };
         let valid = |c: char| c.is_ascii_alphanumeric() || "-_.@:".contains(c);
         if name.is_empty() && !wildcard {
-            return Err(format!("{text:?} names no interface"));
+            return Err(InterfaceError::Empty(text.to_string()));
         }
         if name.len() > MAX_NAME || !name.chars().all(valid) {
-            return Err(format!(
-                "{text:?} is not an interface name (at most 15 of a-z, 0-9, -_.@:), nor name+ or !name"
-            ));
+            return Err(InterfaceError::NotAName(text.to_string()));
         }
         Ok(Self { name: name.to_string(), wildcard, negated })
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use interfaces::{InterfaceMatch, InterfacePattern, node_links};
+pub use interfaces::{InterfaceError, InterfaceMatch, InterfacePattern, node_links};
 pub use iptables::{BackendChoice, Iptables, IptablesError};
 pub use rules::{CHAIN, Family, Table};
 
