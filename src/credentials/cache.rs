@@ -197,15 +197,6 @@ impl CredentialCache {
         }
     }
 
-    /// Number of cached credentials.
-    pub fn len(&self) -> u64 {
-        self.entries.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Every cached key with its expiry, for `/debug/store`.
     pub fn snapshot(&self) -> Vec<(Arc<CredentialKey>, SystemTime)> {
         self.entries.iter().map(|(key, issued)| (key, issued.credentials.expiration)).collect()
