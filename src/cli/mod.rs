@@ -25,7 +25,7 @@ pub use imds::ImdsArgs;
 pub use kube::KubeArgs;
 pub use network::{BackendArg, NetworkArgs};
 pub use roles::{RestrictionFormatArg, RoleArgs};
-pub use sts::{MAX_SESSION_TTL, MIN_SESSION_TTL, StsArgs};
+pub use sts::StsArgs;
 
 use crate::StartupError;
 use crate::admin::AdminSettings;

@@ -11,9 +11,9 @@ use crate::resolve::SessionRules;
 
 /// Shortest `--iam-role-session-ttl`: credentials handed out keep at least this long, which is
 /// the window in which the Java SDK refetches on every call (kiam #191).
-pub const MIN_SESSION_TTL: Duration = Duration::from_secs(15 * 60);
+const MIN_SESSION_TTL: Duration = Duration::from_secs(15 * 60);
 /// Longest `--iam-role-session-ttl`: sessions last twice the TTL, and STS caps them at 12 h.
-pub const MAX_SESSION_TTL: Duration = Duration::from_secs(6 * 3600);
+const MAX_SESSION_TTL: Duration = Duration::from_secs(6 * 3600);
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "STS")]

@@ -60,10 +60,6 @@ impl Resolver {
         self.namespaces.as_ref()?.rule(namespace)
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     pub fn sessions(&self) -> SessionRules {
         self.sessions
     }
