@@ -4,13 +4,9 @@
 //! field selectors and resourceVersions; create pods with `POST /api/v1/namespaces/<ns>/pods`
 //! and delete them with `DELETE .../pods/<name>`, as kubectl does.
 
-// The test support modules, where `super::server` is this crate's `server`.
-#[path = "../tests/support/apiserver.rs"]
-mod apiserver;
-#[path = "../tests/support/server.rs"]
-mod server;
-
 use std::time::Duration;
+
+use iamlet_testkit::apiserver;
 
 #[tokio::main]
 async fn main() {

@@ -15,11 +15,11 @@ scripts/check-deploy.sh
 if [ "$(id -u)" -eq 0 ]; then
   # The end-to-end tests (real iptables in network namespaces) are #[ignore]d for plain
   # `cargo test` because they need root; here they run with the rest.
-  cargo test --lib --tests -- --include-ignored "${filters[@]}"
+  cargo test --workspace --lib --tests -- --include-ignored "${filters[@]}"
 elif [ "${CI:-}" = "true" ]; then
   echo "scripts/test.sh: CI must run as root: the end-to-end tests need network namespaces and iptables" >&2
   exit 1
 else
   echo "scripts/test.sh: not root: the end-to-end tests (tests/e2e_netns.rs) are ignored; run as root for all tests" >&2
-  cargo test --lib --tests -- "${filters[@]}"
+  cargo test --workspace --lib --tests -- "${filters[@]}"
 fi

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::net::TcpListener;
@@ -69,16 +70,17 @@ impl RunningAgent {
 
 /// Runs the agent until SIGTERM or SIGINT, then drains, unless a second signal comes first.
 pub async fn run(config: Config) -> anyhow::Result<Stopped> {
+    let mut signals = crate::shutdown::Signals::install().context("installing the SIGTERM and SIGINT handlers")?;
     let sts_settings = &config.settings.sts;
     let kube = crate::cluster::client::client(&config.settings.kube).await?;
     let sts =
         AwsSts::from_environment(sts_settings.use_regional_sts_endpoint, sts_settings.sts_timeout).await.into_assumer();
     let agent = start(config, Dependencies { kube, sts }).await?;
-    let signal = crate::shutdown::signalled().await;
+    let signal = signals.next().await;
     tracing::info!(signal, "shutting down: draining in-flight requests");
     let stopped = tokio::select! {
         () = agent.stop() => Stopped::Drained,
-        signal = crate::shutdown::signalled() => {
+        signal = signals.next() => {
             tracing::warn!(signal, "second signal: exiting without draining");
             Stopped::Aborted
         }

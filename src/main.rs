@@ -33,7 +33,10 @@ fn main() -> ExitCode {
     };
     init_logging(config.settings.logging);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("starting the tokio runtime");
-    match runtime.block_on(iamlet::app::run(config)) {
+    let outcome = runtime.block_on(iamlet::app::run(config));
+    // Aborted, nothing is waited for: not the tasks the drain left, not a blocking call.
+    runtime.shutdown_background();
+    match outcome {
         Ok(Stopped::Drained) => ExitCode::SUCCESS,
         Ok(Stopped::Aborted) => ExitCode::from(130),
         Err(error) => {

@@ -48,6 +48,7 @@ impl From<crate::http::Refusal> for RefusalLabels {
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RouteLabels, Histogram>,
+    pub requests_in_flight: Gauge,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub sts_calls: Family<StsLabels, Counter>,
@@ -72,6 +73,7 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let requests_in_flight = Gauge::default();
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let sts_calls = Family::<StsLabels, Counter>::default();
@@ -88,6 +90,11 @@ impl Metrics {
         let mut registry = Registry::with_prefix("iamlet");
         registry.register("http_requests", "Metadata API requests by route and status code", requests.clone());
         registry.register("http_request_duration_seconds", "Metadata API latency by route", request_duration.clone());
+        registry.register(
+            "http_requests_in_flight",
+            "Metadata API requests being answered, those waiting for their pod, STS or the node's metadata service included",
+            requests_in_flight.clone(),
+        );
         registry.register("credential_cache_hits", "Credential requests served from memory", cache_hits.clone());
         registry.register(
             "credential_cache_misses",
@@ -128,6 +135,7 @@ impl Metrics {
         Self {
             requests,
             request_duration,
+            requests_in_flight,
             cache_hits,
             cache_misses,
             sts_calls,
@@ -155,5 +163,39 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Counts one unit in `gauge` for as long as it lives: a request in flight, however it ends
+/// (answered, or dropped when its client goes away).
+pub struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    pub fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_counts_until_dropped() {
+        let gauge = Gauge::<i64>::default();
+        let first = InFlight::enter(&gauge);
+        let second = InFlight::enter(&gauge);
+        assert_eq!(gauge.get(), 2);
+        drop(first);
+        assert_eq!(gauge.get(), 1);
+        drop(second);
+        assert_eq!(gauge.get(), 0);
     }
 }

@@ -4,11 +4,9 @@
 //! whether the key was prefetched or made by a request, and whether its fetch was still under
 //! way when the pod went.
 
-mod support;
-
-use support::apiserver::pod;
-use support::eventually;
-use support::node::TestNode;
+use iamlet_testkit::apiserver::pod;
+use iamlet_testkit::eventually;
+use iamlet_testkit::node::TestNode;
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -30,7 +28,7 @@ async fn churn_crosses_no_roles_and_leaves_nothing_of_departed_pods() {
             .map(|(name, ip)| {
                 let (name, ip) = (name.clone(), ip.clone());
                 tokio::spawn(async move {
-                    let reply = support::pod_client::get(&ip, app, &format!("{CREDS}role-{name}")).await;
+                    let reply = iamlet_testkit::pod_client::get(&ip, app, &format!("{CREDS}role-{name}")).await;
                     (name, reply)
                 })
             })

@@ -2,21 +2,19 @@
 //! credentials, `AWS_ENDPOINT_URL_STS`), JSON logs, port conflicts, and a clean exit on
 //! SIGTERM that lets in-flight requests finish.
 
-mod support;
-
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use support::apiserver::{FakeApiServer, pod};
-use support::eventually;
-use support::imds::FakeImds;
-use support::pod_client;
-use support::sts_proxy::StsProxy;
-
-const BIN: &str = env!("CARGO_BIN_EXE_iamlet");
+use iamlet_testkit::agent::{AgentCommand, AgentProcess, binary};
+use iamlet_testkit::apiserver::{FakeApiServer, pod};
+use iamlet_testkit::imds::FakeImds;
+use iamlet_testkit::pod_client;
+use iamlet_testkit::sts_proxy::StsProxy;
+use iamlet_testkit::{AgentFlags, eventually, free_port};
+use nix::sys::signal::Signal;
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(BIN).args(args).env_remove("NODE_NAME").env_remove("HOST_IP").output().unwrap();
+    let output = Command::new(binary()).args(args).env_remove("NODE_NAME").env_remove("HOST_IP").output().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -54,44 +52,37 @@ fn version_is_printed() {
     assert_eq!(stdout.trim(), format!("iamlet {}", env!("CARGO_PKG_VERSION")));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The binary on loopback against the fakes, with JSON logs, not yet started.
+fn agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, app_port: u16) -> AgentCommand {
+    let flags = AgentFlags::loopback(&api.url, &imds.addr)
+        .without_startup_taint()
+        .ports(app_port, free_port())
+        .flag("--log-format=json");
+    AgentCommand::new(flags, &sts.url)
 }
 
-fn agent_command(
-    api: &FakeApiServer,
-    sts: &StsProxy,
-    imds: &FakeImds,
-    app_port: u16,
-    admin_port: u16,
-) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(BIN);
-    command
-        .args(support::loopback_agent_args(&api.url, &imds.addr, app_port, admin_port))
-        .arg("--log-format=json")
-        .env_clear()
-        .envs(support::agent_env(&sts.url))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    command
+/// The agent's log lines, each a JSON object.
+fn json_lines(agent: &AgentProcess) -> Vec<serde_json::Value> {
+    let log = agent.log();
+    log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}\n{log}"))).collect()
+}
+
+/// Waits until `count` metadata requests are being answered.
+async fn wait_in_flight(agent: &AgentProcess, count: f64) {
+    eventually(10, "the request to reach the agent", async || {
+        agent.metric("iamlet_http_requests_in_flight").await == Some(count)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_binary_serves_then_drains_and_exits_0_on_sigterm() {
     let (api, sts, imds) = (FakeApiServer::start().await, StsProxy::start().await, FakeImds::start().await);
-    let (app_port, admin_port) = (free_port(), free_port());
-    let mut child = agent_command(&api, &sts, &imds, app_port, admin_port).spawn().unwrap();
-    let app = std::net::SocketAddr::from(([127, 0, 0, 1], app_port));
-    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
-    eventually(20, "the binary to be ready", async || {
-        tokio::net::TcpStream::connect(admin).await.is_ok()
-            && pod_client::get("127.0.0.1", admin, "/readyz").await.status == 200
-    })
-    .await;
+    let mut agent = agent(&api, &sts, &imds, free_port()).spawn();
+    agent.wait_ready().await;
 
     api.create_pod(pod("shop", "web").ip("127.0.0.50").role("app").build());
-    let reply = pod_client::get("127.0.0.50", app, "/latest/meta-data/iam/security-credentials/app").await;
+    let reply = pod_client::get("127.0.0.50", agent.app, "/latest/meta-data/iam/security-credentials/app").await;
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(sts.assume_role_calls().len(), 1, "STS reached through AWS_ENDPOINT_URL_STS");
     assert_eq!(sts.assume_role_calls()[0]["RoleSessionName"], "shop.web");
@@ -99,30 +90,48 @@ async fn the_binary_serves_then_drains_and_exits_0_on_sigterm() {
     // A request in flight when SIGTERM arrives still gets its answer.
     sts.set_delay(Duration::from_millis(1500));
     api.create_pod(pod("shop", "late").ip("127.0.0.51").role("late").build());
-    let in_flight = tokio::spawn(pod_client::get("127.0.0.51", app, "/latest/meta-data/iam/security-credentials/late"));
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let pid = child.id().unwrap() as i32;
-    assert_eq!(send_signal(pid, "TERM"), 0);
+    let in_flight =
+        tokio::spawn(pod_client::get("127.0.0.51", agent.app, "/latest/meta-data/iam/security-credentials/late"));
+    wait_in_flight(&agent, 1.0).await;
+    agent.signal(Signal::SIGTERM);
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
-    let status =
-        tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits after the drain").unwrap();
-    assert_eq!(status.code(), Some(0));
+    let app = agent.app;
+    assert_eq!(agent.exit(Duration::from_secs(15)).await.code(), Some(0), "{}", agent.log());
     assert!(tokio::net::TcpStream::connect(app).await.is_err(), "the port is released");
-
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
-    let lines: Vec<serde_json::Value> =
-        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
     assert!(
-        lines.iter().any(|l| l["message"] == "shutting down: draining in-flight requests" && l["signal"] == "SIGTERM"),
-        "{stderr}"
+        json_lines(&agent)
+            .iter()
+            .any(|l| l["message"] == "shutting down: draining in-flight requests" && l["signal"] == "SIGTERM"),
+        "{}",
+        agent.log()
     );
 }
 
-/// Sends a signal with the `kill` command (no libc binding needed for one call).
-fn send_signal(pid: i32, signal: &str) -> i32 {
-    Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().code().unwrap_or(-1)
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_130_at_once() {
+    let (api, sts, imds) = (FakeApiServer::start().await, StsProxy::start().await, FakeImds::start().await);
+    let mut agent = agent(&api, &sts, &imds, free_port()).spawn();
+    agent.wait_ready().await;
+    // A request that would keep the drain waiting for a minute.
+    sts.set_delay(Duration::from_secs(60));
+    api.create_pod(pod("shop", "slow").ip("127.0.0.52").role("slow").build());
+    let _in_flight =
+        tokio::spawn(pod_client::get("127.0.0.52", agent.app, "/latest/meta-data/iam/security-credentials/slow"));
+    wait_in_flight(&agent, 1.0).await;
+
+    agent.signal(Signal::SIGTERM);
+    eventually(10, "the drain to start", async || agent.log().contains("shutting down: draining")).await;
+    agent.signal(Signal::SIGINT);
+    let status = agent.exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(130), "{}", agent.log());
+    assert!(
+        json_lines(&agent)
+            .iter()
+            .any(|l| l["message"] == "second signal: exiting without draining" && l["signal"] == "SIGINT"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[tokio::test]
@@ -130,8 +139,8 @@ async fn an_app_port_in_use_is_a_clear_error() {
     let (api, sts, imds) = (FakeApiServer::start().await, StsProxy::start().await, FakeImds::start().await);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let output = agent_command(&api, &sts, &imds, port, free_port()).output().await.unwrap();
-    assert_ne!(output.status.code(), Some(0));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--app-port") && stderr.contains("another process"), "{stderr}");
+    let mut agent = agent(&api, &sts, &imds, port).spawn();
+    assert_ne!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
+    let log = agent.log();
+    assert!(log.contains("--app-port") && log.contains("another process"), "{log}");
 }

@@ -7,18 +7,15 @@
 //!
 //! `#[ignore]`d for plain `cargo test` (they need root); scripts/test.sh runs them as root.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use iamlet_testkit::e2e::{E2e, assert_no_node_secret, botocore_in, pod_request};
+use iamlet_testkit::eventually;
+use iamlet_testkit::netns::Attach;
 use nix::sys::signal::Signal;
 use serde_json::json;
-use support::agent_process;
-use support::e2e::{E2e, assert_no_node_secret, botocore_in, pod_request};
-use support::eventually;
-use support::netns::Attach;
 
 const NODE_CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/node-role";
 
@@ -55,7 +52,7 @@ async fn a_restart_keeps_the_rules_and_refuses_pods_an_uninstall_removes_everyth
     // A rolling update: SIGTERM while the DaemonSet still runs here. The rules stay, and
     // until the successor is up the pod is refused, never answered by the node's IMDS.
     agent.signal(Signal::SIGTERM);
-    assert_eq!(agent.wait(20).code(), Some(0), "{}", agent.log());
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0), "{}", agent.log());
     assert!(
         agent.log().contains("keeping iamlet's rules: DaemonSet kube-system/iamlet still runs on this node"),
         "{}",
@@ -73,7 +70,7 @@ async fn a_restart_keeps_the_rules_and_refuses_pods_an_uninstall_removes_everyth
     // An uninstall: the DaemonSet is deleted, then its pod gets SIGTERM. Nothing is left.
     e2e.api.delete_daemonset("kube-system", "iamlet");
     successor.signal(Signal::SIGTERM);
-    assert_eq!(successor.wait(20).code(), Some(0));
+    assert_eq!(successor.exit(Duration::from_secs(20)).await.code(), Some(0));
     assert!(
         successor.log().contains("removing iamlet's rules: DaemonSet kube-system/iamlet is gone"),
         "{}",
@@ -92,14 +89,14 @@ async fn an_unreachable_api_server_at_shutdown_keeps_the_rules() {
     let mut agent = e2e.start_daemonset_agent(&["--host-interface=cni0"]).await;
     e2e.api.set_outage(true);
     agent.signal(Signal::SIGTERM);
-    assert_eq!(agent.wait(30).code(), Some(0), "{}", agent.log());
+    assert_eq!(agent.exit(Duration::from_secs(30)).await.code(), Some(0), "{}", agent.log());
     let log = agent.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("cannot tell a restart from an uninstall")).collect();
     assert_eq!(lines.len(), 1, "said in one line: {log}");
     assert!(lines[0].contains("iamlet cleanup"), "{}", lines[0]);
     assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((1, 1), (1, 1)), "fail closed");
     assert_refused(&e2e, app, "after an exit that could not ask the API server").await;
-    e2e.node().ok(agent_process::BIN, &["cleanup"]);
+    e2e.node().ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert!(!iamlet_chains_anywhere(&e2e), "cleanup removes the backstop too");
 }
 
@@ -110,7 +107,7 @@ async fn flushed_nat_rules_refuse_pods_until_repaired_and_never_leak() {
     let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
     let sts_url = e2e.sts.url.clone();
     let agent = e2e.start_agent(&["--host-interface=cni0"]).await;
-    let repairs_before = e2e.metric(&agent, "iamlet_iptables_repairs_total").await;
+    let repairs_before = agent.metric("iamlet_iptables_repairs_total").await;
 
     // Freeze the agent so the gap lasts, then lose the whole nat PREROUTING chain.
     agent.signal(Signal::SIGSTOP);
@@ -120,7 +117,7 @@ async fn flushed_nat_rules_refuse_pods_until_repaired_and_never_leak() {
 
     agent.signal(Signal::SIGCONT);
     eventually(20, "the rules to be repaired", async || {
-        e2e.metric(&agent, "iamlet_iptables_repairs_total").await > repairs_before
+        agent.metric("iamlet_iptables_repairs_total").await > repairs_before
     })
     .await;
     assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((1, 1), (1, 1)));
@@ -216,7 +213,7 @@ async fn auto_waits_for_the_cni_and_the_startup_taint_stays_until_the_node_is_pr
         json!([{"key": "iamlet.io/agent-not-ready", "effect": "NoSchedule"},
                {"key": "dedicated", "value": "infra", "effect": "NoSchedule"}]),
     );
-    let mut agent = agent_process::spawn(e2e.node(), &e2e.sts.url, &e2e.args(&[]), &[]);
+    let mut agent = e2e.agent(&[]).spawn();
     eventually(20, "the agent to say what it waits for", async || agent.log().contains("waiting for the CNI")).await;
     assert!(agent.log().contains("no CNI configuration in"), "{}", agent.log());
     assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((0, 0), (0, 0)), "docker0 is never picked");
@@ -230,7 +227,7 @@ async fn auto_waits_for_the_cni_and_the_startup_taint_stays_until_the_node_is_pr
     )
     .unwrap();
     let app = e2e.add_pod("cali1a2b", Attach::PointToPoint, "10.43.0.10", Some("e2e-app"));
-    agent.wait_ready(e2e.node()).await;
+    agent.wait_ready().await;
     assert!(agent.log().contains("cni=\"Calico\""), "{}", agent.log());
     assert!(e2e.node().nat_rules("v4").contains("-i cali+"), "{}", e2e.node().nat_rules("v4"));
     eventually(20, "the startup taint to be removed", async || e2e.taint_keys() == ["dedicated"]).await;
@@ -260,7 +257,7 @@ async fn auto_reads_the_aws_vpc_cni_configuration_and_intercepts_eni_and_vlan_po
         assert_eq!(code, 0, "{result}\n{}", agent.log());
         assert!(result["arn"].as_str().unwrap().contains(&format!(":assumed-role/{role}/")), "{result}");
     }
-    assert_eq!(e2e.metric(&agent, "iamlet_pods_not_intercepted").await, 0.0);
+    assert_eq!(agent.metric("iamlet_pods_not_intercepted").await, Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,7 +280,7 @@ async fn a_calico_configuration_wins_over_bridges_and_a_pod_elsewhere_is_an_alar
     assert_eq!(code, 0, "{result}");
 
     eventually(20, "the uncovered pod to be counted", async || {
-        e2e.metric(&agent, "iamlet_pods_not_intercepted").await == 1.0
+        agent.metric("iamlet_pods_not_intercepted").await == Some(1.0)
     })
     .await;
     let log = agent.log();
@@ -293,7 +290,7 @@ async fn a_calico_configuration_wins_over_bridges_and_a_pod_elsewhere_is_an_alar
 
     // `iamlet explain`, run on the node, says the same.
     let explain = e2e.node().exec(
-        agent_process::BIN,
+        iamlet_testkit::agent::binary(),
         &[
             "explain",
             "e2e/pod-veth7",

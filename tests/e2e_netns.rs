@@ -6,18 +6,15 @@
 //! These tests are `#[ignore]`d for plain `cargo test` (they need root); scripts/test.sh runs
 //! them as root with `--include-ignored`, and fails in CI rather than skip them.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use iamlet_testkit::apiserver::pod;
+use iamlet_testkit::e2e::{E2e, aws_cli_in, botocore_in, metadata_answers, pod_request, rust_sdk_in};
+use iamlet_testkit::netns::Attach;
+use iamlet_testkit::pod_client;
 use nix::sys::signal::Signal;
-use support::agent_process;
-use support::apiserver::pod;
-use support::e2e::{E2e, aws_cli_in, botocore_in, metadata_answers, pod_request, rust_sdk_in};
-use support::netns::Attach;
-use support::pod_client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
@@ -58,7 +55,7 @@ async fn bridge_cni_pods_get_their_own_roles_with_real_sdks() {
     assert!(aws_cli_in(e2e.pod_ns(plain), &sts_url).is_err());
 
     agent.signal(Signal::SIGTERM);
-    assert_eq!(agent.wait(20).code(), Some(0), "{}", agent.log());
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0), "{}", agent.log());
     assert_eq!(e2e.our_rules("v4"), (0, 0), "rules removed on exit: {}", e2e.node().nat_rules("v4"));
     assert!(!e2e.node().nat_rules("v4").contains(":IAMLET"), "the chain is gone too");
 }
@@ -82,8 +79,8 @@ async fn calico_interfaces_wildcards_and_negations_match_what_they_should() {
         let leaked =
             pod_request(e2e.pod_ns(other), "/latest/meta-data/iam/security-credentials/", Duration::from_secs(2));
         assert_eq!(leaked.await, Ok((200, "node-role".to_string())), "{pattern}: ext0 is not behind the match");
-        support::eventually(20, "the uncovered pod to be counted", async || {
-            e2e.metric(&agent, "iamlet_pods_not_intercepted").await == 1.0
+        iamlet_testkit::eventually(20, "the uncovered pod to be counted", async || {
+            agent.metric("iamlet_pods_not_intercepted").await == Some(1.0)
         })
         .await;
         let log = agent.log();
@@ -95,7 +92,7 @@ async fn calico_interfaces_wildcards_and_negations_match_what_they_should() {
             assert!(log.contains("Calico"), "auto names the CNI it found: {log}");
         }
         agent.signal(Signal::SIGTERM);
-        assert_eq!(agent.wait(20).code(), Some(0));
+        assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
     }
 }
 
@@ -111,7 +108,7 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
     let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
     for restart in 1..=2 {
         agent.signal(Signal::SIGKILL);
-        agent.wait(10);
+        agent.exit(Duration::from_secs(10)).await;
         assert_eq!(e2e.our_rules("v4"), (1, 1), "a killed agent cannot clean up");
         agent = e2e.start_agent(&["--host-interface=cni0"]).await;
         assert_eq!(e2e.our_rules("v4"), (1, 1), "restart {restart} leaves one set: {}", node.nat_rules("v4"));
@@ -140,20 +137,20 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
 
     // kill -9, then `iamlet cleanup` removes the leftovers.
     agent.signal(Signal::SIGKILL);
-    agent.wait(10);
-    let report = node.ok(agent_process::BIN, &["cleanup"]);
+    agent.exit(Duration::from_secs(10)).await;
+    let report = node.ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert!(report.contains("iptables-nft (IPv4): removed iamlet's rules"), "{report}");
     assert_eq!(e2e.our_rules("v4"), (0, 0));
-    let again = node.ok(agent_process::BIN, &["cleanup"]);
+    let again = node.ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert!(again.contains("nothing to remove"), "cleanup is idempotent: {again}");
 
     // --iptables-keep-on-exit keeps them through a clean exit (fail closed).
     let mut agent = e2e.start_agent(&["--host-interface=cni0", "--iptables-keep-on-exit"]).await;
     agent.signal(Signal::SIGTERM);
-    assert_eq!(agent.wait(20).code(), Some(0));
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
     assert_eq!(e2e.our_rules("v4"), (1, 1), "kept on exit");
     assert!(!metadata_answers(e2e.pod_ns(app)).await, "pods fail closed while the agent is away");
-    node.ok(agent_process::BIN, &["cleanup"]);
+    node.ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert_eq!(e2e.our_rules("v4"), (0, 0));
 
     assert_eq!((host_nat_rules(), host_nat_rules_v6()), host_before, "the host's own tables are never touched");
@@ -186,7 +183,7 @@ async fn ipv6_pods_reach_the_agent_through_fd00_ec2_254() {
     e2e.topology.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("fd42::10"));
     e2e.api.create_pod(pod("e2e", "dual").ips(&["10.42.0.10", "fd42::10"]).role("e2e-v6").build());
     let mut agent =
-        e2e.start_agent(&["--host-interface=cni0", &format!("--host-ipv6={}", support::netns::HOST_IPV6)]).await;
+        e2e.start_agent(&["--host-interface=cni0", &format!("--host-ipv6={}", iamlet_testkit::netns::HOST_IPV6)]).await;
     assert_eq!(e2e.our_rules("v6"), (1, 1), "{}", e2e.node().nat_rules("v6"));
     assert_eq!(e2e.our_backstop("v6"), (1, 1), "the backstop covers [fd00:ec2::254] too");
 
@@ -196,7 +193,7 @@ async fn ipv6_pods_reach_the_agent_through_fd00_ec2_254() {
     assert!(result["arn"].as_str().unwrap().ends_with(":assumed-role/e2e-v6/e2e.dual"), "{result}");
 
     agent.signal(Signal::SIGTERM);
-    assert_eq!(agent.wait(20).code(), Some(0));
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
     assert_eq!((e2e.our_rules("v6"), e2e.our_backstop("v6")), ((0, 0), (0, 0)));
     assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((0, 0), (0, 0)));
 }
@@ -218,13 +215,13 @@ async fn the_backend_kube_proxy_uses_is_chosen_and_can_be_forced() {
     assert!(first.ends_with("-j IAMLET"), "inserted ahead of kube-proxy's rules: {legacy}");
     assert!(metadata_answers(e2e.pod_ns(app)).await);
     agent.signal(Signal::SIGTERM);
-    agent.wait(20);
+    agent.exit(Duration::from_secs(20)).await;
 
     let mut agent = e2e.start_agent(&["--host-interface=cni0", "--iptables-backend=nft"]).await;
     let nft = String::from_utf8_lossy(&node.exec("iptables-nft", &["-w", "-t", "nat", "-S"]).stdout).into_owned();
     assert!(nft.contains("-j IAMLET"), "forced to nft: {nft}");
     agent.signal(Signal::SIGTERM);
-    agent.wait(20);
+    agent.exit(Duration::from_secs(20)).await;
     assert_eq!(e2e.our_rules("v4"), (0, 0));
 }
 
@@ -239,14 +236,15 @@ async fn a_missing_interface_is_a_clear_warning_and_missing_capabilities_a_clear
     assert!(log.contains("missing=weave") && log.contains("cni0") && log.contains("Calico: cali+"), "{log}");
     assert_eq!(e2e.our_rules("v4"), (1, 1), "the rule waits for the interface");
     agent.signal(Signal::SIGTERM);
-    assert_eq!(agent.wait(20).code(), Some(0));
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
 
     // Without the capabilities (an unprivileged user), the error says which ones.
     let output = e2e.node().exec(
         "setpriv",
         &[
-            &["--reuid=65534", "--regid=65534", "--clear-groups", agent_process::BIN][..],
-            &e2e.args(&["--host-interface=cni0", "--app-port=18181", "--metrics-port=18182"])
+            &["--reuid=65534", "--regid=65534", "--clear-groups", iamlet_testkit::agent::binary()][..],
+            &e2e.flags(&["--host-interface=cni0", "--app-port=18181", "--metrics-port=18182"])
+                .args()
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>(),

@@ -1,14 +1,12 @@
 //! Exhaustion stays bounded: one pod opening connections in a loop, trickling its headers or
 //! sending huge ones uses up its own share only; the other pods are answered promptly.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::apiserver::pod;
-use support::eventually;
-use support::node::TestNode;
-use support::pod_client::connect;
+use iamlet_testkit::apiserver::pod;
+use iamlet_testkit::eventually;
+use iamlet_testkit::node::TestNode;
+use iamlet_testkit::pod_client::connect;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";

@@ -1,19 +1,17 @@
 //! `iamlet explain <namespace>/<pod>` against the fake API server and moto.
 
-mod support;
-
+use iamlet_testkit::apiserver::{FakeApiServer, pod};
+use iamlet_testkit::sts_proxy::StsProxy;
 use serde_json::json;
-use support::apiserver::{FakeApiServer, pod};
-use support::sts_proxy::StsProxy;
 
 async fn explain(api: &FakeApiServer, sts: &StsProxy, args: &[&str]) -> (i32, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_iamlet"))
+    let output = tokio::process::Command::new(iamlet_testkit::agent::binary())
         .arg("explain")
         .args(args)
         .arg(format!("--api-server={}", api.url))
         .arg("--base-role-arn=arn:aws:iam::123456789012:role/")
         .env_clear()
-        .envs(support::agent_env(&sts.url))
+        .envs(iamlet_testkit::agent_env(&sts.url))
         .output()
         .await
         .unwrap();

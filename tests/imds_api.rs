@@ -1,15 +1,13 @@
 //! The metadata API as pods see it: role paths, credential documents, IMDSv2 tokens, the
 //! allow-listed proxy, and what is never served. STS is moto; the pods are loopback IPs.
 
-mod support;
-
 use std::time::{Duration, SystemTime};
 
-use support::apiserver::pod;
-use support::imds::NODE_SECRETS;
-use support::node::TestNode;
-use support::pod_client::{self, request, token};
-use support::role_arn;
+use iamlet_testkit::apiserver::pod;
+use iamlet_testkit::imds::NODE_SECRETS;
+use iamlet_testkit::node::TestNode;
+use iamlet_testkit::pod_client::{self, request, token};
+use iamlet_testkit::role_arn;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -72,7 +70,7 @@ async fn no_role_is_a_404_with_the_reason_and_never_the_nodes_credentials() {
     let node = TestNode::start(&["--backoff-max-elapsed-time=300ms"]).await;
     node.api.create_pod(pod("shop", "plain").ip("127.0.0.6").build());
     node.api.create_pod(pod("shop", "bad").ip("127.0.0.7").role("arn:aws:s3:::bucket").build());
-    support::eventually(5, "pods indexed", async || node.metric("iamlet_pods_indexed").await == 2.0).await;
+    iamlet_testkit::eventually(5, "pods indexed", async || node.metric("iamlet_pods_indexed").await == 2.0).await;
 
     let reply = node.get("127.0.0.6", CREDS).await;
     assert_eq!(reply.status, 404);

@@ -2,15 +2,13 @@
 //! root: whether a successor will come (which decides if the rules outlive the agent), the
 //! startup taint, and the warning about a node whose metadata service answers IMDSv1.
 
-mod support;
-
 use iamlet::cluster::placement::{self, Controller, SelfPod};
 use iamlet::netfilter::lifecycle::Placement;
+use iamlet_testkit::apiserver::{FakeApiServer, pod};
+use iamlet_testkit::eventually;
+use iamlet_testkit::imds::{FakeImds, Tokens};
+use iamlet_testkit::node::TestNode;
 use serde_json::json;
-use support::apiserver::{FakeApiServer, pod};
-use support::eventually;
-use support::imds::{FakeImds, Tokens};
-use support::node::TestNode;
 
 const NS: &str = "kube-system";
 

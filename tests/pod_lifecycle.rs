@@ -1,14 +1,12 @@
 //! Pods come and go: the race at pod start, deletion, IP reuse, other nodes' pods, watch
 //! disconnects and 410 Gone, namespace restrictions, readiness and API credentials.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use iamlet_testkit::apiserver::{FakeApiServer, pod};
+use iamlet_testkit::eventually;
+use iamlet_testkit::node::TestNode;
 use serde_json::json;
-use support::apiserver::{FakeApiServer, pod};
-use support::eventually;
-use support::node::TestNode;
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -18,9 +16,12 @@ async fn a_request_that_arrives_before_its_pod_is_answered_once_the_watch_delive
     let started = Instant::now();
     let request = tokio::spawn({
         let app = node.app();
-        async move { support::pod_client::get("127.0.0.20", app, CREDS).await }
+        async move { iamlet_testkit::pod_client::get("127.0.0.20", app, CREDS).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(5, "the request to reach the agent", async || {
+        node.metric("iamlet_http_requests_in_flight").await == 1.0
+    })
+    .await;
     assert!(!request.is_finished(), "the request waits for the pod");
     node.api.create_pod(pod("shop", "early").ip("127.0.0.20").role("app").build());
     let reply = request.await.unwrap();
@@ -135,7 +136,9 @@ async fn namespace_restrictions_allow_only_listed_roles() {
     eventually(5, "the namespace update to allow admin", async || node.get("127.0.0.31", CREDS).await.status == 200)
         .await;
     let calls = node.sts.assume_role_calls();
-    assert!(calls.iter().all(|c| c["RoleArn"] != support::role_arn("admin") || c["RoleSessionName"] == "team.admin"));
+    assert!(
+        calls.iter().all(|c| c["RoleArn"] != iamlet_testkit::role_arn("admin") || c["RoleSessionName"] == "team.admin")
+    );
 }
 
 #[tokio::test]
@@ -145,9 +148,9 @@ async fn namespace_entries_without_an_account_stay_in_the_nodes_account() {
     let api = FakeApiServer::start().await;
     api.put_namespace("team", json!({"iam.amazonaws.com/allowed-roles": "[\"app-*\"]"}));
     let node = TestNode::start_with_api(api, &["--namespace-restrictions", "--base-role-arn="]).await;
-    node.api.create_pod(pod("team", "ours").ip("127.0.0.35").role(&support::role_arn("app-x")).build());
+    node.api.create_pod(pod("team", "ours").ip("127.0.0.35").role(&iamlet_testkit::role_arn("app-x")).build());
     node.api.create_pod(pod("team", "theirs").ip("127.0.0.36").role("arn:aws:iam::999999999999:role/app-x").build());
-    node.api.create_pod(pod("team", "deeper").ip("127.0.0.39").role(&support::role_arn("app-x/admin")).build());
+    node.api.create_pod(pod("team", "deeper").ip("127.0.0.39").role(&iamlet_testkit::role_arn("app-x/admin")).build());
     assert_eq!(node.get("127.0.0.35", &format!("{CREDS}app-x")).await.status, 200);
     let denied = node.get("127.0.0.36", CREDS).await;
     assert_eq!(denied.status, 404, "another account's role with a matching name");
@@ -171,25 +174,25 @@ async fn regexp_restrictions_are_anchored() {
 #[tokio::test]
 async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     let api = FakeApiServer::start_with(Some("s3cret"), Duration::from_secs(1)).await;
-    let sts = support::sts_proxy::StsProxy::start().await;
-    let imds = support::imds::FakeImds::start().await;
+    let sts = iamlet_testkit::sts_proxy::StsProxy::start().await;
+    let imds = iamlet_testkit::imds::FakeImds::start().await;
 
-    let refused = support::node::start_agent(&api, &sts, &imds, &["--api-token=wrong"]).await;
+    let refused = iamlet_testkit::node::start_agent(&api, &sts, &imds, &["--api-token=wrong"]).await;
     // Not ready after the watch has been refused, not merely before it was tried.
     eventually(10, "the pod watch to be refused", async || {
-        let metrics = support::pod_client::get("127.0.0.1", refused.admin_addr, "/metrics").await.body;
-        support::metric_value(&metrics, "iamlet_watch_errors_total").is_some_and(|errors| errors >= 1.0)
+        let metrics = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr, "/metrics").await.body;
+        iamlet_testkit::metric_value(&metrics, "iamlet_watch_errors_total").is_some_and(|errors| errors >= 1.0)
     })
     .await;
-    let reply = support::pod_client::get("127.0.0.1", refused.admin_addr, "/readyz").await;
+    let reply = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr, "/readyz").await;
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("pod cache not synced"), "{}", reply.body);
-    assert_eq!(support::pod_client::get("127.0.0.1", refused.admin_addr, "/healthz").await.status, 200);
+    assert_eq!(iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr, "/healthz").await.status, 200);
     refused.stop().await;
 
-    let accepted = support::node::start_agent(&api, &sts, &imds, &["--api-token=s3cret"]).await;
+    let accepted = iamlet_testkit::node::start_agent(&api, &sts, &imds, &["--api-token=s3cret"]).await;
     eventually(10, "readiness with the right token", async || {
-        support::pod_client::get("127.0.0.1", accepted.admin_addr, "/readyz").await.status == 200
+        iamlet_testkit::pod_client::get("127.0.0.1", accepted.admin_addr, "/readyz").await.status == 200
     })
     .await;
 }
@@ -279,7 +282,7 @@ async fn a_reused_ip_never_gets_the_stopped_pods_role() {
     // A request from the old IP waits for the watch, and the new owner is what it gets.
     let waiting = tokio::spawn({
         let app = node.app();
-        async move { support::pod_client::get("127.0.0.60", app, CREDS).await }
+        async move { iamlet_testkit::pod_client::get("127.0.0.60", app, CREDS).await }
     });
     node.api.create_pod(pod("shop", "new").ip("127.0.0.60").role("new-role").phase("Pending").build());
     let reply = waiting.await.unwrap();

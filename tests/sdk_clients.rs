@@ -4,15 +4,13 @@
 //!
 //! The SDKs connect from 127.0.0.1, so the pod here has that IP.
 
-mod support;
-
 use std::process::Command;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::config::{ProvideCredentials, Region};
-use support::apiserver::pod;
-use support::moto::{moto, venv_bin};
-use support::node::TestNode;
+use iamlet_testkit::apiserver::pod;
+use iamlet_testkit::moto::{moto, venv_bin};
+use iamlet_testkit::node::TestNode;
 
 async fn caller_arn(credentials: aws_sdk_sts::config::Credentials) -> String {
     let config = aws_sdk_sts::config::Builder::new()
@@ -63,7 +61,7 @@ fn run_botocore(app: std::net::SocketAddr) -> (i32, serde_json::Value) {
     let output = Command::new(python)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/botocore_identity.py"))
         .env_clear()
-        .envs(support::clean_sdk_env())
+        .envs(iamlet_testkit::clean_sdk_env())
         .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("http://{app}/"))
         .env("STS_URL", &moto().url)
         .output()

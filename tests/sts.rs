@@ -1,13 +1,11 @@
 //! What reaches STS and when: parameters, prefetch, one call per key, refresh and outages.
 //! STS is moto's server behind a proxy that records every call.
 
-mod support;
-
 use std::time::Duration;
 
-use support::apiserver::pod;
-use support::node::TestNode;
-use support::{eventually, role_arn};
+use iamlet_testkit::apiserver::pod;
+use iamlet_testkit::node::TestNode;
+use iamlet_testkit::{eventually, role_arn};
 
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
@@ -90,8 +88,8 @@ async fn many_concurrent_first_requests_make_one_sts_call() {
     node.sts.set_delay(Duration::from_millis(700));
     node.api.create_pod(pod("shop", "burst").ip("127.0.0.44").role("app").build());
     let app = node.app();
-    let requests =
-        (0..30).map(|_| support::pod_client::get("127.0.0.44", app, "/latest/meta-data/iam/security-credentials/app"));
+    let requests = (0..30)
+        .map(|_| iamlet_testkit::pod_client::get("127.0.0.44", app, "/latest/meta-data/iam/security-credentials/app"));
     let replies = futures::future::join_all(requests).await;
     let keys: std::collections::HashSet<String> =
         replies.iter().map(|r| r.json()["AccessKeyId"].as_str().unwrap().to_string()).collect();

@@ -14,7 +14,7 @@ use super::upstream::UpstreamImds;
 use crate::cluster::{PodEvents, PodStore, Reason};
 use crate::credentials::{CredentialCache, CredentialError};
 use crate::http::{Body, text};
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{InFlight, Metrics, RequestLabels, RouteLabels};
 use crate::pod::PodIdentity;
 use crate::resolve::{Resolved, Resolver};
 
@@ -77,6 +77,7 @@ impl ImdsService {
     /// Answers `request` from `peer`, recording metrics. Never panics on input.
     pub async fn handle<B>(&self, peer: IpAddr, request: Request<B>) -> Response<Body> {
         let started = Instant::now();
+        let _in_flight = InFlight::enter(&self.metrics.requests_in_flight);
         let peer = peer.to_canonical();
         let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
         let route = classify(path, &self.allow_route);

@@ -2,8 +2,6 @@
 //! reach a pod: IMDSv2-required (tokens mandatory, the EKS default) or, as on nodes left with
 //! `HttpTokens=optional`, answering IMDSv1 too.
 
-#![allow(dead_code)]
-
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -45,7 +43,7 @@ pub enum Tokens {
 pub struct FakeImds {
     pub addr: String,
     seen: Arc<Mutex<Vec<Seen>>>,
-    task: super::server::ServerTask,
+    _task: crate::server::ServerTask,
 }
 
 impl FakeImds {
@@ -62,11 +60,11 @@ impl FakeImds {
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let recording = seen.clone();
-        let task = super::server::serve(listener, move |request| {
+        let task = crate::server::serve(listener, move |request| {
             let seen = recording.clone();
             async move { answer(&seen, tokens, request) }
         });
-        Self { addr, seen, task }
+        Self { addr, seen, _task: task }
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -1,8 +1,6 @@
 //! A recording proxy in front of moto: counts AssumeRole calls, keeps their parameters
 //! (ExternalId, RoleSessionName, DurationSeconds), and can make STS fail or slow on demand.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
-use super::moto::moto;
+use crate::moto::moto;
 
 /// One STS request's form parameters.
 pub type Call = BTreeMap<String, String>;
@@ -32,7 +30,7 @@ struct State {
 pub struct StsProxy {
     pub url: String,
     state: Arc<State>,
-    task: super::server::ServerTask,
+    _task: crate::server::ServerTask,
 }
 
 impl StsProxy {
@@ -47,11 +45,11 @@ impl StsProxy {
         let state = Arc::new(State::default());
         let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let serving = state.clone();
-        let task = super::server::serve(listener, move |request| {
+        let task = crate::server::serve(listener, move |request| {
             let (state, client, upstream) = (serving.clone(), client.clone(), upstream.clone());
             async move { forward(&state, &client, &upstream, request).await }
         });
-        Self { url, state, task }
+        Self { url, state, _task: task }
     }
 
     /// The AssumeRole calls seen so far.
@@ -113,6 +111,6 @@ fn url_form(body: &[u8]) -> Call {
     String::from_utf8_lossy(body)
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (super::server::percent_decode(k), super::server::percent_decode(v)))
+        .map(|(k, v)| (crate::server::percent_decode(k), crate::server::percent_decode(v)))
         .collect()
 }

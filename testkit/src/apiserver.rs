@@ -12,8 +12,6 @@
 //! on a real server) and JSON merge patch (a `metadata.resourceVersion` in it is a
 //! precondition: 409 when stale); anything else is 415. `/version` answers as a 1.33 server.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,7 +165,7 @@ pub struct FakeApiServer {
     pub url: String,
     state: Arc<State>,
     /// The accept loop, stopped when the server is dropped.
-    _task: super::server::ServerTask,
+    _task: crate::server::ServerTask,
 }
 
 impl FakeApiServer {
@@ -194,7 +192,7 @@ impl FakeApiServer {
             outage: std::sync::atomic::AtomicBool::new(false),
         });
         let serving = state.clone();
-        let task = super::server::serve(listener, move |request| {
+        let task = crate::server::serve(listener, move |request| {
             let state = serving.clone();
             async move { handle(&state, request).await }
         });
@@ -465,7 +463,7 @@ fn url_decode_pairs(query: &str) -> BTreeMap<String, String> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (super::server::percent_decode(k), super::server::percent_decode(v))
+            (crate::server::percent_decode(k), crate::server::percent_decode(v))
         })
         .collect()
 }

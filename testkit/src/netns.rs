@@ -2,8 +2,6 @@
 //! would wire them, all created inside namespaces the test owns (the host's own links and
 //! netfilter tables are never touched) and deleted when the test ends.
 
-#![allow(dead_code)]
-
 use std::future::Future;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,14 +72,7 @@ impl Netns {
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.name);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            enter(&path);
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let _ = tx.send(runtime.block_on(make()));
-        });
-        rx.await.expect("the namespace thread panicked")
+        run_in(&self.name, make).await
     }
 
     /// A listener bound inside the namespace, served by the caller's runtime.
@@ -112,6 +103,23 @@ impl Netns {
         }
         all
     }
+}
+
+/// [`Netns::run`] by the namespace's name, for a holder that does not own the namespace.
+pub async fn run_in<F, Fut, T>(name: &str, make: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+    T: Send + 'static,
+{
+    let path = format!("/run/netns/{name}");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        enter(&path);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _ = tx.send(runtime.block_on(make()));
+    });
+    rx.await.expect("the namespace thread panicked")
 }
 
 /// Moves the calling thread into the namespace at `path`.

@@ -1,8 +1,6 @@
 //! A "node": the fake API server, STS (moto behind the recording proxy), the fake node IMDS,
 //! and the iamlet agent itself, started in-process against them.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,11 +10,12 @@ use iamlet::app::{Dependencies, RunningAgent};
 use iamlet::cli::Cli;
 use iamlet::credentials::AwsSts;
 
-use super::apiserver::FakeApiServer;
-use super::imds::FakeImds;
-use super::pod_client::{self, Reply};
-use super::sts_proxy::StsProxy;
-use super::{ACCOUNT, eventually};
+use crate::apiserver::FakeApiServer;
+use crate::eventually;
+use crate::flags::AgentFlags;
+use crate::imds::FakeImds;
+use crate::pod_client::{self, Reply};
+use crate::sts_proxy::StsProxy;
 
 pub struct TestNode {
     pub api: FakeApiServer,
@@ -78,39 +77,25 @@ impl TestNode {
         eventually(10, "the agent to be ready", async || self.admin_get("/readyz").await.status == 200).await;
     }
 
-    /// The value of a metric line (first match of `prefix`), 0 when absent.
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = self.admin_get("/metrics").await.body;
-        text.lines()
-            .find(|line| line.starts_with(prefix))
-            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
+    /// A metric's value (see [`crate::metric_value`]), 0 when not exported yet (a labelled
+    /// counter appears with its first increment).
+    pub async fn metric(&self, selector: &str) -> f64 {
+        self.metric_exported(selector).await.unwrap_or(0.0)
     }
 
     /// Whether the metric `name` is exported yet (a gauge set at least once).
     pub async fn metric_exported(&self, name: &str) -> Option<f64> {
-        super::metric_value(&self.admin_get("/metrics").await.body, name)
+        crate::metric_value(&self.admin_get("/metrics").await.body, name)
     }
 }
 
-/// Starts an agent against these fakes.
+/// Starts an agent in this process against these fakes, with `args` on top of the loopback
+/// defaults, on ports the kernel picks.
 pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, args: &[&str]) -> RunningAgent {
-    let base = format!("--base-role-arn=arn:aws:iam::{ACCOUNT}:role/");
-    let mut argv = vec![
-        "iamlet".to_string(),
-        "--node=node-a".into(),
-        format!("--api-server={}", api.url),
-        format!("--metadata-addr={}", imds.addr),
-        "--host-ip=127.0.0.1".into(),
-    ];
-    // The test account's base ARN, unless the test chose (`--base-role-arn=` for none).
-    if !args.iter().any(|a| a.starts_with("--auto-discover") || a.starts_with("--base-role-arn")) {
-        argv.push(base);
-    }
-    argv.extend(args.iter().map(|a| a.to_string()));
+    let flags = AgentFlags::loopback(&api.url, &imds.addr).with(args);
+    let argv: Vec<String> = std::iter::once("iamlet".to_string()).chain(flags.args()).collect();
     let cli = Cli::try_parse_args(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let mut config = cli.agent.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    // Free ports, chosen by the kernel.
     config.settings.imds.app_port = 0;
     config.settings.admin.metrics_port = 0;
     let kube = iamlet::cluster::client::client(&config.settings.kube).await.unwrap();

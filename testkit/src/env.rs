@@ -1,7 +1,5 @@
 //! Environments for subprocesses: SDK clients and agents.
 
-#![allow(dead_code)]
-
 /// A clean environment for an AWS SDK client run as a subprocess: nothing of the caller's
 /// AWS configuration leaks in, so the client must find credentials where a pod would.
 pub fn clean_sdk_env() -> Vec<(&'static str, String)> {
@@ -27,20 +25,4 @@ pub fn agent_env(sts_url: &str) -> Vec<(&'static str, String)> {
         ("AWS_ENDPOINT_URL_STS", sts_url.into()),
     ]);
     env
-}
-
-/// The flags of an agent process on loopback: node `node-a`, the fake API server and node
-/// IMDS, the test account's base ARN, and its two ports. No startup taint: the fake API
-/// server holds no Node on loopback.
-pub fn loopback_agent_args(api_url: &str, imds_addr: &str, app_port: u16, admin_port: u16) -> Vec<String> {
-    vec![
-        "--node=node-a".to_string(),
-        format!("--api-server={api_url}"),
-        "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
-        format!("--metadata-addr={imds_addr}"),
-        "--host-ip=127.0.0.1".into(),
-        format!("--app-port={app_port}"),
-        format!("--metrics-port={admin_port}"),
-        "--startup-taint=".into(),
-    ]
 }

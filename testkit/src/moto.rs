@@ -3,8 +3,6 @@
 //! Found at `IAMLET_MOTO_SERVER` or `.venv/bin/moto_server` (what `scripts/test.sh`
 //! installs). Missing, it is a test failure that says how to install it: never a skip.
 
-#![allow(dead_code)]
-
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -18,7 +16,7 @@ pub struct Moto {
 
 /// The repository's Python virtualenv (created by scripts/test.sh).
 pub fn venv_bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").join(name)
+    crate::repo_root().join(".venv/bin").join(name)
 }
 
 /// The shared moto server, started on first use.
@@ -34,7 +32,7 @@ fn start() -> Moto {
         "moto_server not found at {}: run scripts/test.sh (it installs moto into .venv) or set IAMLET_MOTO_SERVER",
         server.display()
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = crate::free_port();
     // The shell waits on stdin, which closes when this test process exits however it exits,
     // and then stops moto: no server outlives its tests.
     let script = format!("{} -H 127.0.0.1 -p {port} >/dev/null 2>&1 & pid=$!; read _; kill $pid", server.display());

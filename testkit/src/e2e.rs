@@ -3,8 +3,6 @@
 //! worst case, with secrets a test can recognise), the agent as a process, and real SDK
 //! clients run inside pod namespaces.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -13,13 +11,14 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sts::config::{ProvideCredentials, Region};
 use serde_json::{Value, json};
 
-use super::agent_process::{self, AgentProcess};
-use super::apiserver::{FakeApiServer, pod};
-use super::imds::{FakeImds, NODE_SECRETS, Tokens};
-use super::moto::venv_bin;
-use super::netns::{Attach, HOST_IP, METADATA_IP, Netns, Topology, require_root};
-use super::pod_client;
-use super::sts_proxy::StsProxy;
+use crate::agent::{AgentCommand, AgentProcess};
+use crate::apiserver::{FakeApiServer, pod};
+use crate::flags::AgentFlags;
+use crate::imds::{FakeImds, NODE_SECRETS, Tokens};
+use crate::moto::venv_bin;
+use crate::netns::{Attach, HOST_IP, METADATA_IP, Netns, Topology, require_root};
+use crate::pod_client;
+use crate::sts_proxy::StsProxy;
 
 /// The agent's own pod and its DaemonSet, as the base manifest names them.
 pub const AGENT_NAMESPACE: &str = "kube-system";
@@ -53,24 +52,25 @@ impl E2e {
         &self.topology.node
     }
 
-    pub fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args = vec![
-            "--node=node-a".to_string(),
-            format!("--api-server={}", self.api.url),
-            "--base-role-arn=arn:aws:iam::123456789012:role/".into(),
-            format!("--host-ip={HOST_IP}"),
-            format!("--cni-conf-dir={}", self.cni_conf.path().display()),
-            "--iptables".into(),
-            "--iptables-sync-period=1s".into(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        args
+    /// The agent's flags in the node: the API server and STS on the node's address, the
+    /// node's metadata service where EC2 has it, iptables rules synced every second.
+    pub fn flags(&self, extra: &[&str]) -> AgentFlags {
+        AgentFlags::new(&self.api.url, HOST_IP)
+            .flag(format!("--cni-conf-dir={}", self.cni_conf.path().display()))
+            .flag("--iptables")
+            .flag("--iptables-sync-period=1s")
+            .with(extra)
+    }
+
+    /// The agent in the node, not yet started.
+    pub fn agent(&self, extra: &[&str]) -> AgentCommand {
+        AgentCommand::new(self.flags(extra), &self.sts.url).in_netns(self.node())
     }
 
     /// Starts the agent, not as a DaemonSet's pod, and waits until it is ready.
     pub async fn start_agent(&self, extra: &[&str]) -> AgentProcess {
-        let mut agent = agent_process::spawn(self.node(), &self.sts.url, &self.args(extra), &[]);
-        agent.wait_ready(self.node()).await;
+        let mut agent = self.agent(extra).spawn();
+        agent.wait_ready().await;
         agent
     }
 
@@ -90,9 +90,8 @@ impl E2e {
     /// Starts the agent as the DaemonSet's pod (`POD_NAME`, `POD_NAMESPACE` from the
     /// downward API) and waits until it is ready.
     pub async fn start_daemonset_agent(&self, extra: &[&str]) -> AgentProcess {
-        let env = [("POD_NAMESPACE", AGENT_NAMESPACE.to_string()), ("POD_NAME", AGENT_POD.to_string())];
-        let mut agent = agent_process::spawn(self.node(), &self.sts.url, &self.args(extra), &env);
-        agent.wait_ready(self.node()).await;
+        let mut agent = self.agent(extra).env("POD_NAMESPACE", AGENT_NAMESPACE).env("POD_NAME", AGENT_POD).spawn();
+        agent.wait_ready().await;
         agent
     }
 
@@ -120,19 +119,6 @@ impl E2e {
     /// iamlet's jumps in FORWARD and rules in its filter chain (the backstop), both backends.
     pub fn our_backstop(&self, family: &str) -> (usize, usize) {
         count_ours(&self.node().table_rules(family, "filter"), "FORWARD")
-    }
-
-    /// A metric of the agent's, read on its admin port from inside the node.
-    pub async fn metric(&self, agent: &AgentProcess, name: &str) -> f64 {
-        let admin = agent.admin;
-        let text = self
-            .node()
-            .run(move || async move {
-                pod_client::fetch(admin, "/metrics", &[], Duration::from_secs(2)).await.map(|r| r.body)
-            })
-            .await
-            .unwrap_or_default();
-        super::metric_value(&text, name).unwrap_or(f64::NAN)
     }
 
     /// The Node's taints as the API server has them.
@@ -173,12 +159,12 @@ pub fn assert_no_node_secret(text: &str) {
 /// botocore's default chain in a pod namespace; (exit code, its JSON line).
 pub fn botocore_in(pod: &Netns, sts_url: &str, env: &[(&str, &str)]) -> (i32, Value) {
     let python = venv_bin("python");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/botocore_identity.py");
+    let script = crate::repo_root().join("tests/clients/botocore_identity.py");
     let mut command = Command::new("ip");
     command
-        .args(["netns", "exec", &pod.name, python.to_str().unwrap(), script])
+        .args(["netns", "exec", &pod.name, python.to_str().unwrap(), script.to_str().unwrap()])
         .env_clear()
-        .envs(super::clean_sdk_env())
+        .envs(crate::clean_sdk_env())
         .env("STS_URL", sts_url);
     for (k, v) in env {
         command.env(k, v);
@@ -197,7 +183,7 @@ pub fn aws_cli_in(pod: &Netns, sts_url: &str) -> Result<String, String> {
         .args(["netns", "exec", &pod.name, aws.to_str().unwrap()])
         .args(["sts", "get-caller-identity", "--region", "us-east-1", "--output", "json", "--endpoint-url", sts_url])
         .env_clear()
-        .envs(super::clean_sdk_env())
+        .envs(crate::clean_sdk_env())
         .output()
         .unwrap();
     if output.status.success() {

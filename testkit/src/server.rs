@@ -1,7 +1,5 @@
 //! What the fake servers share: the accept loop and form decoding.
 
-#![allow(dead_code)]
-
 /// A fake server's accept loop; aborted (and its port closed) when dropped.
 pub struct ServerTask(tokio::task::JoinHandle<()>);
 

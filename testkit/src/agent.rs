@@ -1,0 +1,199 @@
+//! The real `iamlet` binary as a process: on loopback (the CLI tests, the benchmark) or in a
+//! node namespace (the end-to-end tests). One launcher, so every test starts, watches and
+//! stops the agent the same way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::flags::AgentFlags;
+use crate::netns::{Netns, run_in};
+use crate::pod_client::{self, Reply};
+
+/// The agent binary: `IAMLET_BIN` if set (a release or an image's build, say), else the one
+/// cargo built beside the running test or benchmark (`target/<profile>/iamlet`).
+pub fn binary() -> &'static str {
+    static BINARY: OnceLock<String> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Ok(path) = std::env::var("IAMLET_BIN") {
+            return path;
+        }
+        let exe = std::env::current_exe().expect("the test's own path");
+        let mut dir = exe.parent().expect("a directory").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let binary = dir.join("iamlet");
+        assert!(binary.exists(), "{} is missing: cargo builds it with the tests (or set IAMLET_BIN)", binary.display());
+        binary.to_str().expect("a UTF-8 path").to_string()
+    })
+}
+
+/// How to start one agent: its flags, its environment, and where it runs.
+pub struct AgentCommand {
+    flags: AgentFlags,
+    env: Vec<(String, String)>,
+    netns: Option<String>,
+}
+
+impl AgentCommand {
+    /// The agent with `flags`, test AWS credentials and STS at `sts_url`.
+    pub fn new(flags: AgentFlags, sts_url: &str) -> Self {
+        let env = crate::agent_env(sts_url).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        Self { flags, env, netns: None }
+    }
+
+    /// Runs it inside `node`'s network namespace.
+    pub fn in_netns(mut self, node: &Netns) -> Self {
+        self.netns = Some(node.name.clone());
+        self
+    }
+
+    /// Sets one more environment variable (`POD_NAME`, say).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts it; its stderr (the log) goes to a file read by [`AgentProcess::log`].
+    pub fn spawn(self) -> AgentProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent.log");
+        let binary = binary();
+        let mut command = match &self.netns {
+            Some(name) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name, binary]);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let (app, admin) = self.flags.addresses();
+        let started = Instant::now();
+        let child = command
+            .args(self.flags.args())
+            .env_clear()
+            .envs(self.env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        AgentProcess { child, log, _dir: dir, netns: self.netns, app, admin, started }
+    }
+}
+
+/// A running agent process; killed (SIGKILL) on drop if still running.
+pub struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    netns: Option<String>,
+    pub app: SocketAddr,
+    pub admin: SocketAddr,
+    started: Instant,
+}
+
+impl AgentProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Waits for the exit, failing the test after `within`.
+    pub async fn exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit; its log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then the exit after the drain, which must succeed.
+    pub async fn terminate(mut self) {
+        self.signal(Signal::SIGTERM);
+        let status = self.exit(Duration::from_secs(30)).await;
+        assert!(status.success(), "the agent exited {status} on SIGTERM; its log:\n{}", self.log());
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on the admin port, from where the agent runs; `None` if not answered.
+    pub async fn admin_get(&self, path: &'static str) -> Option<Reply> {
+        let admin = self.admin;
+        let fetch = move || async move { pod_client::fetch(admin, path, &[], Duration::from_secs(2)).await };
+        match &self.netns {
+            Some(name) => run_in(name, fetch).await,
+            None => fetch().await,
+        }
+    }
+
+    /// A metric's value (see [`crate::metric_value`]); `None` until it is exported.
+    pub async fn metric(&self, selector: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics").await?.body;
+        crate::metric_value(&text, selector)
+    }
+
+    /// Waits until `/readyz` answers 200; returns the time since the spawn. Fails the test
+    /// if the agent exits first or is not ready in 30 s.
+    pub async fn wait_ready(&mut self) -> Duration {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.admin_get("/readyz").await.is_some_and(|r| r.status == 200) {
+                return self.uptime();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the agent exited ({status}) before it was ready; its log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "the agent was not ready in 30s; its log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Resident memory in MiB: see [`rss_mib`].
+    pub fn rss_mib(&self) -> (f64, f64) {
+        rss_mib(self.pid())
+    }
+
+    /// The time since the spawn.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// A process's resident memory in MiB: all of it (VmRSS), and the anonymous part (RssAnon:
+/// the heap and stacks, what grows with pods; the rest is the binary's own mapped pages).
+/// Zero once the process is gone.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (mib("VmRSS:"), mib("RssAnon:"))
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
