@@ -18,7 +18,7 @@ use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
 use crate::netfilter::coverage::Routes;
 use crate::netfilter::{InterfaceSetting, NetworkSettings, cni};
-use crate::policy::{Assignment, RoleSource};
+use crate::policy::{Assignment, Denial, NamespaceRule, RoleSource};
 use crate::resolve::{CredentialKey, Resolved, Resolver};
 
 /// What `explain` found, line by line, and its verdict.
@@ -68,35 +68,10 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
             None => format!("{} is not set", keys.role),
         },
     ));
-    let rule = resolver.namespace_rule(&identity.namespace);
     let resolved = resolver.resolve(&identity);
-    match &resolved {
-        Ok(Resolved { assignment, .. }) => {
-            let source = match assignment.source {
-                RoleSource::Annotation => "from the annotation",
-                RoleSource::DefaultRole => "the default role (--default-role)",
-            };
-            lines.push(("role", format!("{} ({source})", assignment.role)));
-        }
-        Err(denial) => lines.push(("role", format!("none: {denial}"))),
-    }
-    lines.push((
-        "namespace",
-        match (namespace_key, &resolved) {
-            (None, _) => "restrictions off (--namespace-restrictions not set)".into(),
-            (Some(annotation), Ok(Resolved { assignment, .. })) => {
-                format!("allowed by {:?} in {annotation}", assignment.allowed_by.as_deref().unwrap_or_default())
-            }
-            (Some(annotation), Err(_)) => match rule.as_deref() {
-                Some(Ok(allowed)) => format!(
-                    "{annotation} lists {:?}",
-                    allowed.entries.iter().map(|e| e.source.as_str()).collect::<Vec<_>>()
-                ),
-                Some(Err(error)) => format!("{annotation} is malformed: {error}"),
-                None => format!("{annotation} is not set: no role is allowed"),
-            },
-        },
-    ));
+    lines.push(("role", role_line(&resolved)));
+    let rule = resolver.namespace_rule(&identity.namespace);
+    lines.push(("namespace", namespace_line(namespace_key, &resolved, rule.as_deref())));
     let (verdict, key) = match resolved {
         Ok(Resolved { assignment, key }) => (Ok(assignment), Some(key)),
         Err(denial) => (Err(denial.to_string()), None),
@@ -109,6 +84,44 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
         lines.push(("session name", key.session_name.to_string()));
     }
     Explanation { lines, verdict, key }
+}
+
+/// The role the pod gets and where it comes from, or why none.
+fn role_line(resolved: &Result<Resolved, Denial>) -> String {
+    match resolved {
+        Ok(Resolved { assignment, .. }) => {
+            let source = match assignment.source {
+                RoleSource::Annotation => "from the annotation",
+                RoleSource::DefaultRole => "the default role (--default-role)",
+            };
+            format!("{} ({source})", assignment.role)
+        }
+        Err(denial) => format!("none: {denial}"),
+    }
+}
+
+/// What the namespace's allow-list says of the pod's role.
+fn namespace_line(
+    namespace_key: Option<&str>,
+    resolved: &Result<Resolved, Denial>,
+    rule: Option<&NamespaceRule>,
+) -> String {
+    match (namespace_key, resolved) {
+        (None, _) => "restrictions off (--namespace-restrictions not set)".into(),
+        (Some(annotation), Ok(Resolved { assignment, .. })) => {
+            format!("allowed by {:?} in {annotation}", assignment.allowed_by.as_deref().unwrap_or_default())
+        }
+        (Some(annotation), Err(_)) => match rule {
+            Some(Ok(allowed)) => {
+                format!(
+                    "{annotation} lists {:?}",
+                    allowed.entries.iter().map(|e| e.source.as_str()).collect::<Vec<_>>()
+                )
+            }
+            Some(Err(error)) => format!("{annotation} is malformed: {error}"),
+            None => format!("{annotation} is not set: no role is allowed"),
+        },
+    }
 }
 
 /// Parses `namespace/name`.

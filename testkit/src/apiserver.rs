@@ -305,20 +305,14 @@ impl FakeApiServer {
         }
     }
 
-    /// Forgets the change history: resuming a watch (or a paged list) from any earlier
-    /// resourceVersion now gets 410 Gone, forcing a re-list.
-    pub fn compact(&self) {
-        let mut inner = self.state.inner.lock().unwrap();
-        inner.history.clear();
-        inner.compacted = inner.rv;
-    }
-
     /// Changes the store without any watch seeing it (as if made while every watch was down
     /// and its events then compacted away).
     pub fn delete_pod_unseen(&self, namespace: &str, name: &str) {
         let mut inner = self.state.inner.lock().unwrap();
         inner.objects.remove(&key(Kind::Pod, namespace, name));
         inner.rv += 1;
+        // Compacted: resuming a watch (or a paged list) from any earlier resourceVersion
+        // now gets 410 Gone, forcing a re-list.
         inner.history.clear();
         inner.compacted = inner.rv;
     }
