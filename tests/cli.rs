@@ -8,7 +8,7 @@ use std::time::Duration;
 use iamlet_testkit::agent::{AgentCommand, AgentProcess, binary};
 use iamlet_testkit::apiserver::{FakeApiServer, pod};
 use iamlet_testkit::imds::FakeImds;
-use iamlet_testkit::pod_client;
+use iamlet_testkit::pod_client::{self, Reply};
 use iamlet_testkit::sts_proxy::StsProxy;
 use iamlet_testkit::{AgentFlags, eventually, free_port};
 use nix::sys::signal::Signal;
@@ -61,18 +61,31 @@ fn agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, app_port: u16) ->
     AgentCommand::new(flags, &sts.url)
 }
 
-/// The agent's log lines, each a JSON object.
-fn json_lines(agent: &AgentProcess) -> Vec<serde_json::Value> {
+/// Whether the agent logged `message` (in JSON) with this `signal` field.
+fn logged(agent: &AgentProcess, message: &str, signal: &str) -> bool {
     let log = agent.log();
-    log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}\n{log}"))).collect()
+    log.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|_| panic!("not JSON: {l}\n{log}")))
+        .any(|l| l["message"] == message && l["signal"] == signal)
 }
 
-/// Waits until `count` metadata requests are being answered.
-async fn wait_in_flight(agent: &AgentProcess, count: f64) {
+/// A new pod at `ip` whose role is `role` asks for its credentials; returns once the request
+/// is in flight in the agent, with its answer to come.
+async fn request_in_flight(
+    api: &FakeApiServer,
+    agent: &AgentProcess,
+    ip: &'static str,
+    role: &str,
+) -> tokio::task::JoinHandle<Reply> {
+    api.create_pod(pod("shop", role).ip(ip).role(role).build());
+    let path = format!("/latest/meta-data/iam/security-credentials/{role}");
+    let app = agent.app;
+    let request = tokio::spawn(async move { pod_client::get(ip, app, &path).await });
     eventually(10, "the request to reach the agent", async || {
-        agent.metric("iamlet_http_requests_in_flight").await == Some(count)
+        agent.metric("iamlet_http_requests_in_flight").await == Some(1.0)
     })
     .await;
+    request
 }
 
 #[tokio::test]
@@ -89,23 +102,14 @@ async fn the_binary_serves_then_drains_and_exits_0_on_sigterm() {
 
     // A request in flight when SIGTERM arrives still gets its answer.
     sts.set_delay(Duration::from_millis(1500));
-    api.create_pod(pod("shop", "late").ip("127.0.0.51").role("late").build());
-    let in_flight =
-        tokio::spawn(pod_client::get("127.0.0.51", agent.app, "/latest/meta-data/iam/security-credentials/late"));
-    wait_in_flight(&agent, 1.0).await;
+    let in_flight = request_in_flight(&api, &agent, "127.0.0.51", "late").await;
     agent.signal(Signal::SIGTERM);
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
     let app = agent.app;
     assert_eq!(agent.exit(Duration::from_secs(15)).await.code(), Some(0), "{}", agent.log());
     assert!(tokio::net::TcpStream::connect(app).await.is_err(), "the port is released");
-    assert!(
-        json_lines(&agent)
-            .iter()
-            .any(|l| l["message"] == "shutting down: draining in-flight requests" && l["signal"] == "SIGTERM"),
-        "{}",
-        agent.log()
-    );
+    assert!(logged(&agent, "shutting down: draining in-flight requests", "SIGTERM"), "{}", agent.log());
 }
 
 #[tokio::test]
@@ -115,23 +119,14 @@ async fn a_second_signal_during_the_drain_exits_130_at_once() {
     agent.wait_ready().await;
     // A request that would keep the drain waiting for a minute.
     sts.set_delay(Duration::from_secs(60));
-    api.create_pod(pod("shop", "slow").ip("127.0.0.52").role("slow").build());
-    let _in_flight =
-        tokio::spawn(pod_client::get("127.0.0.52", agent.app, "/latest/meta-data/iam/security-credentials/slow"));
-    wait_in_flight(&agent, 1.0).await;
+    let _in_flight = request_in_flight(&api, &agent, "127.0.0.52", "slow").await;
 
     agent.signal(Signal::SIGTERM);
     eventually(10, "the drain to start", async || agent.log().contains("shutting down: draining")).await;
     agent.signal(Signal::SIGINT);
     let status = agent.exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(130), "{}", agent.log());
-    assert!(
-        json_lines(&agent)
-            .iter()
-            .any(|l| l["message"] == "second signal: exiting without draining" && l["signal"] == "SIGINT"),
-        "{}",
-        agent.log()
-    );
+    assert!(logged(&agent, "second signal: exiting without draining", "SIGINT"), "{}", agent.log());
 }
 
 #[tokio::test]
