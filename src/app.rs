@@ -93,8 +93,18 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
 pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, StartupError> {
     let Config { node, settings } = config;
     let Settings {
-        pod_watch_stale_after, network, policy: policy_settings, sts, imds: api, admin: admin_settings, ..
+        pod_watch_stale_after,
+        network,
+        policy: policy_settings,
+        sts,
+        imds: api,
+        admin: admin_settings,
+        ignored_flags,
+        ..
     } = settings;
+    for ignored in ignored_flags {
+        tracing::info!(flag = ignored.flag, "kube2iam flag accepted without effect: {}", ignored.why);
+    }
     let metrics = Arc::new(Metrics::new());
     let upstream = Arc::new(UpstreamImds::new(api.metadata_addr.clone(), UPSTREAM_TIMEOUT));
     let policy = Arc::new(crate::policy::discover(&policy_settings, upstream.as_ref(), &deps.sts).await?);

@@ -54,11 +54,15 @@ fn version_is_printed() {
 
 /// The binary on loopback against the fakes, with JSON logs, not yet started.
 fn agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, app_port: u16) -> AgentCommand {
-    let flags = AgentFlags::loopback(&api.url, &imds.addr)
+    AgentCommand::new(flags(api, imds, app_port), &sts.url)
+}
+
+/// Its flags.
+fn flags(api: &FakeApiServer, imds: &FakeImds, app_port: u16) -> AgentFlags {
+    AgentFlags::loopback(&api.url, &imds.addr)
         .without_startup_taint()
         .ports(app_port, free_port())
-        .flag("--log-format=json");
-    AgentCommand::new(flags, &sts.url)
+        .flag("--log-format=json")
 }
 
 /// Whether the agent logged `message` (in JSON) with this `signal` field.
@@ -127,6 +131,21 @@ async fn a_second_signal_during_the_drain_exits_130_at_once() {
     let status = agent.exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(130), "{}", agent.log());
     assert!(logged(&agent, "second signal: exiting without draining", "SIGINT"), "{}", agent.log());
+}
+
+#[tokio::test]
+async fn kube2iam_flags_without_effect_start_the_agent_and_say_why_once() {
+    let (api, sts, imds) = (FakeApiServer::start().await, StsProxy::start().await, FakeImds::start().await);
+    let ignored = ["--cache-resync-period", "--resolve-duplicate-cache-ips", "--backoff-max-interval"];
+    let kube2iam = ["--cache-resync-period=30m", "--resolve-duplicate-cache-ips", "--backoff-max-interval=1s"];
+    let mut agent = AgentCommand::new(flags(&api, &imds, free_port()).with(&kube2iam), &sts.url).spawn();
+    agent.wait_ready().await;
+    let log = agent.log();
+    for flag in ignored {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(flag)).collect();
+        assert_eq!(lines.len(), 1, "{flag}: {log}");
+        assert!(lines[0].contains("kube2iam flag accepted without effect"), "{}", lines[0]);
+    }
 }
 
 #[tokio::test]

@@ -199,7 +199,8 @@ async fn admin_endpoints_live_only_on_the_admin_port() {
     let node = TestNode::start(&["--debug"]).await;
     node.api.create_pod(pod("shop", "a").ip("127.0.0.15").role("app").build());
     assert_eq!(node.get("127.0.0.15", &format!("{CREDS}app")).await.status, 200);
-    for path in ["/metrics", "/healthz", "/readyz", "/debug/store"] {
+    // /healthz is the exception, served on both (kube2iam's chart probes the app port).
+    for path in ["/metrics", "/readyz", "/debug/store"] {
         assert_eq!(node.get("127.0.0.15", path).await.status, 404, "{path} on the app port");
     }
     assert_eq!(node.admin_get("/healthz").await.status, 200);
@@ -328,4 +329,19 @@ async fn the_default_allow_list_serves_the_load_balancer_controllers_vpc_lookup(
     let vpc = node.get("127.0.0.33", &format!("/latest/meta-data/network/interfaces/macs/{}/vpc-id", mac.body)).await;
     assert_eq!((vpc.status, vpc.body.as_str()), (200, "vpc-0abc"));
     assert_eq!(node.get("127.0.0.33", "/latest/meta-data/tags/instance/Name").await.status, 404);
+}
+
+#[tokio::test]
+async fn healthz_answers_probes_on_the_metadata_port_without_a_token() {
+    // kube2iam's chart probes /healthz on the app port; with IMDSv2 required, a probe still
+    // carries no token, and nothing else is served without one.
+    let node = TestNode::start(&["--require-imdsv2"]).await;
+    node.api.create_pod(pod("shop", "web").ip("127.0.0.90").role("app").build());
+    for from in ["127.0.0.1", "127.0.0.90"] {
+        let reply = node.get(from, "/healthz").await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, "ok\n"), "from {from}");
+    }
+    assert_eq!(node.get("127.0.0.90", "/latest/meta-data/iam/security-credentials/").await.status, 401);
+    let post = pod_client::request("127.0.0.90", node.app(), "POST", "/healthz", &[]).await;
+    assert_eq!(post.status, 405);
 }

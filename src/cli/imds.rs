@@ -35,11 +35,11 @@ pub struct ImdsArgs {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub backoff_max_elapsed_time: Duration,
 
-    /// Accepted for kube2iam compatibility and ignored: waits are event-driven.
+    /// Accepted for kube2iam compatibility; no effect: waits are event-driven.
     #[arg(long, hide = true, value_parser = parse_duration)]
     pub backoff_max_interval: Option<Duration>,
 
-    /// Accepted for kube2iam compatibility and ignored: IP reuse is always resolved.
+    /// Accepted for kube2iam compatibility; no effect: IP reuse is always resolved.
     #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub resolve_duplicate_cache_ips: Option<bool>,
 

@@ -32,6 +32,11 @@ pub struct KubeArgs {
     /// keep being served; new pods and changes are not seen meanwhile).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub pod_watch_stale_after: Duration,
+
+    /// Accepted for kube2iam compatibility; no effect: watches resume from their last
+    /// resourceVersion and re-list on 410 Gone, so no periodic resync is needed.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub cache_resync_period: Option<Duration>,
 }
 
 impl KubeArgs {

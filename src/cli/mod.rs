@@ -131,6 +131,15 @@ pub struct Settings {
     pub imds: ImdsSettings,
     pub admin: AdminSettings,
     pub logging: Logging,
+    /// kube2iam flags given that have no effect here, each logged once at startup.
+    pub ignored_flags: Vec<IgnoredFlag>,
+}
+
+/// A kube2iam flag that was given and is accepted, and why it changes nothing in iamlet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IgnoredFlag {
+    pub flag: &'static str,
+    pub why: &'static str,
 }
 
 /// The validated configuration the agent runs with.
@@ -160,6 +169,7 @@ impl AgentArgs {
 impl ComponentArgs {
     /// Validates each group, then what spans groups.
     pub fn validate(self) -> Result<Settings, StartupError> {
+        let ignored_flags = self.ignored_flags();
         let (kube, pod_watch_stale_after) = self.kube.settings()?;
         let policy = self.roles.settings()?;
         let sts = self.sts.settings()?;
@@ -175,7 +185,35 @@ impl ComponentArgs {
                 ),
             });
         }
-        Ok(Settings { kube, pod_watch_stale_after, network, policy, sts, imds, admin, logging })
+        Ok(Settings { kube, pod_watch_stale_after, network, policy, sts, imds, admin, logging, ignored_flags })
+    }
+
+    /// The kube2iam flags given that iamlet accepts without effect.
+    fn ignored_flags(&self) -> Vec<IgnoredFlag> {
+        let given = [
+            (
+                self.kube.cache_resync_period.is_some(),
+                IgnoredFlag {
+                    flag: "--cache-resync-period",
+                    why: "watches resume from their last resourceVersion and re-list on 410 Gone; no resync is needed",
+                },
+            ),
+            (
+                self.imds.resolve_duplicate_cache_ips.is_some(),
+                IgnoredFlag {
+                    flag: "--resolve-duplicate-cache-ips",
+                    why: "an IP shared by two pods always resolves to the running one",
+                },
+            ),
+            (
+                self.imds.backoff_max_interval.is_some(),
+                IgnoredFlag {
+                    flag: "--backoff-max-interval",
+                    why: "a request waits for the pod watch's event, not on a polling interval",
+                },
+            ),
+        ];
+        given.into_iter().filter_map(|(given, ignored)| given.then_some(ignored)).collect()
     }
 }
 
@@ -241,6 +279,16 @@ mod tests {
         assert_eq!(s.network.startup_taint.as_deref(), Some("iamlet.io/agent-not-ready"));
         assert_eq!(s.network.host_interface, InterfaceSetting::Auto);
         assert_eq!(s.network.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+    }
+
+    #[test]
+    fn kube2iam_flags_without_effect_are_accepted_and_named() {
+        assert!(settings(&[]).ignored_flags.is_empty());
+        let given =
+            settings(&["--cache-resync-period=30m", "--resolve-duplicate-cache-ips=true", "--backoff-max-interval=1s"]);
+        let flags: Vec<&str> = given.ignored_flags.iter().map(|ignored| ignored.flag).collect();
+        assert_eq!(flags, ["--cache-resync-period", "--resolve-duplicate-cache-ips", "--backoff-max-interval"]);
+        assert!(parse(&["--cache-resync-period=soon"]).unwrap_err().contains("--cache-resync-period"));
     }
 
     #[test]

@@ -80,6 +80,9 @@ impl Default for AllowList {
 /// Where a request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
+    /// `/healthz`: iamlet's own liveness, on the metadata port too, where kube2iam's chart
+    /// probes it. Nothing of the node's or a pod's.
+    Health,
     /// `PUT /latest/api/token`: an IMDSv2 session token.
     Token,
     /// `<version>/meta-data/iam/security-credentials` with or without the trailing slash.
@@ -100,6 +103,7 @@ impl Route<'_> {
     /// The metrics label of the route (bounded set: never the raw path).
     pub fn label(&self) -> &'static str {
         match self {
+            Route::Health => "healthz",
             Route::Token => "token",
             Route::RoleName => "role-name",
             Route::Credentials(_) => "credentials",
@@ -120,6 +124,9 @@ pub fn classify<'a>(path: &'a str, allow: &AllowList) -> Route<'a> {
     }
     if path == "/latest/api/token" {
         return Route::Token;
+    }
+    if path == "/healthz" {
+        return Route::Health;
     }
     // Whatever the first segment is (a version, in IMDS), rules 2 and 3 apply to the rest, in
     // any letter case, so no case variant slips through.

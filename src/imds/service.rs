@@ -103,6 +103,13 @@ impl ImdsService {
         if route == Route::Token {
             return self.issue_token(peer, method, headers);
         }
+        if route == Route::Health {
+            // A kubelet probe carries no token, whatever --require-imdsv2 says.
+            return match *method {
+                Method::GET | Method::HEAD => text(StatusCode::OK, "ok\n"),
+                _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+            };
+        }
         if let Some(refusal) = self.check_token(peer, headers) {
             return refusal;
         }
@@ -124,6 +131,7 @@ impl ImdsService {
             Route::Malformed => text(StatusCode::BAD_REQUEST, "bad request: path is not canonical\n"),
             // Answered before the token check above; routed here too so the match is total.
             Route::Token => self.issue_token(peer, method, headers),
+            Route::Health => text(StatusCode::OK, "ok\n"),
         }
     }
 
