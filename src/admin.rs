@@ -16,7 +16,9 @@ use crate::metrics::Metrics;
 /// The admin port's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct AdminSettings {
-    pub metrics_port: u16,
+    /// `--metrics-port`; `None` when it equals `--app-port` (kube2iam's chart default): the
+    /// admin endpoints are then not served at all, since every pod reaches the app port.
+    pub metrics_port: Option<u16>,
     /// Serve `/debug/store`.
     pub debug: bool,
 }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::StartupError;
-use crate::admin::{AdminService, Readiness};
+use crate::admin::{AdminService, AdminSettings, Readiness};
 use crate::cli::{Config, Settings};
 use crate::cluster::health::WatchHealth;
 use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
@@ -46,8 +46,8 @@ pub struct Dependencies {
 pub struct RunningAgent {
     /// Where the metadata API listens.
     pub app_addr: SocketAddr,
-    /// Where the admin endpoints listen.
-    pub admin_addr: SocketAddr,
+    /// Where the admin endpoints listen: nowhere when `--metrics-port` equals `--app-port`.
+    pub admin_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     servers: JoinSet<()>,
     background: JoinSet<()>,
@@ -116,7 +116,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     );
 
     let sessions = sts.sessions;
-    warn_about_overrides(&sts, &api);
+    warn_about_overrides(&sts, &api, &admin_settings);
     let listeners = Listeners::bind(&network, api.app_port, admin_settings.metrics_port).await?;
     let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);
 
@@ -196,12 +196,20 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: admin_settings.debug, readiness });
 
     let (stop, servers) = listeners.serve(imds, admin, &api, refusals);
-    tracing::info!(%app_addr, %admin_addr, "serving");
+    tracing::info!(%app_addr, admin_addr = ?admin_addr, "serving");
     Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, rules })
 }
 
 /// Warns about flags iamlet honours only in part.
-fn warn_about_overrides(sts: &StsSettings, api: &ImdsSettings) {
+fn warn_about_overrides(sts: &StsSettings, api: &ImdsSettings, admin: &AdminSettings) {
+    if admin.metrics_port.is_none() {
+        tracing::warn!(
+            app_port = api.app_port,
+            "--metrics-port equals --app-port (kube2iam's default): /metrics, /readyz and /debug/store are not \
+             served, since every pod reaches --app-port; /healthz is; give --metrics-port a port of its own \
+             (iamlet's default is 8182) to serve them"
+        );
+    }
     if let Some(requested) = sts.sessions.lowered_from() {
         tracing::warn!(
             requested = %humantime::format_duration(requested),
@@ -224,13 +232,13 @@ fn warn_about_overrides(sts: &StsSettings, api: &ImdsSettings) {
 struct Listeners {
     /// The metadata API: the IPv4 (or only) address, and the IPv6 one when given.
     app: Vec<TcpListener>,
-    admin: TcpListener,
+    admin: Option<TcpListener>,
     app_addr: SocketAddr,
-    admin_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl Listeners {
-    async fn bind(network: &NetworkSettings, app_port: u16, metrics_port: u16) -> Result<Self, StartupError> {
+    async fn bind(network: &NetworkSettings, app_port: u16, metrics_port: Option<u16>) -> Result<Self, StartupError> {
         let bind_ip = network.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let app_listener = bind("--app-port", SocketAddr::new(bind_ip, app_port)).await?;
         let app_addr = app_listener.local_addr().expect("a bound socket has an address");
@@ -238,8 +246,11 @@ impl Listeners {
         if let Some(v6) = network.host_ipv6 {
             app.push(bind("--app-port", SocketAddr::new(IpAddr::V6(v6), app_addr.port())).await?);
         }
-        let admin = bind("--metrics-port", SocketAddr::new(bind_ip, metrics_port)).await?;
-        let admin_addr = admin.local_addr().expect("a bound socket has an address");
+        let admin = match metrics_port {
+            Some(port) => Some(bind("--metrics-port", SocketAddr::new(bind_ip, port)).await?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|admin| admin.local_addr().expect("a bound socket has an address"));
         Ok(Self { app, admin, app_addr, admin_addr })
     }
 
@@ -275,17 +286,19 @@ impl Listeners {
             ));
         }
         // The admin port is the kubelet's and Prometheus's: the default limits.
-        servers.spawn(crate::http::serve(
-            self.admin,
-            move |_, request| {
-                let admin = admin.clone();
-                async move { admin.handle(request).await }
-            },
-            until_stopped(stopped),
-            grace,
-            crate::http::Limits::default(),
-            |_| {},
-        ));
+        if let Some(listener) = self.admin {
+            servers.spawn(crate::http::serve(
+                listener,
+                move |_, request| {
+                    let admin = admin.clone();
+                    async move { admin.handle(request).await }
+                },
+                until_stopped(stopped),
+                grace,
+                crate::http::Limits::default(),
+                |_| {},
+            ));
+        }
         (stop, servers)
     }
 }

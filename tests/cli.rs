@@ -149,6 +149,30 @@ async fn kube2iam_flags_without_effect_start_the_agent_and_say_why_once() {
 }
 
 #[tokio::test]
+async fn kube2iams_chart_arguments_one_port_and_a_healthz_probe() {
+    // kube2iam's chart gives --metrics-port the app port and probes /healthz there.
+    let (api, sts, imds) = (FakeApiServer::start().await, StsProxy::start().await, FakeImds::start().await);
+    let port = free_port();
+    let one_port = flags(&api, &imds, port).ports(port, port);
+    let mut agent = AgentCommand::new(one_port, &sts.url).spawn();
+    eventually(20, "the /healthz probe on the app port", async || {
+        pod_client::try_get("127.0.0.1".parse().unwrap(), agent.app, "/healthz").await.is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    api.create_pod(pod("shop", "web").ip("127.0.0.53").role("app").build());
+    let reply = pod_client::get("127.0.0.53", agent.app, "/latest/meta-data/iam/security-credentials/app").await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    for admin_only in ["/metrics", "/readyz", "/debug/store"] {
+        assert_eq!(pod_client::get("127.0.0.53", agent.app, admin_only).await.status, 404, "{admin_only}");
+    }
+    let warnings: Vec<String> =
+        agent.log().lines().filter(|l| l.contains("--metrics-port equals --app-port")).map(String::from).collect();
+    assert_eq!(warnings.len(), 1, "{}", agent.log());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.exit(Duration::from_secs(15)).await.code(), Some(0), "{}", agent.log());
+}
+
+#[tokio::test]
 async fn an_app_port_in_use_is_a_clear_error() {
     let (api, sts, imds) = (FakeApiServer::start().await, StsProxy::start().await, FakeImds::start().await);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

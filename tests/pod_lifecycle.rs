@@ -180,19 +180,19 @@ async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     let refused = iamlet_testkit::node::start_agent(&api, &sts, &imds, &["--api-token=wrong"]).await;
     // Not ready after the watch has been refused, not merely before it was tried.
     eventually(10, "the pod watch to be refused", async || {
-        let metrics = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr, "/metrics").await.body;
+        let metrics = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr.unwrap(), "/metrics").await.body;
         iamlet_testkit::metric_value(&metrics, "iamlet_watch_errors_total").is_some_and(|errors| errors >= 1.0)
     })
     .await;
-    let reply = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr, "/readyz").await;
+    let reply = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr.unwrap(), "/readyz").await;
     assert_eq!(reply.status, 503);
     assert!(reply.body.contains("pod cache not synced"), "{}", reply.body);
-    assert_eq!(iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr, "/healthz").await.status, 200);
+    assert_eq!(iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr.unwrap(), "/healthz").await.status, 200);
     refused.stop().await;
 
     let accepted = iamlet_testkit::node::start_agent(&api, &sts, &imds, &["--api-token=s3cret"]).await;
     eventually(10, "readiness with the right token", async || {
-        iamlet_testkit::pod_client::get("127.0.0.1", accepted.admin_addr, "/readyz").await.status == 200
+        iamlet_testkit::pod_client::get("127.0.0.1", accepted.admin_addr.unwrap(), "/readyz").await.status == 200
     })
     .await;
 }

@@ -52,7 +52,7 @@ impl AdminArgs {
         }
         let log_level = if self.verbose { tracing::Level::DEBUG.max(self.log_level) } else { self.log_level };
         Ok((
-            AdminSettings { metrics_port: self.metrics_port, debug: self.debug },
+            AdminSettings { metrics_port: Some(self.metrics_port), debug: self.debug },
             Logging { log_format: self.log_format, log_level },
         ))
     }

@@ -174,16 +174,12 @@ impl ComponentArgs {
         let policy = self.roles.settings()?;
         let sts = self.sts.settings()?;
         let imds = self.imds.settings()?;
-        let (admin, logging) = self.admin.settings()?;
+        let (mut admin, logging) = self.admin.settings()?;
         let network = self.network.settings()?;
-        if imds.app_port == admin.metrics_port {
-            return Err(StartupError::Flag {
-                flag: "--metrics-port",
-                message: format!(
-                    "must differ from --app-port ({}): admin endpoints are never served to pods",
-                    imds.app_port
-                ),
-            });
+        if admin.metrics_port == Some(imds.app_port) {
+            // kube2iam's chart passes one port for both; pods must never reach the admin
+            // endpoints, so they are not served (the agent warns at startup).
+            admin.metrics_port = None;
         }
         Ok(Settings { kube, pod_watch_stale_after, network, policy, sts, imds, admin, logging, ignored_flags })
     }
@@ -267,7 +263,7 @@ mod tests {
     fn defaults_match_kube2iam_where_safe() {
         let s = settings(&[]);
         assert_eq!(s.imds.app_port, 8181);
-        assert_eq!(s.admin.metrics_port, 8182);
+        assert_eq!(s.admin.metrics_port, Some(8182));
         assert_eq!(s.policy.iam_role_key, "iam.amazonaws.com/role");
         assert_eq!(s.policy.iam_external_id, "iam.amazonaws.com/external-id");
         assert_eq!(s.policy.namespace_key, "iam.amazonaws.com/allowed-roles");
@@ -289,6 +285,13 @@ mod tests {
         let flags: Vec<&str> = given.ignored_flags.iter().map(|ignored| ignored.flag).collect();
         assert_eq!(flags, ["--cache-resync-period", "--resolve-duplicate-cache-ips", "--backoff-max-interval"]);
         assert!(parse(&["--cache-resync-period=soon"]).unwrap_err().contains("--cache-resync-period"));
+    }
+
+    #[test]
+    fn one_port_for_both_as_kube2iams_chart_gives_serves_no_admin_endpoints() {
+        assert_eq!(settings(&["--metrics-port=8181"]).admin.metrics_port, None);
+        assert_eq!(settings(&["--app-port=9000", "--metrics-port=9000"]).admin.metrics_port, None);
+        assert_eq!(settings(&["--app-port=9000"]).admin.metrics_port, Some(8182));
     }
 
     #[test]
@@ -330,7 +333,7 @@ mod tests {
             (&["--default-role=arn:aws:iam::12:role/x"], "--default-role"),
             (&["--metadata-addr=http://x/y"], "--metadata-addr"),
             (&["--allow-route-regexp=("], "--allow-route-regexp"),
-            (&["--metrics-port=8181"], "--metrics-port"),
+            (&["--metrics-port=0"], "--metrics-port"),
             (&["--api-server=not a url"], "--api-server"),
             (&["--iptables"], "--host-ip"),
             (&["--iam-role-key="], "--iam-role-key"),

@@ -60,7 +60,7 @@ impl TestNode {
     }
 
     pub fn admin(&self) -> SocketAddr {
-        self.agent.admin_addr
+        self.agent.admin_addr.expect("the admin port is served (--metrics-port differs from --app-port)")
     }
 
     /// `GET path` from the pod at `ip`.
@@ -97,7 +97,7 @@ pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, a
     let cli = Cli::try_parse_args(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let mut config = cli.agent.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     config.settings.imds.app_port = 0;
-    config.settings.admin.metrics_port = 0;
+    config.settings.admin.metrics_port = Some(0);
     let kube = iamlet::cluster::client::client(&config.settings.kube).await.unwrap();
     let sts = sts_client(&sts.url, config.settings.sts.sts_timeout).into_assumer();
     iamlet::app::start(config, Dependencies { kube, sts }).await.unwrap_or_else(|e| panic!("{}", iamlet::describe(&e)))
