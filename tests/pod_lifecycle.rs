@@ -172,6 +172,41 @@ async fn regexp_restrictions_are_anchored() {
 }
 
 #[tokio::test]
+async fn kiams_permitted_annotation_is_honoured_beside_kube2iams_list() {
+    // A namespace migrated from kiam keeps its regexp; one that has both allows either.
+    let api = FakeApiServer::start().await;
+    api.put_namespace("legacy", json!({"iam.amazonaws.com/permitted": "app-.*|batch"}));
+    api.put_namespace(
+        "both",
+        json!({"iam.amazonaws.com/permitted": "batch", "iam.amazonaws.com/allowed-roles": "[\"app-*\"]"}),
+    );
+    let node = TestNode::start_with_api(api, &["--namespace-restrictions"]).await;
+    let pods = [
+        ("legacy", "web", "127.0.0.100", "app-web", 200),
+        ("legacy", "batch", "127.0.0.101", "batch", 200),
+        ("legacy", "nightly", "127.0.0.102", "nightly-batch", 404),
+        ("legacy", "admin", "127.0.0.103", "admin", 404),
+        ("legacy", "theirs", "127.0.0.104", "arn:aws:iam::999999999999:role/app-web", 404),
+        ("both", "web", "127.0.0.105", "app-web", 200),
+        ("both", "batch", "127.0.0.106", "batch", 200),
+        ("both", "admin", "127.0.0.107", "admin", 404),
+    ];
+    for (namespace, name, ip, role, _) in pods {
+        node.api.create_pod(pod(namespace, name).ip(ip).role(role).build());
+    }
+    for (namespace, name, ip, role, status) in pods {
+        assert_eq!(node.get(ip, CREDS).await.status, status, "{namespace}/{name} with {role}");
+    }
+    assert!(node.sts.assume_role_calls().iter().all(|c| !c["RoleArn"].contains("999999999999")));
+
+    // A change to the expression is followed without a restart.
+    node.api.put_namespace("legacy", json!({"iam.amazonaws.com/permitted": "admin"}));
+    eventually(5, "the new expression to allow admin", async || node.get("127.0.0.103", CREDS).await.status == 200)
+        .await;
+    assert_eq!(node.get("127.0.0.100", CREDS).await.status, 404, "app-web is no longer permitted");
+}
+
+#[tokio::test]
 async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     let api = FakeApiServer::start_with(Some("s3cret"), Duration::from_secs(1)).await;
     let sts = iamlet_testkit::sts_proxy::StsProxy::start().await;

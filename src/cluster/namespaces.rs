@@ -8,7 +8,7 @@ use parking_lot::RwLock;
 use k8s_openapi::api::core::v1::Namespace;
 use tokio::sync::watch;
 
-use crate::policy::{AllowedRoles, BaseArn, NamespaceRule, RestrictionFormat};
+use crate::policy::{AllowedRoles, BaseArn, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RestrictionFormat};
 
 /// How namespace annotations are read.
 #[derive(Debug, Clone)]
@@ -21,10 +21,24 @@ pub struct NamespaceRules {
 }
 
 impl NamespaceRules {
-    /// The rule a namespace object carries, or `None` when it has no annotation.
+    /// The rule a namespace object carries: its `--namespace-key` list and kiam's `permitted`
+    /// expression together, or `None` when it has neither. Either one malformed makes the
+    /// whole rule malformed (the namespace then allows nothing).
     pub fn rule_of(&self, namespace: &Namespace) -> Option<NamespaceRule> {
-        let value = namespace.metadata.annotations.as_ref()?.get(&self.annotation)?;
-        Some(AllowedRoles::parse(value, self.format, self.base.as_ref(), self.account.as_deref()))
+        let annotations = namespace.metadata.annotations.as_ref()?;
+        let (listed, permitted) = (annotations.get(&self.annotation), annotations.get(KIAM_PERMITTED_ANNOTATION));
+        if listed.is_none() && permitted.is_none() {
+            return None;
+        }
+        let account = self.account.as_deref();
+        let listed = match listed {
+            Some(value) => AllowedRoles::parse(value, self.format, self.base.as_ref(), account),
+            None => Ok(AllowedRoles::default()),
+        };
+        Some(listed.and_then(|allowed| match permitted {
+            Some(expression) => allowed.with_kiam_permitted(expression, account),
+            None => Ok(allowed),
+        }))
     }
 }
 

@@ -12,7 +12,7 @@ pub use arn::{ArnError, BaseArn, RoleArn};
 pub use discovery::{
     BaseArnSource, BoxError, CallerAccount, DefaultRoleSource, DiscoveryError, NodeMetadata, PolicySettings, discover,
 };
-pub use namespace::{AllowedRole, AllowedRoles, AnnotationError, RestrictionFormat};
+pub use namespace::{AllowedRole, AllowedRoles, AnnotationError, KIAM_PERMITTED_ANNOTATION, RestrictionFormat};
 
 use crate::pod::PodIdentity;
 

@@ -13,6 +13,10 @@ use regex::Regex;
 
 use super::arn::{BaseArn, RoleArn};
 
+/// kiam's namespace annotation: one regular expression over the roles the namespace's pods
+/// may use. Honoured beside the `--namespace-key` list, so kiam's namespaces keep working.
+pub const KIAM_PERMITTED_ANNOTATION: &str = "iam.amazonaws.com/permitted";
+
 /// `--namespace-restriction-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestrictionFormat {
@@ -38,6 +42,9 @@ enum Scope {
     Arn,
     /// Path and name, of roles in this account only (a bare entry, no base ARN).
     Account(String),
+    /// kiam's `permitted` expression: the role's path and name, or its whole ARN, of roles in
+    /// this account only.
+    NameOrArnInAccount(String),
     /// Nothing: a bare entry with no account to confine it to.
     Nowhere,
 }
@@ -104,6 +111,20 @@ impl AllowedRoles {
         Ok(Self { entries })
     }
 
+    /// Adds kiam's `permitted` expression, anchored whole (`^(?:…)$`; kiam's own `^…$` would
+    /// let `a|b` match anything ending in `b`). It matches a role's path and name, or its ARN,
+    /// in the node's `account` only, and nothing when that account is unknown: a regexp
+    /// cannot say which account it means, so it never reaches into another.
+    pub fn with_kiam_permitted(mut self, expression: &str, account: Option<&str>) -> Result<Self, AnnotationError> {
+        let source = format!("{KIAM_PERMITTED_ANNOTATION}: {expression}");
+        let matcher = Regex::new(&format!("^(?:{expression})$")).map(Matcher::Regexp).map_err(|e| {
+            AnnotationError::BadEntry { entry: expression.to_string(), format: "regexp", message: e.to_string() }
+        })?;
+        let scope = account.map_or(Scope::Nowhere, |account| Scope::NameOrArnInAccount(account.to_string()));
+        self.entries.push(AllowedRole { source, matcher, scope });
+        Ok(self)
+    }
+
     /// The first entry that allows `role`.
     pub fn find(&self, role: &RoleArn) -> Option<&AllowedRole> {
         const SEPARATED: glob::MatchOptions = glob::MatchOptions {
@@ -119,6 +140,9 @@ impl AllowedRoles {
             match &entry.scope {
                 Scope::Arn => candidate(role.as_str()),
                 Scope::Account(account) => role.account() == account && candidate(role.path_and_name()),
+                Scope::NameOrArnInAccount(account) => {
+                    role.account() == account && (candidate(role.path_and_name()) || candidate(role.as_str()))
+                }
                 Scope::Nowhere => false,
             }
         })
@@ -187,6 +211,25 @@ mod tests {
             explicit.find(&RoleArn::parse("arn:aws:iam::999999999999:role/app-x").unwrap()).is_some(),
             "an ARN names its account"
         );
+    }
+
+    #[test]
+    fn kiams_permitted_expression_matches_names_or_arns_in_the_nodes_account_only() {
+        let permitted = AllowedRoles::default().with_kiam_permitted("app-.*|batch", Some("123456789012")).unwrap();
+        assert!(permitted.find(&role("app-web")).is_some());
+        assert!(permitted.find(&role("batch")).is_some());
+        assert!(permitted.find(&role("nightly-batch")).is_none(), "anchored around the whole alternation");
+        assert!(permitted.find(&role("admin")).is_none());
+        let by_arn =
+            AllowedRoles::default().with_kiam_permitted("arn:aws:iam::123456789012:role/app-.*", Some("123456789012"));
+        assert!(by_arn.unwrap().find(&role("app-web")).is_some());
+        let elsewhere = RoleArn::parse("arn:aws:iam::999999999999:role/app-web").unwrap();
+        assert!(permitted.find(&elsewhere).is_none(), "never another account");
+        let everything = AllowedRoles::default().with_kiam_permitted(".*", Some("123456789012")).unwrap();
+        assert!(everything.find(&elsewhere).is_none(), "not even with .*");
+        let unknown = AllowedRoles::default().with_kiam_permitted(".*", None).unwrap();
+        assert!(unknown.find(&role("app-web")).is_none(), "no account known: nothing");
+        assert!(AllowedRoles::default().with_kiam_permitted("app-(", Some("123456789012")).is_err());
     }
 
     #[test]
