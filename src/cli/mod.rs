@@ -288,6 +288,60 @@ mod tests {
     }
 
     #[test]
+    fn every_kube2iam_flag_is_accepted_with_its_meaning() {
+        // jtblin/kube2iam's whole flag set, as its DaemonSets pass it (but --version).
+        let s = settings(&[
+            "--kubeconfig=/etc/kubeconfig",
+            "--api-server=https://10.0.0.1:6443",
+            "--api-token=t0ken",
+            "--app-port=8181",
+            "--metrics-port=8181",
+            "--base-role-arn=arn:aws:iam::123456789012:role/",
+            "--debug",
+            "--default-role=fallback",
+            "--iam-role-key=example.com/role",
+            "--iam-external-id=example.com/external-id",
+            "--iam-role-session-ttl=20m",
+            "--insecure=true",
+            "--metadata-addr=169.254.169.254",
+            "--iptables=true",
+            "--host-interface=cali+",
+            "--namespace-restrictions",
+            "--namespace-restriction-format=regexp",
+            "--namespace-key=example.com/allowed",
+            "--cache-resync-period=30m",
+            "--resolve-duplicate-cache-ips",
+            "--host-ip=10.0.0.5",
+            "--backoff-max-interval=1s",
+            "--backoff-max-elapsed-time=3s",
+            "--log-format=json",
+            "--log-level=warning",
+            "--use-regional-sts-endpoint",
+            "--verbose",
+        ]);
+        assert_eq!(s.kube.kubeconfig, Some(PathBuf::from("/etc/kubeconfig")));
+        assert_eq!(s.kube.api_server.as_deref(), Some("https://10.0.0.1:6443"));
+        assert!(s.kube.insecure);
+        assert_eq!((s.imds.app_port, s.admin.metrics_port), (8181, None));
+        assert!(s.admin.debug);
+        assert_eq!(s.policy.iam_role_key, "example.com/role");
+        assert_eq!(s.policy.iam_external_id, "example.com/external-id");
+        assert_eq!(s.sts.sessions.refresh_before(), Duration::from_secs(1200));
+        assert!(s.network.iptables);
+        assert_eq!(s.network.host_interface, InterfaceSetting::Given(InterfaceMatch::parse("cali+").unwrap()));
+        assert_eq!(s.policy.namespace_restrictions, Some(RestrictionFormat::Regexp));
+        assert_eq!(s.policy.namespace_key, "example.com/allowed");
+        assert_eq!(s.imds.backoff_max_elapsed_time, Duration::from_secs(3));
+        assert_eq!(s.logging.log_format, LogFormat::Json);
+        assert_eq!(s.logging.log_level, tracing::Level::DEBUG, "--verbose wins");
+        assert!(s.sts.use_regional_sts_endpoint);
+        assert_eq!(s.ignored_flags.len(), 3);
+        let discovered = settings(&["--auto-discover-base-arn", "--auto-discover-default-role"]);
+        assert!(matches!(discovered.policy.base_role_arn, crate::policy::BaseArnSource::Discover));
+        assert!(matches!(discovered.policy.default_role, crate::policy::DefaultRoleSource::Discover));
+    }
+
+    #[test]
     fn one_port_for_both_as_kube2iams_chart_gives_serves_no_admin_endpoints() {
         assert_eq!(settings(&["--metrics-port=8181"]).admin.metrics_port, None);
         assert_eq!(settings(&["--app-port=9000", "--metrics-port=9000"]).admin.metrics_port, None);
