@@ -18,7 +18,7 @@ use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
 use crate::netfilter::coverage::Routes;
 use crate::netfilter::{InterfaceSetting, NetworkSettings, cni};
-use crate::policy::{Assignment, Denial, NamespaceRule, RoleSource};
+use crate::policy::{Assignment, Denial, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource};
 use crate::resolve::{CredentialKey, Resolved, Resolver};
 
 /// What `explain` found, line by line, and its verdict.
@@ -113,13 +113,15 @@ fn namespace_line(
         }
         (Some(annotation), Err(_)) => match rule {
             Some(Ok(allowed)) => {
-                format!(
-                    "{annotation} lists {:?}",
-                    allowed.entries.iter().map(|e| e.source.as_str()).collect::<Vec<_>>()
-                )
+                let sources: Vec<&str> = allowed.entries.iter().map(|e| e.source.as_str()).collect();
+                if sources.iter().any(|source| source.starts_with(KIAM_PERMITTED_ANNOTATION)) {
+                    format!("the namespace allows only {sources:?}")
+                } else {
+                    format!("{annotation} lists {sources:?}")
+                }
             }
-            Some(Err(error)) => format!("{annotation} is malformed: {error}"),
-            None => format!("{annotation} is not set: no role is allowed"),
+            Some(Err(error)) => format!("{annotation} or {KIAM_PERMITTED_ANNOTATION} is malformed: {error}"),
+            None => format!("neither {annotation} nor {KIAM_PERMITTED_ANNOTATION} is set: no role is allowed"),
         },
     }
 }
@@ -335,6 +337,32 @@ mod tests {
             report.render().contains("namespace:  iam.amazonaws.com/allowed-roles lists [\"batch-*\"]"),
             "{}",
             report.render()
+        );
+    }
+
+    #[test]
+    fn names_kiams_permitted_expression_when_it_is_what_the_namespace_has() {
+        let mut restricted = policy();
+        restricted.restrictions = Some(RestrictionFormat::Glob);
+        let rules = NamespaceRules {
+            annotation: "iam.amazonaws.com/allowed-roles".into(),
+            format: RestrictionFormat::Glob,
+            base: restricted.base.clone(),
+            account: Some("123456789012".into()),
+        };
+        let ns: Namespace = serde_json::from_value(
+            json!({"metadata": {"name": "shop", "annotations": {"iam.amazonaws.com/permitted": "batch-.*"}}}),
+        )
+        .unwrap();
+        let store = NamespaceStore::new();
+        store.set("shop", rules.rule_of(&ns));
+        let pod = pod(json!({"iam.amazonaws.com/role": "app"}));
+        let report =
+            explain(&pod, &resolver(restricted, Some(store)), &keys(), Some("iam.amazonaws.com/allowed-roles"));
+        let text = report.render();
+        assert!(
+            text.contains("namespace:  the namespace allows only [\"iam.amazonaws.com/permitted: batch-.*\"]"),
+            "{text}"
         );
     }
 
