@@ -31,11 +31,10 @@ use hdrhistogram::Histogram;
 use iamlet_testkit::agent::{self, AgentCommand, AgentProcess};
 use iamlet_testkit::apiserver::{self, FakeApiServer};
 use iamlet_testkit::imds::FakeImds;
-use iamlet_testkit::pod_client::{Connection, try_get};
+use iamlet_testkit::pod_client::{Connection, tcp_from, try_get};
 use iamlet_testkit::sts_proxy::StsProxy;
 use iamlet_testkit::{AgentFlags, free_port};
 use serde_json::{Value, json};
-use tokio::net::TcpSocket;
 
 const ROLE: &str = "bench-role";
 const CREDS_PATH: &str = "/latest/meta-data/iam/security-credentials/bench-role";
@@ -469,7 +468,7 @@ async fn exhaustion(agent: &AgentProcess) -> Value {
     let unknown = |i: usize| IpAddr::V4(Ipv4Addr::new(127, 200, (i / 250) as u8, (i % 250 + 2) as u8));
     let mut slow = Vec::new();
     for i in 0..SLOW {
-        if let Ok(mut stream) = connect_from(unknown(i / 4), agent.app).await {
+        if let Ok(mut stream) = tcp_from(Some(unknown(i / 4)), agent.app).await {
             use tokio::io::AsyncWriteExt as _;
             let _ = stream.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254").await;
             slow.push(stream);
@@ -477,7 +476,7 @@ async fn exhaustion(agent: &AgentProcess) -> Value {
     }
     let mut greedy = Vec::new();
     for _ in 0..GREEDY {
-        if let Ok(stream) = connect_from(IpAddr::V4(Ipv4Addr::new(127, 201, 0, 2)), agent.app).await {
+        if let Ok(stream) = tcp_from(Some(IpAddr::V4(Ipv4Addr::new(127, 201, 0, 2))), agent.app).await {
             greedy.push(stream);
         }
     }
@@ -518,13 +517,6 @@ async fn exhaustion(agent: &AgentProcess) -> Value {
     );
     json!({"slow_connections": SLOW, "flood_in_flight": FLOOD, "greedy_attempts": GREEDY,
            "known_p50_ms": p50, "known_p99_ms": p99, "known_errors": errors, "refused": refused, "rss_mib": rss})
-}
-
-/// A bare TCP connection from `from` (the exhaustion phase's slow and greedy clients).
-async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from, 0))?;
-    socket.connect(to).await
 }
 
 /// Memory over pod churn: three cycles in which 1,000 pods appear (their credentials are

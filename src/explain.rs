@@ -274,6 +274,24 @@ mod tests {
         Resolver::new(Arc::new(policy), namespaces, SessionRules::new(Duration::from_secs(1800)))
     }
 
+    /// A resolver with glob restrictions on, in the node's account, whose namespace `shop`
+    /// carries `annotations`.
+    fn restricted_resolver(annotations: serde_json::Value) -> Resolver {
+        let mut restricted = policy();
+        restricted.restrictions = Some(RestrictionFormat::Glob);
+        let rules = NamespaceRules {
+            annotation: "iam.amazonaws.com/allowed-roles".into(),
+            format: RestrictionFormat::Glob,
+            base: restricted.base.clone(),
+            account: Some("123456789012".into()),
+        };
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": annotations}})).unwrap();
+        let store = NamespaceStore::new();
+        store.set("shop", rules.rule_of(&ns));
+        resolver(restricted, Some(store))
+    }
+
     fn pod(annotations: serde_json::Value) -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1", "annotations": annotations},
@@ -312,23 +330,10 @@ mod tests {
         let report = explain(&pod(json!({})), &resolver(policy(), None), &keys(), None);
         assert!(report.verdict.unwrap_err().contains("no role annotation"));
 
-        let mut restricted = policy();
-        restricted.restrictions = Some(RestrictionFormat::Glob);
-        let rules = NamespaceRules {
-            annotation: "iam.amazonaws.com/allowed-roles".into(),
-            format: RestrictionFormat::Glob,
-            base: restricted.base.clone(),
-            account: None,
-        };
-        let ns: Namespace = serde_json::from_value(
-            json!({"metadata": {"name": "shop", "annotations": {"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}}}),
-        )
-        .unwrap();
-        let store = NamespaceStore::new();
-        store.set("shop", rules.rule_of(&ns));
+        let restricted = restricted_resolver(json!({"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}));
         let report = explain(
             &pod(json!({"iam.amazonaws.com/role": "app"})),
-            &resolver(restricted, Some(store)),
+            &restricted,
             &keys(),
             Some("iam.amazonaws.com/allowed-roles"),
         );
@@ -342,23 +347,9 @@ mod tests {
 
     #[test]
     fn names_kiams_permitted_expression_when_it_is_what_the_namespace_has() {
-        let mut restricted = policy();
-        restricted.restrictions = Some(RestrictionFormat::Glob);
-        let rules = NamespaceRules {
-            annotation: "iam.amazonaws.com/allowed-roles".into(),
-            format: RestrictionFormat::Glob,
-            base: restricted.base.clone(),
-            account: Some("123456789012".into()),
-        };
-        let ns: Namespace = serde_json::from_value(
-            json!({"metadata": {"name": "shop", "annotations": {"iam.amazonaws.com/permitted": "batch-.*"}}}),
-        )
-        .unwrap();
-        let store = NamespaceStore::new();
-        store.set("shop", rules.rule_of(&ns));
+        let restricted = restricted_resolver(json!({"iam.amazonaws.com/permitted": "batch-.*"}));
         let pod = pod(json!({"iam.amazonaws.com/role": "app"}));
-        let report =
-            explain(&pod, &resolver(restricted, Some(store)), &keys(), Some("iam.amazonaws.com/allowed-roles"));
+        let report = explain(&pod, &restricted, &keys(), Some("iam.amazonaws.com/allowed-roles"));
         let text = report.render();
         assert!(
             text.contains("namespace:  the namespace allows only [\"iam.amazonaws.com/permitted: batch-.*\"]"),

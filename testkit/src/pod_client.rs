@@ -45,11 +45,7 @@ pub struct Connection(SendRequest<Empty<Bytes>>);
 impl Connection {
     /// Connects from `from` (any local address when `None`) to `to`.
     pub async fn open(from: Option<IpAddr>, to: SocketAddr) -> Result<Self, String> {
-        let socket = if to.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
-        if let Some(from) = from {
-            socket.bind(SocketAddr::new(from, 0)).map_err(|e| e.to_string())?;
-        }
-        Self::over(socket.connect(to).await.map_err(|e| e.to_string())?).await
+        Self::over(tcp_from(from, to).await.map_err(|e| e.to_string())?).await
     }
 
     /// An HTTP connection over a connected stream.
@@ -81,12 +77,18 @@ impl Connection {
     }
 }
 
-/// A connection from `from` to `to`.
+/// A bare TCP connection from `from` (any local address when `None`) to `to`.
+pub async fn tcp_from(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if to.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+    if let Some(from) = from {
+        socket.bind(SocketAddr::new(from, 0))?;
+    }
+    socket.connect(to).await
+}
+
+/// A connection from the pod at `from` to `to`.
 pub async fn connect(from: &str, to: SocketAddr) -> TcpStream {
-    let from: IpAddr = from.parse().unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    socket.connect(to).await.unwrap()
+    tcp_from(Some(from.parse().expect("a pod IP")), to).await.unwrap_or_else(|e| panic!("connect from {from}: {e}"))
 }
 
 /// One request from the pod at `from`.
