@@ -55,7 +55,7 @@ fn hot_path(c: &mut Criterion) {
         restrictions: None,
         account: None,
     };
-    let resolver = Resolver::new(std::sync::Arc::new(policy), None, SessionRules::new(Duration::from_secs(1800)));
+    let resolver = Resolver::new(std::sync::Arc::new(policy), SessionRules::new(Duration::from_secs(1800)));
     let identity = pod(1);
     c.bench_function("resolve (bare role name, credential key included)", |b| {
         b.iter(|| black_box(resolver.resolve(black_box(&identity))))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode, header};
 use serde_json::json;
 
-use crate::cluster::{NamespaceStore, PodStore};
+use crate::cluster::{NamespaceStore, PodStore, ServiceAccountStore};
 use crate::credentials::CredentialCache;
 use crate::http::{Body, text};
 use crate::metrics::Metrics;
@@ -32,6 +32,7 @@ pub type ReadinessCheck = (&'static str, Box<dyn Fn() -> bool + Send + Sync>);
 pub struct Readiness {
     pub pods: Arc<PodStore>,
     pub namespaces: Option<Arc<NamespaceStore>>,
+    pub service_accounts: Option<Arc<ServiceAccountStore>>,
     /// Extra conditions (the netfilter rules, when iamlet installs them).
     pub checks: Vec<ReadinessCheck>,
 }
@@ -45,6 +46,9 @@ impl Readiness {
         }
         if self.namespaces.as_ref().is_some_and(|ns| !ns.is_synced()) {
             waiting.push("namespace cache not synced");
+        }
+        if self.service_accounts.as_ref().is_some_and(|accounts| !accounts.is_synced()) {
+            waiting.push("ServiceAccount cache not synced");
         }
         waiting.extend(self.checks.iter().filter(|(_, check)| !check()).map(|(name, _)| *name));
         waiting
@@ -61,6 +65,7 @@ impl Readiness {
 pub struct AdminService {
     pub pods: Arc<PodStore>,
     pub namespaces: Option<Arc<NamespaceStore>>,
+    pub service_accounts: Option<Arc<ServiceAccountStore>>,
     pub credentials: Arc<CredentialCache>,
     pub metrics: Arc<Metrics>,
     pub debug: bool,
@@ -94,14 +99,15 @@ impl AdminService {
         }
     }
 
-    /// The index, the namespace rules and the cached keys: never a secret.
+    /// The index, the namespace rules, the ServiceAccounts' roles and the cached keys: never a
+    /// secret.
     fn store(&self) -> Response<Body> {
         let mut pods: Vec<_> = self.pods.read(|index| {
             index
                 .pods()
                 .map(|p| {
                     json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "ips": p.ips,
-                           "role": p.role_annotation, "running": p.running, "terminating": p.terminating,
+                           "role": p.role_annotation, "service_account": p.service_account, "running": p.running, "terminating": p.terminating,
                            "stopped": p.stopped})
                 })
                 .collect()
@@ -118,6 +124,12 @@ impl AdminService {
                 Err(error) => json!({"namespace": name, "error": error.to_string()}),
             })
             .collect();
+        let service_accounts: Vec<_> = self
+            .service_accounts
+            .iter()
+            .flat_map(|store| store.snapshot())
+            .map(|(name, role)| json!({"service_account": name, "annotation": role.annotation, "role": role.value}))
+            .collect();
         let credentials: Vec<_> = self
             .credentials
             .snapshot()
@@ -128,7 +140,8 @@ impl AdminService {
                        "expiration": humantime::format_rfc3339_seconds(expiration).to_string()})
             })
             .collect();
-        let body = json!({"pods": pods, "namespaces": namespaces, "credentials": credentials});
+        let body = json!({"pods": pods, "namespaces": namespaces, "service_accounts": service_accounts,
+                          "credentials": credentials});
         let mut response = text(StatusCode::OK, serde_json::to_vec_pretty(&body).unwrap_or_default());
         response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         response

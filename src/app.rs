@@ -19,8 +19,10 @@ use crate::StartupError;
 use crate::admin::{AdminService, AdminSettings, Readiness};
 use crate::cli::{Config, Settings};
 use crate::cluster::health::WatchHealth;
-use crate::cluster::watch::{NamespaceSink, PodSink, watch_namespaces, watch_pods};
-use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore};
+use crate::cluster::watch::{
+    NamespaceSink, PodSink, Reresolve, ServiceAccountSink, watch_namespaces, watch_pods, watch_service_accounts,
+};
+use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore, ServiceAccountStore};
 use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer, StsSettings};
 use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
 use crate::metrics::{Metrics, RefusalLabels};
@@ -122,6 +124,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
 
     let pods = PodStore::new();
     let namespaces = policy_settings.namespace_restrictions.map(|_| NamespaceStore::new());
+    let service_accounts = policy_settings.service_account_roles.then(ServiceAccountStore::new);
     let credentials = CredentialCache::new(deps.sts, sts, metrics.clone());
 
     let mut background = JoinSet::new();
@@ -130,6 +133,11 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         role: policy_settings.iam_role_key.clone(),
         external_id: policy_settings.iam_external_id.clone(),
     };
+    if let Some(store) = &service_accounts {
+        let reresolve = Reresolve::new(pods.clone(), changes_tx.clone());
+        let sink = ServiceAccountSink::new(store.clone(), keys.clone(), reresolve);
+        background.spawn(watch_service_accounts(deps.kube.clone(), sink, metrics.clone()));
+    }
     let sink = PodSink::new(pods.clone(), keys, changes_tx, metrics.clone());
     let (kube, watched_node) = (deps.kube.clone(), node.clone());
     let pod_watch = Arc::new(WatchHealth::new(std::time::Instant::now()));
@@ -148,7 +156,14 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         let sink = NamespaceSink::new(store.clone(), rules);
         background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
     }
-    let resolver = Arc::new(Resolver::new(policy, namespaces.clone(), sessions));
+    let mut resolver = Resolver::new(policy, sessions);
+    if let Some(store) = &namespaces {
+        resolver = resolver.with_namespaces(store.clone());
+    }
+    if let Some(store) = &service_accounts {
+        resolver = resolver.with_service_accounts(store.clone());
+    }
+    let resolver = Arc::new(resolver);
     let prefetcher = Prefetcher::new(credentials.clone(), resolver.clone());
     background.spawn(prefetcher.run(changes_rx));
     let live_pods = pods.clone();
@@ -179,7 +194,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         }
         false => None,
     };
-    let readiness = Arc::new(Readiness { pods: pods.clone(), namespaces: namespaces.clone(), checks });
+    let readiness = Arc::new(Readiness {
+        pods: pods.clone(),
+        namespaces: namespaces.clone(),
+        service_accounts: service_accounts.clone(),
+        checks,
+    });
     if let Some(taint) = network.startup_taint.clone() {
         let (readiness, kube, node) = (readiness.clone(), deps.kube.clone(), node.clone());
         background.spawn(async move {
@@ -192,8 +212,15 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         background.spawn(async move { crate::imds::upstream::report_node_exposure(&upstream, &metrics).await });
     }
     let refusals = metrics.connections_refused.clone();
-    let admin =
-        Arc::new(AdminService { pods, namespaces, credentials, metrics, debug: admin_settings.debug, readiness });
+    let admin = Arc::new(AdminService {
+        pods,
+        namespaces,
+        service_accounts,
+        credentials,
+        metrics,
+        debug: admin_settings.debug,
+        readiness,
+    });
 
     let (stop, servers) = listeners.serve(imds, admin, &api, refusals);
     tracing::info!(%app_addr, admin_addr = ?admin_addr, "serving");

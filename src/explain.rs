@@ -8,17 +8,20 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Api;
 
 use crate::StartupError;
 use crate::cli::Settings;
-use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore};
+use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, ServiceAccountStore, service_account_role_of};
 use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
 use crate::netfilter::coverage::Routes;
 use crate::netfilter::{InterfaceSetting, NetworkSettings, cni};
-use crate::policy::{Assignment, Denial, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource};
+use crate::pod::PodIdentity;
+use crate::policy::{
+    Assignment, Denial, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource, ServiceAccountSays,
+};
 use crate::resolve::{CredentialKey, Resolved, Resolver};
 
 /// What `explain` found, line by line, and its verdict.
@@ -68,8 +71,9 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
             None => format!("{} is not set", keys.role),
         },
     ));
+    lines.push(("service account", service_account_line(&identity, resolver, keys)));
     let resolved = resolver.resolve(&identity);
-    lines.push(("role", role_line(&resolved)));
+    lines.push(("role", role_line(&identity, &resolved)));
     let rule = resolver.namespace_rule(&identity.namespace);
     lines.push(("namespace", namespace_line(namespace_key, &resolved, rule.as_deref())));
     let (verdict, key) = match resolved {
@@ -86,13 +90,35 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
     Explanation { lines, verdict, key }
 }
 
+/// What the pod's ServiceAccount names, and whether it counts.
+fn service_account_line(pod: &PodIdentity, resolver: &Resolver, keys: &AnnotationKeys) -> String {
+    let name = format!("{}/{}", pod.namespace, pod.service_account);
+    if !resolver.consults_service_accounts() {
+        return format!("{name}: not consulted (--service-account-roles is off)");
+    }
+    let named = match resolver.service_account_role(&pod.namespace, &pod.service_account) {
+        None => return format!("{name}: not known yet"),
+        Some(said) => match said.as_says() {
+            ServiceAccountSays::Role(role) => format!("{name}: {} = {:?}", role.annotation, role.value),
+            _ => format!("{name}: names no role (neither {} nor {IRSA_ROLE_ANNOTATION} is set)", keys.role),
+        },
+    };
+    match pod.own_role() {
+        Some(_) => format!("{named}; not used: the pod's own annotation comes first"),
+        None => named,
+    }
+}
+
 /// The role the pod gets and where it comes from, or why none.
-fn role_line(resolved: &Result<Resolved, Denial>) -> String {
+fn role_line(pod: &PodIdentity, resolved: &Result<Resolved, Denial>) -> String {
     match resolved {
         Ok(Resolved { assignment, .. }) => {
-            let source = match assignment.source {
-                RoleSource::Annotation => "from the annotation",
-                RoleSource::DefaultRole => "the default role (--default-role)",
+            let source = match &assignment.source {
+                RoleSource::Annotation => "from the pod's annotation".to_string(),
+                RoleSource::ServiceAccount { annotation } => {
+                    format!("from ServiceAccount {}/{}'s {annotation}", pod.namespace, pod.service_account)
+                }
+                RoleSource::DefaultRole => "the default role (--default-role)".to_string(),
             };
             format!("{} ({source})", assignment.role)
         }
@@ -144,9 +170,10 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
         .await
         .map_err(|e| anyhow::anyhow!("cannot read pod {namespace}/{name}: {e}"))?;
     let sts = AwsSts::from_environment(settings.sts.use_regional_sts_endpoint, settings.sts.sts_timeout).await;
-    let resolver = resolver(settings, client, namespace, &sts).await?;
     let policy = &settings.policy;
     let keys = AnnotationKeys { role: policy.iam_role_key.clone(), external_id: policy.iam_external_id.clone() };
+    let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
+    let resolver = resolver(settings, client, namespace, service_account, &keys, &sts).await?;
     let namespace_key = policy.namespace_restrictions.map(|_| policy.namespace_key.as_str());
     let mut explanation = explain(&pod, &resolver, &keys, namespace_key);
     let mut ok = explanation.verdict.is_ok();
@@ -178,36 +205,47 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
     Ok(ok)
 }
 
-/// The agent's resolver, as it stands for a pod of `namespace`: the policy discovered as the
-/// agent discovers it, and with restrictions on, that namespace's allow-list.
+/// The agent's resolver, as it stands for a pod of `namespace` running as `service_account`:
+/// the policy discovered as the agent discovers it, with restrictions on, that namespace's
+/// allow-list, and with `--service-account-roles`, that ServiceAccount's role.
 async fn resolver(
     settings: &Settings,
     client: kube::Client,
     namespace: &str,
+    service_account: &str,
+    keys: &AnnotationKeys,
     sts: &AwsSts,
 ) -> anyhow::Result<Resolver> {
     let upstream = UpstreamImds::new(settings.imds.metadata_addr.clone(), Duration::from_secs(2));
     let caller: Arc<dyn RoleAssumer> = Arc::new(sts.clone());
     let policy = crate::policy::discover(&settings.policy, &upstream, &caller).await?;
-    let namespaces = match settings.policy.namespace_restrictions {
-        Some(format) => {
-            let rules = NamespaceRules {
-                annotation: settings.policy.namespace_key.clone(),
-                format,
-                base: policy.base.clone(),
-                account: policy.account.clone(),
-            };
-            let object = Api::<Namespace>::all(client)
-                .get(namespace)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
-            let store = NamespaceStore::new();
-            store.set(namespace, rules.rule_of(&object));
-            Some(store)
-        }
-        None => None,
-    };
-    Ok(Resolver::new(Arc::new(policy), namespaces, settings.sts.sessions))
+    let namespace_rules = settings.policy.namespace_restrictions.map(|format| NamespaceRules {
+        annotation: settings.policy.namespace_key.clone(),
+        format,
+        base: policy.base.clone(),
+        account: policy.account.clone(),
+    });
+    let mut resolver = Resolver::new(Arc::new(policy), settings.sts.sessions);
+    if let Some(rules) = namespace_rules {
+        let object = Api::<Namespace>::all(client.clone())
+            .get(namespace)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
+        let store = NamespaceStore::new();
+        store.replace_all(rules.rule_of(&object).map(|rule| (namespace.to_string(), rule)));
+        resolver = resolver.with_namespaces(store);
+    }
+    if settings.policy.service_account_roles {
+        let object = Api::<ServiceAccount>::namespaced(client, namespace)
+            .get_metadata_opt(service_account)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read ServiceAccount {namespace}/{service_account}: {e}"))?;
+        let role = object.and_then(|object| service_account_role_of(&object.metadata, keys));
+        let store = ServiceAccountStore::new();
+        store.replace_all(role.map(|role| ((namespace.to_string(), service_account.to_string()), role)));
+        resolver = resolver.with_service_accounts(store);
+    }
+    Ok(resolver)
 }
 
 /// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its
@@ -270,8 +308,19 @@ mod tests {
         }
     }
 
-    fn resolver(policy: Policy, namespaces: Option<Arc<NamespaceStore>>) -> Resolver {
-        Resolver::new(Arc::new(policy), namespaces, SessionRules::new(Duration::from_secs(1800)))
+    fn resolver(policy: Policy) -> Resolver {
+        Resolver::new(Arc::new(policy), SessionRules::new(Duration::from_secs(1800)))
+    }
+
+    /// The report with each run of spaces made one, so expectations do not depend on the
+    /// alignment.
+    fn plain(report: &Explanation) -> String {
+        report
+            .render()
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// A resolver with glob restrictions on, in the node's account, whose namespace `shop`
@@ -288,8 +337,8 @@ mod tests {
         let ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": "shop", "annotations": annotations}})).unwrap();
         let store = NamespaceStore::new();
-        store.set("shop", rules.rule_of(&ns));
-        resolver(restricted, Some(store))
+        store.replace_all(rules.rule_of(&ns).map(|rule| ("shop".to_string(), rule)));
+        resolver(restricted).with_namespaces(store)
     }
 
     fn pod(annotations: serde_json::Value) -> Pod {
@@ -305,20 +354,21 @@ mod tests {
     fn explains_an_annotated_pod() {
         let report = explain(
             &pod(json!({"iam.amazonaws.com/role": "app", "iam.amazonaws.com/external-id": "x-1"})),
-            &resolver(policy(), None),
+            &resolver(policy()),
             &keys(),
             None,
         );
         assert!(report.verdict.is_ok());
-        let text = report.render();
+        let text = plain(&report);
         for expected in [
-            "pod:          shop/web",
-            "node:         node-a",
-            "ips:          10.0.0.5",
-            "annotation:   iam.amazonaws.com/role = \"app\"",
-            "role:         arn:aws:iam::123456789012:role/app (from the annotation)",
-            "namespace:    restrictions off",
-            "external id:  \"x-1\"",
+            "pod: shop/web",
+            "node: node-a",
+            "ips: 10.0.0.5",
+            "annotation: iam.amazonaws.com/role = \"app\"",
+            "service account: shop/default: not consulted (--service-account-roles is off)",
+            "role: arn:aws:iam::123456789012:role/app (from the pod's annotation)",
+            "namespace: restrictions off",
+            "external id: \"x-1\"",
             "session name: shop.web",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
@@ -327,7 +377,7 @@ mod tests {
 
     #[test]
     fn explains_why_not() {
-        let report = explain(&pod(json!({})), &resolver(policy(), None), &keys(), None);
+        let report = explain(&pod(json!({})), &resolver(policy()), &keys(), None);
         assert!(report.verdict.unwrap_err().contains("no role annotation"));
 
         let restricted = restricted_resolver(json!({"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}));
@@ -339,7 +389,7 @@ mod tests {
         );
         assert!(report.verdict.is_err());
         assert!(
-            report.render().contains("namespace:  iam.amazonaws.com/allowed-roles lists [\"batch-*\"]"),
+            plain(&report).contains("namespace: iam.amazonaws.com/allowed-roles lists [\"batch-*\"]"),
             "{}",
             report.render()
         );
@@ -350,11 +400,43 @@ mod tests {
         let restricted = restricted_resolver(json!({"iam.amazonaws.com/permitted": "batch-.*"}));
         let pod = pod(json!({"iam.amazonaws.com/role": "app"}));
         let report = explain(&pod, &restricted, &keys(), Some("iam.amazonaws.com/allowed-roles"));
-        let text = report.render();
+        let text = plain(&report);
         assert!(
-            text.contains("namespace:  the namespace allows only [\"iam.amazonaws.com/permitted: batch-.*\"]"),
+            text.contains("namespace: the namespace allows only [\"iam.amazonaws.com/permitted: batch-.*\"]"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn names_the_service_account_a_role_comes_from() {
+        let store = ServiceAccountStore::new();
+        let irsa = crate::policy::ServiceAccountRole {
+            annotation: IRSA_ROLE_ANNOTATION.into(),
+            value: "arn:aws:iam::123456789012:role/web-irsa".into(),
+            external_id: None,
+        };
+        store.replace_all([(("shop".to_string(), "web-sa".to_string()), irsa)]);
+        let resolver = resolver(policy()).with_service_accounts(store);
+        let mut unannotated = pod(json!({}));
+        unannotated.spec.as_mut().unwrap().service_account_name = Some("web-sa".into());
+        let report = explain(&unannotated, &resolver, &keys(), None);
+        let text = plain(&report);
+        for expected in [
+            "annotation: iam.amazonaws.com/role is not set",
+            "service account: shop/web-sa: eks.amazonaws.com/role-arn = \"arn:aws:iam::123456789012:role/web-irsa\"",
+            "role: arn:aws:iam::123456789012:role/web-irsa (from ServiceAccount shop/web-sa's eks.amazonaws.com/role-arn)",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        }
+        let mut annotated = unannotated.clone();
+        annotated.metadata.annotations = Some([("iam.amazonaws.com/role".to_string(), "own".to_string())].into());
+        let text = plain(&explain(&annotated, &resolver, &keys(), None));
+        assert!(text.contains("not used: the pod's own annotation comes first"), "{text}");
+        assert!(text.contains("role/own (from the pod's annotation)"), "{text}");
+        unannotated.spec.as_mut().unwrap().service_account_name = Some("other".into());
+        let report = explain(&unannotated, &resolver, &keys(), None);
+        assert!(plain(&report).contains("shop/other: names no role"), "{}", report.render());
+        assert!(report.verdict.unwrap_err().contains("neither the pod nor its ServiceAccount shop/other"));
     }
 
     #[test]

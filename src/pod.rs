@@ -36,6 +36,11 @@ impl PodIdentity {
         !(self.terminating && self.stopped)
     }
 
+    /// The role the pod's own annotation names, if it names one (a blank value names none).
+    pub fn own_role(&self) -> Option<&str> {
+        self.role_annotation.as_deref().filter(|value| !value.trim().is_empty())
+    }
+
     /// `namespace/name`, for logs and messages.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

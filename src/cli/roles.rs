@@ -1,4 +1,5 @@
-//! Roles and policy flags: base ARN, default role, annotations, namespace restrictions.
+//! Roles and policy flags: base ARN, default role, annotations, namespace restrictions,
+//! ServiceAccount roles.
 
 use clap::{Args, ValueEnum};
 
@@ -43,6 +44,12 @@ pub struct RoleArgs {
     /// Namespace annotation that lists the roles its pods may use (a JSON list).
     #[arg(long, default_value = "iam.amazonaws.com/allowed-roles")]
     pub namespace_key: String,
+
+    /// Give a pod without its own role annotation the role its ServiceAccount names: the
+    /// `--iam-role-key` annotation, else IRSA's `eks.amazonaws.com/role-arn`. Needs RBAC to
+    /// list and watch serviceaccounts.
+    #[arg(long)]
+    pub service_account_roles: bool,
 }
 
 /// `--namespace-restriction-format` values.
@@ -94,6 +101,7 @@ impl RoleArgs {
                 RestrictionFormatArg::Regexp => RestrictionFormat::Regexp,
             }),
             namespace_key: self.namespace_key,
+            service_account_roles: self.service_account_roles,
         })
     }
 }

@@ -1,4 +1,5 @@
-//! The Kubernetes side: which pod owns a source IP, and what its namespace allows.
+//! The Kubernetes side: which pod owns a source IP, what its namespace allows, and what its
+//! ServiceAccount names.
 //!
 //! [`PodIndex`] is the pure part (plain data, unit-tested by building pods by hand);
 //! [`PodStore`] shares it with requests and lets them wait for a pod; [`watch`] feeds it.
@@ -10,6 +11,7 @@ mod index;
 mod namespaces;
 pub mod placement;
 mod pod;
+mod service_accounts;
 mod store;
 pub mod taint;
 pub mod watch;
@@ -18,4 +20,5 @@ pub use events::{PodEvents, Reason};
 pub use index::{Change, PodIndex};
 pub use namespaces::{NamespaceRules, NamespaceStore};
 pub use pod::{AnnotationKeys, identity};
+pub use service_accounts::{ServiceAccountSaid, ServiceAccountStore, role_of as service_account_role_of};
 pub use store::PodStore;

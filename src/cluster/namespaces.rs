@@ -85,6 +85,11 @@ impl NamespaceStore {
         *self.synced.borrow()
     }
 
+    /// Resolves once the first listing has been applied.
+    pub async fn synced(&self) {
+        let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
+    }
+
     /// Names and rules of all annotated namespaces, sorted, for `/debug/store`.
     pub fn snapshot(&self) -> Vec<(String, Arc<NamespaceRule>)> {
         let mut all: Vec<_> = self.rules.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();

@@ -1,4 +1,4 @@
-//! The watches that feed the stores: pods on this node, and namespaces.
+//! The watches that feed the stores: pods on this node, namespaces, and ServiceAccounts.
 //!
 //! kube's `watcher` does the list-then-watch protocol, resumes from the last resourceVersion,
 //! re-lists after 410 Gone, and backs off on errors; this module turns its events into store
@@ -9,7 +9,8 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
@@ -18,10 +19,11 @@ use super::health::WatchHealth;
 use super::index::Change;
 use super::namespaces::{NamespaceRules, NamespaceStore};
 use super::pod::{AnnotationKeys, identity};
+use super::service_accounts::{ServiceAccountStore, role_of};
 use super::store::PodStore;
 use crate::metrics::Metrics;
 use crate::pod::PodIdentity;
-use crate::policy::NamespaceRule;
+use crate::policy::{NamespaceRule, ServiceAccountRole};
 
 /// Where the events of one watch go.
 pub trait WatchSink<K> {
@@ -175,6 +177,102 @@ impl WatchSink<Namespace> for NamespaceSink {
     }
 }
 
+/// Tells the prefetcher that pods must be resolved again: something they depend on besides
+/// themselves (their ServiceAccount's role) changed. It then prefetches the new role's
+/// credentials and forgets the old ones, exactly as when the pod's own annotation changes.
+#[derive(Clone)]
+pub struct Reresolve {
+    pods: Arc<PodStore>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Reresolve {
+    pub fn new(pods: Arc<PodStore>, changes: mpsc::UnboundedSender<Change>) -> Self {
+        Self { pods, changes }
+    }
+
+    /// Announces again every pod of this node that `affected` selects.
+    fn pods_where(&self, affected: impl Fn(&PodIdentity) -> bool) {
+        let pods: Vec<Arc<PodIdentity>> =
+            self.pods.read(|index| index.pods().filter(|p| affected(p)).cloned().collect());
+        for pod in pods {
+            let _ = self.changes.send(Change::Upserted(pod));
+        }
+    }
+}
+
+/// Feeds the ServiceAccount store from a metadata-only watch (annotations are all it needs),
+/// and has the pods of a ServiceAccount whose role changed resolved again.
+pub struct ServiceAccountSink {
+    store: Arc<ServiceAccountStore>,
+    keys: AnnotationKeys,
+    reresolve: Reresolve,
+    /// The listing under way: ServiceAccounts that name a role.
+    listing: Vec<((String, String), ServiceAccountRole)>,
+}
+
+impl ServiceAccountSink {
+    /// Reads each ServiceAccount's role with `keys` (the pods' `--iam-role-key` and
+    /// `--iam-external-id`) into `store`.
+    pub fn new(store: Arc<ServiceAccountStore>, keys: AnnotationKeys, reresolve: Reresolve) -> Self {
+        Self { store, keys, reresolve, listing: Vec::new() }
+    }
+
+    fn changed(&self, changed: &[(String, String)]) {
+        if !changed.is_empty() {
+            self.reresolve.pods_where(|pod| {
+                pod.own_role().is_none()
+                    && changed.iter().any(|(ns, name)| *ns == pod.namespace && *name == pod.service_account)
+            });
+        }
+    }
+}
+
+type ServiceAccountMeta = PartialObjectMeta<ServiceAccount>;
+
+fn namespace_and_name(account: &ServiceAccountMeta) -> (String, String) {
+    (account.namespace().unwrap_or_default(), account.name_any())
+}
+
+impl WatchSink<ServiceAccountMeta> for ServiceAccountSink {
+    fn apply(&mut self, account: ServiceAccountMeta) {
+        let name = namespace_and_name(&account);
+        if self.store.set(&name.0, &name.1, role_of(&account.metadata, &self.keys)) {
+            tracing::info!(service_account = %format!("{}/{}", name.0, name.1), "ServiceAccount role changed");
+            self.changed(&[name]);
+        }
+    }
+
+    fn delete(&mut self, account: ServiceAccountMeta) {
+        let name = namespace_and_name(&account);
+        if self.store.set(&name.0, &name.1, None) {
+            self.changed(&[name]);
+        }
+    }
+
+    fn init(&mut self) {
+        self.listing.clear();
+    }
+
+    fn init_apply(&mut self, account: ServiceAccountMeta) {
+        if let Some(role) = role_of(&account.metadata, &self.keys) {
+            self.listing.push((namespace_and_name(&account), role));
+        }
+    }
+
+    fn init_done(&mut self) {
+        let first = !self.store.is_synced();
+        let changed = self.store.replace_all(std::mem::take(&mut self.listing));
+        if first {
+            // Pods seen before the first listing could not be resolved ("not synced"): all of
+            // them without their own role get their answer now, role or default.
+            self.reresolve.pods_where(|pod| pod.own_role().is_none());
+        } else {
+            self.changed(&changed);
+        }
+    }
+}
+
 /// Watches the pods scheduled to `node` (a field selector, so each agent sees its own node's
 /// pods only, not the whole cluster's as kube2iam does).
 pub async fn watch_pods(client: Client, node: &str, mut sink: PodSink, health: Arc<WatchHealth>) {
@@ -188,4 +286,11 @@ pub async fn watch_pods(client: Client, node: &str, mut sink: PodSink, health: A
 pub async fn watch_namespaces(client: Client, mut sink: NamespaceSink, metrics: Arc<Metrics>) {
     let stream = watcher(Api::<Namespace>::all(client), watcher::Config::default()).default_backoff();
     drive(stream, &mut sink, "namespaces", &metrics, &WatchHealth::new(std::time::Instant::now())).await;
+}
+
+/// Watches every ServiceAccount's metadata, for the roles they name.
+pub async fn watch_service_accounts(client: Client, mut sink: ServiceAccountSink, metrics: Arc<Metrics>) {
+    let accounts = Api::<ServiceAccountMeta>::all(client);
+    let stream = watcher(accounts, watcher::Config::default()).default_backoff();
+    drive(stream, &mut sink, "serviceaccounts", &metrics, &WatchHealth::new(std::time::Instant::now())).await;
 }

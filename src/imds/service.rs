@@ -16,6 +16,7 @@ use crate::credentials::{CredentialCache, CredentialError};
 use crate::http::{Body, text};
 use crate::metrics::{InFlight, Metrics, RequestLabels, RouteLabels};
 use crate::pod::PodIdentity;
+use crate::policy::Denial;
 use crate::resolve::{Resolved, Resolver};
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -182,12 +183,22 @@ impl ImdsService {
                 format!("not found: no pod with IP {peer} is known on node {}\n", self.node),
             ));
         };
-        match self.resolver.resolve(&pod) {
+        let mut resolved = self.resolver.resolve(&pod);
+        if matches!(resolved, Err(Denial::NotSynced { .. })) {
+            // Just started: the answer waits for the caches it depends on, as for the pod.
+            let _ = tokio::time::timeout(self.pod_wait, self.resolver.synced()).await;
+            resolved = self.resolver.resolve(&pod);
+        }
+        match resolved {
             Ok(resolved) => Ok((pod, resolved)),
+            Err(denial @ Denial::NotSynced { .. }) => {
+                tracing::info!(namespace = %pod.namespace, pod = %pod.name, reason = %denial, "answer deferred");
+                Err(text(StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {denial}; retry\n")))
+            }
             Err(denial) => {
                 tracing::info!(
                     namespace = %pod.namespace, pod = %pod.name, role = pod.role_annotation.as_deref().unwrap_or_default(),
-                    reason = %denial, "role denied"
+                    service_account = %pod.service_account, reason = %denial, "role denied"
                 );
                 if let Some(events) = &self.events {
                     events.report(&pod, Reason::RoleDenied, denial.to_string());

@@ -65,6 +65,9 @@ pub struct PolicySettings {
     pub namespace_restrictions: Option<RestrictionFormat>,
     /// Namespace annotation listing the roles its pods may use.
     pub namespace_key: String,
+    /// `--service-account-roles`: a pod without its own role annotation gets its
+    /// ServiceAccount's (`--iam-role-key`, then `eks.amazonaws.com/role-arn`).
+    pub service_account_roles: bool,
 }
 
 /// What discovery reads from the node's metadata service.

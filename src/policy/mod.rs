@@ -32,10 +32,40 @@ pub struct Policy {
     pub account: Option<String>,
 }
 
-/// Where an assigned role came from, for logs and `explain`.
+/// The annotation IRSA (EKS's "IAM roles for service accounts") puts on a ServiceAccount.
+pub const IRSA_ROLE_ANNOTATION: &str = "eks.amazonaws.com/role-arn";
+
+/// The role a pod's ServiceAccount names (`--service-account-roles`), as the ServiceAccount
+/// watch keeps it: which annotation named it, its value, and the ServiceAccount's external ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountRole {
+    /// The annotation that named the role: `--iam-role-key`, else [`IRSA_ROLE_ANNOTATION`].
+    pub annotation: String,
+    pub value: String,
+    /// The ServiceAccount's `--iam-external-id` annotation, used when the pod has none.
+    pub external_id: Option<String>,
+}
+
+/// What the pod's ServiceAccount says of its role, for [`Policy::assign`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceAccountSays<'a> {
+    /// ServiceAccounts are not consulted (`--service-account-roles` is off).
+    NotConsulted,
+    /// The ServiceAccount names no role (or does not exist).
+    NoRole,
+    /// The ServiceAccount names this role.
+    Role(&'a ServiceAccountRole),
+}
+
+/// Where an assigned role came from, for logs and `explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleSource {
+    /// The pod's own `--iam-role-key` annotation.
     Annotation,
+    /// The pod's ServiceAccount, through this annotation (`--service-account-roles`).
+    ServiceAccount {
+        annotation: String,
+    },
     DefaultRole,
 }
 
@@ -52,10 +82,17 @@ pub struct Assignment {
 /// Why a pod gets no credentials. Shown to the pod (one line) and logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denial {
-    /// No annotation and no default role.
-    NoRole,
+    /// No annotation (on the pod, nor on its ServiceAccount when that is consulted) and no
+    /// default role.
+    NoRole { service_account: Option<String> },
     /// The annotation could not be turned into a role ARN.
     BadAnnotation { value: String, reason: String },
+    /// The ServiceAccount's role annotation could not be turned into a role ARN.
+    BadServiceAccountAnnotation { service_account: String, annotation: String, value: String, reason: String },
+    /// A cache the answer depends on has not been listed yet since the agent started: any
+    /// answer now could be wrong (the default role instead of a ServiceAccount's), so none is
+    /// given. Not final: the request waits for the cache, then is told to retry.
+    NotSynced { cache: &'static str },
     /// Namespace restrictions are on and the namespace does not list the role.
     NotAllowedInNamespace { role: RoleArn, namespace: String },
     /// Namespace restrictions are on and the namespace's annotation is malformed.
@@ -65,8 +102,18 @@ pub enum Denial {
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Denial::NoRole => f.write_str("pod has no role annotation and there is no default role"),
+            Denial::NoRole { service_account: None } => {
+                f.write_str("pod has no role annotation and there is no default role")
+            }
+            Denial::NoRole { service_account: Some(service_account) } => write!(
+                f,
+                "neither the pod nor its ServiceAccount {service_account} names a role, and there is no default role"
+            ),
             Denial::BadAnnotation { value, reason } => write!(f, "role annotation {value:?} is unusable: {reason}"),
+            Denial::BadServiceAccountAnnotation { service_account, annotation, value, reason } => {
+                write!(f, "ServiceAccount {service_account}'s {annotation} {value:?} is unusable: {reason}")
+            }
+            Denial::NotSynced { cache } => write!(f, "the {cache} cache has not synced yet since iamlet started"),
             Denial::NotAllowedInNamespace { role, namespace } => {
                 write!(f, "role {role} is not allowed in namespace {namespace}")
             }
@@ -91,12 +138,40 @@ impl Policy {
         }
     }
 
-    /// The role `pod` may use. `namespace_rule` is the pod namespace's annotation, if any;
-    /// it only matters when restrictions are on, and then its absence allows nothing.
-    pub fn assign(&self, pod: &PodIdentity, namespace_rule: Option<&NamespaceRule>) -> Result<Assignment, Denial> {
-        let (role, source) = match pod.role_annotation.as_deref().filter(|v| !v.trim().is_empty()) {
-            Some(value) => (self.role_from_annotation(value)?, RoleSource::Annotation),
-            None => (self.default_role.clone().ok_or(Denial::NoRole)?, RoleSource::DefaultRole),
+    /// The role `pod` may use: its own annotation's, else its ServiceAccount's (`service_account`
+    /// is what the ServiceAccount names, with `--service-account-roles`), else the default role.
+    /// `namespace_rule` is the pod namespace's annotation, if any; it only matters when
+    /// restrictions are on, and then its absence allows nothing, whichever the role's source.
+    pub fn assign(
+        &self,
+        pod: &PodIdentity,
+        service_account: ServiceAccountSays<'_>,
+        namespace_rule: Option<&NamespaceRule>,
+    ) -> Result<Assignment, Denial> {
+        let own_external_id = pod.external_id.clone().filter(|id| !id.is_empty());
+        let (role, source, external_id) = match pod.own_role() {
+            Some(value) => (self.role_from_annotation(value)?, RoleSource::Annotation, own_external_id),
+            None => match service_account {
+                ServiceAccountSays::Role(named) => {
+                    let role = self.role_from_annotation(&named.value).map_err(|denial| match denial {
+                        Denial::BadAnnotation { value, reason } => Denial::BadServiceAccountAnnotation {
+                            service_account: format!("{}/{}", pod.namespace, pod.service_account),
+                            annotation: named.annotation.clone(),
+                            value,
+                            reason,
+                        },
+                        other => other,
+                    })?;
+                    let external_id = own_external_id.or_else(|| named.external_id.clone().filter(|id| !id.is_empty()));
+                    (role, RoleSource::ServiceAccount { annotation: named.annotation.clone() }, external_id)
+                }
+                ServiceAccountSays::NotConsulted | ServiceAccountSays::NoRole => {
+                    let consulted = (service_account == ServiceAccountSays::NoRole)
+                        .then(|| format!("{}/{}", pod.namespace, pod.service_account));
+                    let role = self.default_role.clone().ok_or(Denial::NoRole { service_account: consulted })?;
+                    (role, RoleSource::DefaultRole, own_external_id)
+                }
+            },
         };
         let allowed_by = match self.restrictions {
             None => None,
@@ -120,7 +195,6 @@ impl Policy {
                 None => return Err(Denial::NotAllowedInNamespace { role, namespace: pod.namespace.clone() }),
             },
         };
-        let external_id = pod.external_id.clone().filter(|id| !id.is_empty());
         Ok(Assignment { role, external_id, source, allowed_by })
     }
 }
@@ -142,6 +216,7 @@ mod tests {
         PodIdentity {
             namespace: "team-a".into(),
             name: "web-1".into(),
+            service_account: "web".into(),
             role_annotation: role.map(Into::into),
             ..PodIdentity::default()
         }
@@ -150,9 +225,12 @@ mod tests {
     #[test]
     fn bare_names_join_the_base_and_arns_stay() {
         let p = policy();
-        assert_eq!(p.assign(&pod(Some("app")), None).unwrap().role.as_str(), "arn:aws:iam::123456789012:role/app");
+        assert_eq!(
+            p.assign(&pod(Some("app")), ServiceAccountSays::NotConsulted, None).unwrap().role.as_str(),
+            "arn:aws:iam::123456789012:role/app"
+        );
         let full = "arn:aws:iam::999999999999:role/other";
-        let assignment = p.assign(&pod(Some(full)), None).unwrap();
+        let assignment = p.assign(&pod(Some(full)), ServiceAccountSays::NotConsulted, None).unwrap();
         assert_eq!(assignment.role.as_str(), full);
         assert_eq!(assignment.source, RoleSource::Annotation);
     }
@@ -160,10 +238,16 @@ mod tests {
     #[test]
     fn no_annotation_uses_the_default_role_or_nothing() {
         let mut p = policy();
-        assert_eq!(p.assign(&pod(None), None), Err(Denial::NoRole));
-        assert_eq!(p.assign(&pod(Some("  ")), None), Err(Denial::NoRole));
+        assert_eq!(
+            p.assign(&pod(None), ServiceAccountSays::NotConsulted, None),
+            Err(Denial::NoRole { service_account: None })
+        );
+        assert_eq!(
+            p.assign(&pod(Some("  ")), ServiceAccountSays::NotConsulted, None),
+            Err(Denial::NoRole { service_account: None })
+        );
         p.default_role = Some(p.base.as_ref().unwrap().join("fallback").unwrap());
-        let assignment = p.assign(&pod(None), None).unwrap();
+        let assignment = p.assign(&pod(None), ServiceAccountSays::NotConsulted, None).unwrap();
         assert_eq!(assignment.role.name(), "fallback");
         assert_eq!(assignment.source, RoleSource::DefaultRole);
     }
@@ -171,10 +255,16 @@ mod tests {
     #[test]
     fn bad_annotations_are_denied_with_the_reason() {
         let mut p = policy();
-        assert!(matches!(p.assign(&pod(Some("arn:aws:s3:::bucket")), None), Err(Denial::BadAnnotation { .. })));
-        assert!(matches!(p.assign(&pod(Some("two words")), None), Err(Denial::BadAnnotation { .. })));
+        assert!(matches!(
+            p.assign(&pod(Some("arn:aws:s3:::bucket")), ServiceAccountSays::NotConsulted, None),
+            Err(Denial::BadAnnotation { .. })
+        ));
+        assert!(matches!(
+            p.assign(&pod(Some("two words")), ServiceAccountSays::NotConsulted, None),
+            Err(Denial::BadAnnotation { .. })
+        ));
         p.base = None;
-        let denial = p.assign(&pod(Some("app")), None).unwrap_err();
+        let denial = p.assign(&pod(Some("app")), ServiceAccountSays::NotConsulted, None).unwrap_err();
         assert!(denial.to_string().contains("--base-role-arn"), "{denial}");
     }
 
@@ -183,20 +273,75 @@ mod tests {
         let mut p = policy();
         p.restrictions = Some(RestrictionFormat::Glob);
         let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref(), None);
-        let assignment = p.assign(&pod(Some("app-web")), Some(&rule)).unwrap();
+        let assignment = p.assign(&pod(Some("app-web")), ServiceAccountSays::NotConsulted, Some(&rule)).unwrap();
         assert_eq!(assignment.allowed_by.as_deref(), Some("app*"));
-        assert!(matches!(p.assign(&pod(Some("admin")), Some(&rule)), Err(Denial::NotAllowedInNamespace { .. })));
-        assert!(matches!(p.assign(&pod(Some("app-web")), None), Err(Denial::NotAllowedInNamespace { .. })));
+        assert!(matches!(
+            p.assign(&pod(Some("admin")), ServiceAccountSays::NotConsulted, Some(&rule)),
+            Err(Denial::NotAllowedInNamespace { .. })
+        ));
+        assert!(matches!(
+            p.assign(&pod(Some("app-web")), ServiceAccountSays::NotConsulted, None),
+            Err(Denial::NotAllowedInNamespace { .. })
+        ));
         let broken: NamespaceRule = AllowedRoles::parse("nope", RestrictionFormat::Glob, p.base.as_ref(), None);
-        assert!(matches!(p.assign(&pod(Some("app-web")), Some(&broken)), Err(Denial::BadNamespaceAnnotation { .. })));
+        assert!(matches!(
+            p.assign(&pod(Some("app-web")), ServiceAccountSays::NotConsulted, Some(&broken)),
+            Err(Denial::BadNamespaceAnnotation { .. })
+        ));
     }
 
     #[test]
     fn external_id_comes_from_the_pod() {
         let mut with_id = pod(Some("app"));
         with_id.external_id = Some("ext-123".into());
-        assert_eq!(policy().assign(&with_id, None).unwrap().external_id.as_deref(), Some("ext-123"));
+        assert_eq!(
+            policy().assign(&with_id, ServiceAccountSays::NotConsulted, None).unwrap().external_id.as_deref(),
+            Some("ext-123")
+        );
         with_id.external_id = Some(String::new());
-        assert_eq!(policy().assign(&with_id, None).unwrap().external_id, None);
+        assert_eq!(policy().assign(&with_id, ServiceAccountSays::NotConsulted, None).unwrap().external_id, None);
+    }
+
+    fn named(annotation: &str, value: &str) -> ServiceAccountRole {
+        ServiceAccountRole { annotation: annotation.into(), value: value.into(), external_id: Some("sa-ext".into()) }
+    }
+
+    #[test]
+    fn the_pods_annotation_wins_then_its_service_accounts_then_the_default_role() {
+        let mut p = policy();
+        p.default_role = Some(p.base.as_ref().unwrap().join("fallback").unwrap());
+        let irsa = named(IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/from-sa");
+        let own = p.assign(&pod(Some("own")), ServiceAccountSays::Role(&irsa), None).unwrap();
+        assert_eq!((own.role.name(), own.source, own.external_id), ("own", RoleSource::Annotation, None));
+        let from_sa = p.assign(&pod(None), ServiceAccountSays::Role(&irsa), None).unwrap();
+        assert_eq!(from_sa.role.name(), "from-sa");
+        assert_eq!(from_sa.source, RoleSource::ServiceAccount { annotation: IRSA_ROLE_ANNOTATION.into() });
+        assert_eq!(
+            from_sa.external_id.as_deref(),
+            Some("sa-ext"),
+            "the ServiceAccount's external ID goes with its role"
+        );
+        let fallback = p.assign(&pod(None), ServiceAccountSays::NoRole, None).unwrap();
+        assert_eq!((fallback.role.name(), fallback.source), ("fallback", RoleSource::DefaultRole));
+        p.default_role = None;
+        let denial = p.assign(&pod(None), ServiceAccountSays::NoRole, None).unwrap_err();
+        assert_eq!(denial, Denial::NoRole { service_account: Some("team-a/web".into()) });
+    }
+
+    #[test]
+    fn a_service_accounts_role_is_restricted_like_a_pods_and_a_bad_one_names_the_service_account() {
+        let mut p = policy();
+        p.restrictions = Some(RestrictionFormat::Glob);
+        let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref(), None);
+        let allowed = named("iam.amazonaws.com/role", "app-web");
+        let assignment = p.assign(&pod(None), ServiceAccountSays::Role(&allowed), Some(&rule)).unwrap();
+        assert_eq!(assignment.allowed_by.as_deref(), Some("app*"));
+        let admin = named(IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/admin");
+        let denial = p.assign(&pod(None), ServiceAccountSays::Role(&admin), Some(&rule)).unwrap_err();
+        assert!(matches!(denial, Denial::NotAllowedInNamespace { .. }), "{denial}");
+        let bad = named(IRSA_ROLE_ANNOTATION, "arn:aws:s3:::bucket");
+        let denial = p.assign(&pod(None), ServiceAccountSays::Role(&bad), None).unwrap_err();
+        assert!(matches!(denial, Denial::BadServiceAccountAnnotation { .. }), "{denial}");
+        assert!(denial.to_string().contains(IRSA_ROLE_ANNOTATION), "{denial}");
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name};
 
-use crate::cluster::NamespaceStore;
+use crate::cluster::{NamespaceStore, ServiceAccountSaid, ServiceAccountStore};
 use crate::pod::PodIdentity;
-use crate::policy::{Assignment, Denial, NamespaceRule, Policy, RoleArn};
+use crate::policy::{Assignment, Denial, NamespaceRule, Policy, RoleArn, ServiceAccountSays};
 
 /// What credentials are cached by: the same role with another external ID or for another
 /// pod is another session (kube2iam keyed by role alone, #98 #128).
@@ -28,25 +28,53 @@ pub struct Resolved {
     pub key: CredentialKey,
 }
 
-/// Resolves pods with the agent's policy, the namespaces' allow-lists as the namespace watch
-/// last saw them (when restrictions are on), and the session rules.
+/// Resolves pods with the agent's policy, the session rules, and (when their flags are on)
+/// the namespaces' allow-lists and the ServiceAccounts' roles as their watches last saw them.
 #[derive(Debug)]
 pub struct Resolver {
     policy: Arc<Policy>,
-    namespaces: Option<Arc<NamespaceStore>>,
     sessions: SessionRules,
+    /// With `--namespace-restrictions`.
+    namespaces: Option<Arc<NamespaceStore>>,
+    /// With `--service-account-roles`.
+    service_accounts: Option<Arc<ServiceAccountStore>>,
 }
 
 impl Resolver {
-    pub fn new(policy: Arc<Policy>, namespaces: Option<Arc<NamespaceStore>>, sessions: SessionRules) -> Self {
-        Self { policy, namespaces, sessions }
+    pub fn new(policy: Arc<Policy>, sessions: SessionRules) -> Self {
+        Self { policy, sessions, namespaces: None, service_accounts: None }
+    }
+
+    /// Restricts roles to what each namespace allows (`--namespace-restrictions`).
+    pub fn with_namespaces(mut self, store: Arc<NamespaceStore>) -> Self {
+        self.namespaces = Some(store);
+        self
+    }
+
+    /// Gives pods without a role annotation their ServiceAccount's (`--service-account-roles`).
+    pub fn with_service_accounts(mut self, store: Arc<ServiceAccountStore>) -> Self {
+        self.service_accounts = Some(store);
+        self
     }
 
     /// The role `pod` gets and its credential key, or why it gets none. Pure given the
-    /// stores' content: a denial is final until the pod or its namespace changes.
+    /// stores' content: a denial is final until the pod, its namespace or its ServiceAccount
+    /// changes, except [`Denial::NotSynced`], which only says "not yet".
     pub fn resolve(&self, pod: &PodIdentity) -> Result<Resolved, Denial> {
+        let said = match (&self.service_accounts, pod.own_role()) {
+            (Some(store), None) => Some(
+                store
+                    .says(&pod.namespace, &pod.service_account)
+                    .ok_or(Denial::NotSynced { cache: "ServiceAccount" })?,
+            ),
+            _ => None,
+        };
+        let says = said.as_ref().map_or(ServiceAccountSays::NotConsulted, ServiceAccountSaid::as_says);
+        if self.namespaces.as_ref().is_some_and(|store| !store.is_synced()) {
+            return Err(Denial::NotSynced { cache: "namespace" });
+        }
         let rule = self.namespace_rule(&pod.namespace);
-        let assignment = self.policy.assign(pod, rule.as_deref())?;
+        let assignment = self.policy.assign(pod, says, rule.as_deref())?;
         let key = CredentialKey {
             role: assignment.role.clone(),
             external_id: assignment.external_id.as_deref().map(Into::into),
@@ -55,9 +83,36 @@ impl Resolver {
         Ok(Resolved { assignment, key })
     }
 
+    /// Whether every store the answers depend on has been listed since the agent started.
+    pub fn is_synced(&self) -> bool {
+        self.namespaces.as_ref().is_none_or(|store| store.is_synced())
+            && self.service_accounts.as_ref().is_none_or(|store| store.is_synced())
+    }
+
+    /// Resolves once [`Resolver::is_synced`] holds.
+    pub async fn synced(&self) {
+        if let Some(store) = &self.namespaces {
+            store.synced().await;
+        }
+        if let Some(store) = &self.service_accounts {
+            store.synced().await;
+        }
+    }
+
     /// The allow-list of `namespace`, when restrictions are on and it has one.
     pub fn namespace_rule(&self, namespace: &str) -> Option<Arc<NamespaceRule>> {
         self.namespaces.as_ref()?.rule(namespace)
+    }
+
+    /// What the ServiceAccount `namespace/name` names, when ServiceAccounts are consulted
+    /// and their store has synced.
+    pub fn service_account_role(&self, namespace: &str, name: &str) -> Option<ServiceAccountSaid> {
+        self.service_accounts.as_ref()?.says(namespace, name)
+    }
+
+    /// Whether ServiceAccounts are consulted (`--service-account-roles`).
+    pub fn consults_service_accounts(&self) -> bool {
+        self.service_accounts.is_some()
     }
 
     pub fn sessions(&self) -> SessionRules {
@@ -70,11 +125,15 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::policy::{AllowedRoles, BaseArn, RestrictionFormat};
+    use crate::policy::{AllowedRoles, BaseArn, RestrictionFormat, ServiceAccountRole};
 
     fn policy(restrictions: Option<RestrictionFormat>) -> Arc<Policy> {
         let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
         Arc::new(Policy { base: Some(base), default_role: None, restrictions, account: None })
+    }
+
+    fn sessions() -> SessionRules {
+        SessionRules::new(Duration::from_secs(1800))
     }
 
     fn pod(namespace: &str, name: &str, role: &str) -> PodIdentity {
@@ -89,7 +148,7 @@ mod tests {
 
     #[test]
     fn the_key_names_the_pod_and_carries_the_role_and_external_id() {
-        let resolver = Resolver::new(policy(None), None, SessionRules::new(Duration::from_secs(1800)));
+        let resolver = Resolver::new(policy(None), sessions());
         let resolved = resolver.resolve(&pod("shop", "web-1", "app")).unwrap();
         assert_eq!(resolved.key.role.as_str(), "arn:aws:iam::123456789012:role/app");
         assert_eq!(resolved.key.external_id.as_deref(), Some("ext-1"));
@@ -101,10 +160,39 @@ mod tests {
     fn namespace_rules_come_from_the_store_as_it_is_now() {
         let policy = policy(Some(RestrictionFormat::Glob));
         let store = NamespaceStore::new();
-        let resolver = Resolver::new(policy.clone(), Some(store.clone()), SessionRules::new(Duration::from_secs(1800)));
+        let resolver = Resolver::new(policy.clone(), sessions()).with_namespaces(store.clone());
+        assert_eq!(resolver.resolve(&pod("shop", "web", "app")), Err(Denial::NotSynced { cache: "namespace" }));
+        store.replace_all([]);
         assert!(matches!(resolver.resolve(&pod("shop", "web", "app")), Err(Denial::NotAllowedInNamespace { .. })));
         let allowed = AllowedRoles::parse(r#"["app"]"#, RestrictionFormat::Glob, policy.base.as_ref(), None);
         store.set("shop", Some(allowed));
         assert_eq!(resolver.resolve(&pod("shop", "web", "app")).unwrap().assignment.allowed_by.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn a_pod_without_a_role_waits_for_the_service_accounts_and_then_follows_its_own() {
+        let mut policy = (*policy(None)).clone();
+        policy.default_role = Some(policy.base.as_ref().unwrap().join("node-default").unwrap());
+        let store = ServiceAccountStore::new();
+        let resolver = Resolver::new(Arc::new(policy), sessions()).with_service_accounts(store.clone());
+        let mut unannotated = pod("shop", "web", "");
+        unannotated.service_account = "web-sa".into();
+        assert_eq!(
+            resolver.resolve(&unannotated),
+            Err(Denial::NotSynced { cache: "ServiceAccount" }),
+            "before the ServiceAccounts are listed, the default role would be a guess"
+        );
+        assert_eq!(resolver.resolve(&pod("shop", "web", "own")).unwrap().key.role.name(), "own");
+        let irsa = ServiceAccountRole {
+            annotation: "eks.amazonaws.com/role-arn".into(),
+            value: "arn:aws:iam::123456789012:role/web-irsa".into(),
+            external_id: None,
+        };
+        store.replace_all([(("shop".into(), "web-sa".into()), irsa)]);
+        let resolved = resolver.resolve(&unannotated).unwrap();
+        assert_eq!(resolved.key.role.name(), "web-irsa");
+        assert_eq!(resolved.key.external_id.as_deref(), Some("ext-1"), "the pod's own external ID first");
+        store.set("shop", "web-sa", None);
+        assert_eq!(resolver.resolve(&unannotated).unwrap().key.role.name(), "node-default");
     }
 }

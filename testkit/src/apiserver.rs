@@ -6,8 +6,12 @@
 //! resuming from a `resourceVersion`, with ADDED/MODIFIED/DELETED computed against the field
 //! selector (an object that stops matching is DELETED for that watch), BOOKMARK events,
 //! `timeoutSeconds`, `410 Gone` (an ERROR event, or a 410 on a stale `continue`) once
-//! history is compacted, bearer-token checks, and dropped connections on demand. Pods,
-//! namespaces, nodes and DaemonSets can be read one by one, created, deleted, and patched
+//! history is compacted, bearer-token checks, and dropped connections on demand. Metadata-only
+//! requests (`Accept: ...;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`, as kube's
+//! `Api<PartialObjectMeta<K>>` sends) get `meta.k8s.io/v1` objects holding the metadata
+//! alone; an `as=` that does not fit the request is a 406, as on a real server. Pods,
+//! namespaces, ServiceAccounts, nodes and DaemonSets can be read one by one, created,
+//! deleted, and patched
 //! with the patch types a client sends: JSON Patch (`test` included: a failed test is 422, as
 //! on a real server) and JSON merge patch (a `metadata.resourceVersion` in it is a
 //! precondition: 409 when stale); anything else is 415. `/version` answers as a 1.33 server.
@@ -31,6 +35,7 @@ type Body = BoxBody<Bytes, std::io::Error>;
 enum Kind {
     Pod,
     Namespace,
+    ServiceAccount,
     Node,
     DaemonSet,
 }
@@ -40,6 +45,7 @@ impl Kind {
         match self {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
             Kind::Node => "Node",
             Kind::DaemonSet => "DaemonSet",
         }
@@ -53,7 +59,7 @@ impl Kind {
     }
 
     fn namespaced(self) -> bool {
-        matches!(self, Kind::Pod | Kind::DaemonSet)
+        matches!(self, Kind::Pod | Kind::ServiceAccount | Kind::DaemonSet)
     }
 
     /// The fields a real server supports in field selectors for this kind.
@@ -61,6 +67,7 @@ impl Kind {
         match self {
             Kind::Pod => &["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"],
             Kind::Namespace => &["metadata.name", "status.phase"],
+            Kind::ServiceAccount => &["metadata.name", "metadata.namespace"],
             Kind::Node => &["metadata.name", "spec.unschedulable"],
             Kind::DaemonSet => &["metadata.name", "metadata.namespace"],
         }
@@ -74,6 +81,9 @@ impl Kind {
             ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
             ["api", "v1", "namespaces"] => (Kind::Namespace, None, None),
             ["api", "v1", "namespaces", name] => (Kind::Namespace, None, Some(*name)),
+            ["api", "v1", "serviceaccounts"] => (Kind::ServiceAccount, None, None),
+            ["api", "v1", "namespaces", ns, "serviceaccounts"] => (Kind::ServiceAccount, Some(*ns), None),
+            ["api", "v1", "namespaces", ns, "serviceaccounts", name] => (Kind::ServiceAccount, Some(*ns), Some(*name)),
             ["api", "v1", "nodes"] => (Kind::Node, None, None),
             ["api", "v1", "nodes", name] => (Kind::Node, None, Some(*name)),
             ["apis", "apps", "v1", "daemonsets"] => (Kind::DaemonSet, None, None),
@@ -129,6 +139,8 @@ struct State {
     /// While set, every request is answered 503, as by an API server that is down behind its
     /// load balancer.
     outage: std::sync::atomic::AtomicBool,
+    /// Resources (`serviceaccounts`, ...) the client's RBAC does not let it read: 403.
+    forbidden: Mutex<Vec<&'static str>>,
 }
 
 impl State {
@@ -190,6 +202,7 @@ impl FakeApiServer {
             token: token.map(str::to_string),
             bookmark_every,
             outage: std::sync::atomic::AtomicBool::new(false),
+            forbidden: Mutex::new(Vec::new()),
         });
         let serving = state.clone();
         let task = crate::server::serve(listener, move |request| {
@@ -290,10 +303,36 @@ impl FakeApiServer {
         self.commit(&mut inner, Kind::Namespace, old, Some(new));
     }
 
+    /// Creates or replaces a ServiceAccount with these annotations.
+    pub fn put_service_account(&self, namespace: &str, name: &str, annotations: Value) {
+        let mut inner = self.state.inner.lock().unwrap();
+        let old = inner.objects.get(&key(Kind::ServiceAccount, namespace, name)).cloned();
+        let uid = old.as_ref().map_or_else(
+            || format!("sa-uid-{namespace}-{name}"),
+            |o| o["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
+        );
+        let new = json!({"metadata": {"name": name, "namespace": namespace, "uid": uid, "annotations": annotations,
+                                      "creationTimestamp": now_rfc3339(),
+                                      "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+                         "automountServiceAccountToken": true});
+        self.commit(&mut inner, Kind::ServiceAccount, old, Some(new));
+    }
+
+    /// Deletes a ServiceAccount.
+    pub fn delete_service_account(&self, namespace: &str, name: &str) {
+        self.delete(Kind::ServiceAccount, namespace, name);
+    }
+
     /// Closes every open watch connection mid-stream, as an API server restart or a load
     /// balancer timeout does.
     pub fn drop_watches(&self) {
         self.state.kill.send_modify(|n| *n += 1);
+    }
+
+    /// Answers every request for `resource` (a plural such as `serviceaccounts`) 403
+    /// Forbidden, as a real server does when the client's ClusterRole lacks it.
+    pub fn forbid(&self, resource: &'static str) {
+        self.state.forbidden.lock().unwrap().push(resource);
     }
 
     /// Starts (or ends) an outage: open watches are dropped and every request is answered
@@ -385,6 +424,11 @@ impl PodBuilder {
         self.pod["metadata"]["creationTimestamp"] = json!(rfc3339);
         self
     }
+    /// Runs as this ServiceAccount (`spec.serviceAccountName`; `default` otherwise).
+    pub fn service_account(mut self, name: &str) -> Self {
+        self.pod["spec"]["serviceAccountName"] = json!(name);
+        self
+    }
     pub fn host_network(mut self) -> Self {
         self.pod["spec"]["hostNetwork"] = json!(true);
         self
@@ -447,6 +491,53 @@ impl FieldSelector {
     }
 }
 
+/// How objects are answered: whole, or as `meta.k8s.io/v1` `PartialObjectMetadata` (the
+/// metadata alone) when the client's `Accept` asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Representation {
+    Full,
+    Metadata,
+}
+
+impl Representation {
+    /// From the `Accept` header: `as=PartialObjectMetadata` fits a get or a watch,
+    /// `as=PartialObjectMetadataList` a list; anything else with `as=` is refused (406).
+    fn negotiate(accept: Option<&str>, list: bool) -> Result<Self, Box<Response<Body>>> {
+        let Some(accept) = accept else { return Ok(Representation::Full) };
+        // The first acceptable media type wins, as on a real server.
+        let Some(first) = accept.split(',').next() else { return Ok(Representation::Full) };
+        let wanted = first.split(';').map(str::trim).find_map(|param| param.strip_prefix("as="));
+        let expected = if list { "PartialObjectMetadataList" } else { "PartialObjectMetadata" };
+        match wanted {
+            None => Ok(Representation::Full),
+            Some(wanted) if wanted == expected => Ok(Representation::Metadata),
+            Some(wanted) => Err(Box::new(status(
+                StatusCode::NOT_ACCEPTABLE,
+                "NotAcceptable",
+                &format!(
+                    "only the following media types are accepted: application/json;as={expected};g=meta.k8s.io;v=v1 (not as={wanted})"
+                ),
+            ))),
+        }
+    }
+
+    fn object(self, object: Value) -> Value {
+        match self {
+            Representation::Full => object,
+            Representation::Metadata => {
+                json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]})
+            }
+        }
+    }
+
+    fn list(self, kind: Kind) -> (String, &'static str) {
+        match self {
+            Representation::Full => (format!("{}List", kind.name()), kind.api_version()),
+            Representation::Metadata => ("PartialObjectMetadataList".into(), "meta.k8s.io/v1"),
+        }
+    }
+}
+
 fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
     url_decode_pairs(query.unwrap_or_default())
 }
@@ -497,10 +588,23 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
     let Some((kind, namespace, name)) = Kind::route(&segments) else {
         return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
     };
+    let resource = format!("{}s", kind.name().to_lowercase());
+    if state.forbidden.lock().unwrap().iter().any(|forbidden| *forbidden == resource) {
+        let message = format!(
+            "{resource} is forbidden: User \"system:serviceaccount:kube-system:iamlet\" cannot list resource \"{resource}\" in API group \"\" at the cluster scope"
+        );
+        return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+    }
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let accept = request.headers().get("accept").and_then(|v| v.to_str().ok());
+    let representation = match Representation::negotiate(accept, name.is_none() && !watching) {
+        Ok(representation) => representation,
+        Err(refusal) => return *refusal,
+    };
     if let Some(name) = name {
         let inner = state.inner.lock().unwrap();
         return match inner.objects.get(&key(kind, namespace.unwrap_or_default(), name)) {
-            Some(object) => full(StatusCode::OK, object.clone()),
+            Some(object) => full(StatusCode::OK, representation.object(object.clone())),
             None => not_found(kind, name),
         };
     }
@@ -513,10 +617,10 @@ async fn handle(state: &Arc<State>, request: Request<Incoming>) -> Response<Body
         namespace.as_deref().is_none_or(|ns| object["metadata"]["namespace"].as_str() == Some(ns))
             && selector.matches(object)
     };
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        watch_response(state, kind, &query, in_scope)
+    if watching {
+        watch_response(state, kind, representation, &query, in_scope)
     } else {
-        list_response(state, kind, &query, in_scope)
+        list_response(state, kind, representation, &query, in_scope)
     }
 }
 
@@ -653,6 +757,7 @@ fn not_found(kind: Kind, name: &str) -> Response<Body> {
 fn list_response(
     state: &Arc<State>,
     kind: Kind,
+    representation: Representation,
     query: &BTreeMap<String, String>,
     in_scope: impl Fn(&Value) -> bool,
 ) -> Response<Body> {
@@ -679,29 +784,32 @@ fn list_response(
     };
     let objects: Vec<&Value> =
         inner.objects.iter().filter(|((k, _, _), o)| *k == kind && in_scope(o)).map(|(_, o)| o).collect();
-    let page: Vec<Value> = objects.iter().skip(start).take(limit).map(|o| (*o).clone()).collect();
+    let page: Vec<Value> =
+        objects.iter().skip(start).take(limit).map(|o| representation.object((*o).clone())).collect();
     let next = start + page.len();
     let mut metadata = json!({"resourceVersion": list_rv.to_string()});
     if next < objects.len() {
         metadata["continue"] = json!(format!("{list_rv}/{next}"));
         metadata["remainingItemCount"] = json!(objects.len() - next);
     }
-    full(
-        StatusCode::OK,
-        json!({"kind": format!("{}List", kind.name()), "apiVersion": "v1", "metadata": metadata, "items": page}),
-    )
+    let (list_kind, api_version) = representation.list(kind);
+    full(StatusCode::OK, json!({"kind": list_kind, "apiVersion": api_version, "metadata": metadata, "items": page}))
 }
 
 fn watch_response(
     state: &Arc<State>,
     kind: Kind,
+    representation: Representation,
     query: &BTreeMap<String, String>,
     in_scope: impl Fn(&Value) -> bool + Send + 'static,
 ) -> Response<Body> {
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
-    let send = move |tx: &futures::channel::mpsc::UnboundedSender<_>, event: Value| {
+    let send = move |tx: &futures::channel::mpsc::UnboundedSender<_>, mut event: Value| {
+        if event["type"] != "ERROR" {
+            event["object"] = representation.object(event["object"].take());
+        }
         let mut line = event.to_string();
         line.push('\n');
         tx.unbounded_send(Ok(Frame::data(Bytes::from(line)))).is_ok()
@@ -819,4 +927,45 @@ fn stream_response(
         .header("content-type", "application/json")
         .body(BodyExt::boxed(StreamBody::new(rx.map(|frame| frame))))
         .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pod_client::request;
+
+    const LIST: &str = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json";
+    const ONE: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json";
+
+    #[tokio::test]
+    async fn metadata_requests_get_the_metadata_alone_as_a_real_server_answers_them() {
+        let api = FakeApiServer::start().await;
+        api.put_service_account("shop", "web", json!({"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}));
+        let addr: std::net::SocketAddr = api.url.trim_start_matches("http://").parse().unwrap();
+        let get = async |path: &str, accept: &str| request("127.0.0.1", addr, "GET", path, &[("accept", accept)]).await;
+
+        let list = get("/api/v1/serviceaccounts", LIST).await.json();
+        assert_eq!(
+            (list["kind"].as_str(), list["apiVersion"].as_str()),
+            (Some("PartialObjectMetadataList"), Some("meta.k8s.io/v1"))
+        );
+        let item = &list["items"][0];
+        assert_eq!(item["kind"], "PartialObjectMetadata");
+        assert_eq!(item["metadata"]["annotations"]["eks.amazonaws.com/role-arn"], "arn:aws:iam::1:role/r");
+        assert!(item.get("automountServiceAccountToken").is_none(), "only the metadata: {item}");
+
+        let one = get("/api/v1/namespaces/shop/serviceaccounts/web", ONE).await.json();
+        assert_eq!(
+            (one["kind"].as_str(), one["metadata"]["name"].as_str()),
+            (Some("PartialObjectMetadata"), Some("web"))
+        );
+        let whole = get("/api/v1/namespaces/shop/serviceaccounts/web", "application/json").await.json();
+        assert_eq!(
+            (whole["kind"].as_str(), whole["automountServiceAccountToken"].as_bool()),
+            (Some("ServiceAccount"), Some(true))
+        );
+
+        let mismatched = get("/api/v1/serviceaccounts", ONE).await;
+        assert_eq!(mismatched.status, 406, "a list asked as one object: {}", mismatched.body);
+    }
 }
