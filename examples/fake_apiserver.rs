@@ -1,8 +1,9 @@
 //! The tests' fake Kubernetes API server as a program, for the demo and manual runs.
 //!
-//! `fake_apiserver --listen 10.254.0.1:6443` serves pods and namespaces with list, watch,
-//! field selectors and resourceVersions; create pods with `POST /api/v1/namespaces/<ns>/pods`
-//! and delete them with `DELETE .../pods/<name>`, as kubectl does.
+//! `fake_apiserver --listen 10.254.0.1:6443` serves pods, namespaces and ServiceAccounts
+//! with list, watch, field selectors and resourceVersions; create them with `POST` to their
+//! collection (`/api/v1/namespaces/<ns>/pods`, `.../serviceaccounts`) and delete them with
+//! `DELETE .../<name>`, as kubectl does.
 
 use std::time::Duration;
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The local demo, as root on a Linux machine: a "node" and two "pods" in network namespaces,
+# The local demo, as root on a Linux machine: a "node" and three "pods" in network namespaces,
 # the fake Kubernetes API server and moto's STS on the node, and the real iamlet with real
 # iptables, run as its DaemonSet's pod. The node registers with the startup taint, which
 # iamlet removes once the node is protected. One pod has a role and gets its credentials
-# through 169.254.169.254 with the AWS CLI; the other has none and gets nothing. Then iamlet
+# through 169.254.169.254 with the AWS CLI; one runs as an IRSA-annotated ServiceAccount and
+# gets that role (--service-account-roles); the last has none and gets nothing. Then iamlet
 # is restarted (its rules stay, the pod is refused meanwhile) and uninstalled (its rules go).
 # Everything is removed at the end, also on Ctrl-C.
 set -euo pipefail
@@ -17,6 +18,7 @@ fi
 NODE=iamlet-demo-node
 POD_APP=iamlet-demo-app
 POD_PLAIN=iamlet-demo-plain
+POD_IRSA=iamlet-demo-irsa
 HOST_IP=10.254.0.1
 API=http://$HOST_IP:6443
 STS=http://$HOST_IP:5000
@@ -26,7 +28,7 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in "$POD_APP" "$POD_PLAIN" "$NODE"; do ip netns del "$ns" 2>/dev/null || true; done
+  for ns in "$POD_APP" "$POD_PLAIN" "$POD_IRSA" "$NODE"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -72,7 +74,8 @@ start_iamlet() {
   ip netns exec "$NODE" env -i PATH="$PATH" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 \
     AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL_STS="$STS" POD_NAMESPACE=kube-system POD_NAME=iamlet-demo \
     "$BIN" --node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto \
-    --cni-conf-dir="$WORK/cni" --base-role-arn=arn:aws:iam::123456789012:role/ >"$WORK/iamlet.log" 2>&1 &
+    --cni-conf-dir="$WORK/cni" --base-role-arn=arn:aws:iam::123456789012:role/ --service-account-roles \
+    >"$WORK/iamlet.log" 2>&1 &
   IAMLET=$!
   PIDS+=("$IAMLET")
   for _ in $(seq 1 150); do
@@ -100,25 +103,30 @@ our_rules() {
   { in_node iptables-save -t nat 2>/dev/null; in_node iptables-save -t filter 2>/dev/null; } | grep -E 'IAMLET' || true
 }
 
-# The AWS CLI in the pod with a role.
+# The AWS CLI in a pod (the one with a role unless named).
 cli_in_app_pod() {
-  echo "(pod $POD_APP)\$ aws sts get-caller-identity --region us-east-1 --endpoint-url $STS"
-  ip netns exec "$POD_APP" env -i PATH="$PATH" HOME=/nonexistent \
+  local pod=${1:-$POD_APP}
+  echo "(pod $pod)\$ aws sts get-caller-identity --region us-east-1 --endpoint-url $STS"
+  ip netns exec "$pod" env -i PATH="$PATH" HOME=/nonexistent \
     .venv/bin/aws sts get-caller-identity --region us-east-1 --endpoint-url "$STS" --output json
 }
 
-# `kubectl create` against the fake API server: namespace, name, IP, role (may be empty).
+# `kubectl create` against the fake API server: namespace, name, IP, role annotation (may be
+# empty), ServiceAccount (default unless given).
 create_pod() {
   in_node .venv/bin/python - "$API" "$@" <<'PY'
 import json, sys, urllib.request
 api, ns, name, ip, role = sys.argv[1:6]
+account = sys.argv[6] if len(sys.argv) > 6 else "default"
 pod = {"metadata": {"name": name, "annotations": {"iam.amazonaws.com/role": role} if role else {}},
-       "spec": {"nodeName": "demo-node", "containers": [{"name": "app", "image": "amazon/aws-cli"}]},
+       "spec": {"nodeName": "demo-node", "serviceAccountName": account,
+                "containers": [{"name": "app", "image": "amazon/aws-cli"}]},
        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
 request = urllib.request.Request(f"{api}/api/v1/namespaces/{ns}/pods", data=json.dumps(pod).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
 created = json.load(urllib.request.urlopen(request))
-print(f"pod/{created['metadata']['name']} created in {ns} (ip {ip}, role {role or 'none'})")
+print(f"pod/{created['metadata']['name']} created in {ns} (ip {ip}, role annotation {role or 'none'}, "
+      f"serviceaccount {account})")
 PY
 }
 
@@ -127,8 +135,8 @@ scripts/install-test-deps.sh
 cargo build --quiet --bin iamlet --example fake_apiserver
 BIN=$PWD/target/debug/iamlet
 
-step "A node namespace with a cni0 bridge (flannel-style), and two pod namespaces"
-for ns in "$NODE" "$POD_APP" "$POD_PLAIN"; do ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; done
+step "A node namespace with a cni0 bridge (flannel-style), and three pod namespaces"
+for ns in "$NODE" "$POD_APP" "$POD_PLAIN" "$POD_IRSA"; do ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; done
 ip -n "$NODE" link add eth0 type veth peer name uplink0
 ip -n "$NODE" link set uplink0 up
 ip -n "$NODE" addr add "$HOST_IP/32" dev eth0
@@ -137,7 +145,7 @@ ip -n "$NODE" link add cni0 type bridge
 ip -n "$NODE" addr add 10.42.0.1/24 dev cni0
 ip -n "$NODE" link set cni0 up
 n=0
-for pod in "$POD_APP:10.42.0.10" "$POD_PLAIN:10.42.0.11"; do
+for pod in "$POD_APP:10.42.0.10" "$POD_PLAIN:10.42.0.11" "$POD_IRSA:10.42.0.12"; do
   ns=${pod%%:*} ip=${pod##*:} n=$((n + 1))
   ip -n "$NODE" link add "veth$n" type veth peer name eth0 netns "$ns"
   ip -n "$NODE" link set "veth$n" master cni0 up
@@ -175,9 +183,12 @@ our_rules | sed 's/^/  /'
 for _ in $(seq 1 50); do [ "$(node_taints)" = "[]" ] && break; sleep 0.1; done
 echo "node taints once iamlet is ready: $(node_taints)"
 
-step "Creating a pod with the role 'demo-app', and one without a role"
+step "Creating a pod with the role 'demo-app', one without a role, and one whose ServiceAccount has IRSA's annotation"
 create_pod shop web "10.42.0.10" demo-app
 create_pod shop batch "10.42.0.11" ""
+echo '{"metadata": {"name": "reports", "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/demo-reports"}}}' |
+  create /api/v1/namespaces/shop/serviceaccounts
+create_pod shop reports "10.42.0.12" "" reports
 
 step "In the pod with a role: the AWS CLI, with no configuration at all"
 cli_in_app_pod
@@ -196,6 +207,13 @@ doc["Token"] = doc["Token"][:12] + "..."
 print(f"  GET meta-data/iam/security-credentials/ -> {role}")
 print("  " + json.dumps(doc, indent=2).replace("\n", "\n  "))
 PY
+
+step "In the pod whose ServiceAccount names a role (IRSA's annotation, no OIDC provider needed): that role"
+cli_in_app_pod "$POD_IRSA" | tee "$WORK/irsa.json"
+grep -q 'assumed-role/demo-reports/shop.reports' "$WORK/irsa.json" || {
+  echo "demo: the pod did not get its ServiceAccount's role" >&2
+  exit 1
+}
 
 step "In the pod without a role: no credentials, and never the node's"
 if ip netns exec "$POD_PLAIN" env -i PATH="$PATH" HOME=/nonexistent AWS_METADATA_SERVICE_TIMEOUT=2 \
