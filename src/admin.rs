@@ -135,8 +135,10 @@ impl AdminService {
             .snapshot()
             .into_iter()
             .map(|(key, expiration)| {
+                let tags: serde_json::Map<String, serde_json::Value> =
+                    key.tags.iter().flat_map(|tags| tags.iter()).map(|t| (t.key.to_string(), json!(t.value))).collect();
                 json!({"role": key.role.as_str(), "session": key.session_name.as_ref(),
-                       "external_id": key.external_id.is_some(),
+                       "external_id": key.external_id.is_some(), "tags": tags,
                        "expiration": humantime::format_rfc3339_seconds(expiration).to_string()})
             })
             .collect();

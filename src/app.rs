@@ -117,7 +117,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         "policy ready"
     );
 
-    let sessions = sts.sessions;
+    let (sessions, session_tags) = (sts.sessions, sts.session_tags.clone());
     warn_about_overrides(&sts, &api, &admin_settings);
     let listeners = Listeners::bind(&network, api.app_port, admin_settings.metrics_port).await?;
     let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);
@@ -162,6 +162,9 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     }
     if let Some(store) = &service_accounts {
         resolver = resolver.with_service_accounts(store.clone());
+    }
+    if let Some(tagging) = session_tags {
+        resolver = resolver.with_session_tags(tagging);
     }
     let resolver = Arc::new(resolver);
     let prefetcher = Prefetcher::new(credentials.clone(), resolver.clone());

@@ -86,6 +86,13 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
             key.external_id.as_deref().map(|id| format!("{id:?}")).unwrap_or_else(|| "(none)".into()),
         ));
         lines.push(("session name", key.session_name.to_string()));
+        if let Some(tags) = &key.tags {
+            let tags: Vec<String> = tags.iter().map(|tag| format!("{}={}", tag.key, tag.value)).collect();
+            lines.push((
+                "session tags",
+                format!("{} (transitive; the role's trust policy must allow sts:TagSession)", tags.join(", ")),
+            ));
+        }
     }
     Explanation { lines, verdict, key }
 }
@@ -244,6 +251,9 @@ async fn resolver(
         let store = ServiceAccountStore::new();
         store.replace_all(role.map(|role| ((namespace.to_string(), service_account.to_string()), role)));
         resolver = resolver.with_service_accounts(store);
+    }
+    if let Some(tagging) = settings.sts.session_tags.clone() {
+        resolver = resolver.with_session_tags(tagging);
     }
     Ok(resolver)
 }

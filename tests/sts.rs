@@ -169,3 +169,53 @@ async fn a_request_behind_a_queue_of_sts_calls_gets_a_bounded_answer() {
     .await;
     assert_eq!(node.sts.assume_role_calls().len(), 6, "one STS call per pod, 503s included");
 }
+
+/// The session tags of an AssumeRole call (`Tags.member.N.Key/Value`), and its transitive keys.
+fn tags_of(call: &iamlet_testkit::sts_proxy::Call) -> (Vec<(String, String)>, Vec<String>) {
+    let tags = (1..)
+        .map_while(|n| Some((call.get(&format!("Tags.member.{n}.Key"))?, call.get(&format!("Tags.member.{n}.Value"))?)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let transitive = (1..).map_while(|n| call.get(&format!("TransitiveTagKeys.member.{n}")).cloned()).collect();
+    (tags, transitive)
+}
+
+#[tokio::test]
+async fn session_tags_carry_the_pods_attributes_under_pod_identitys_keys() {
+    let node = TestNode::start(&["--session-tags", "--cluster-name=prod-eu-1"]).await;
+    let uid = node.api.create_pod(pod("payments", "api-0").ip("127.0.0.60").role("app").service_account("api").build());
+    assert_eq!(node.get("127.0.0.60", &format!("{CREDS}app")).await.status, 200);
+    let calls = node.sts.assume_role_calls();
+    let (tags, transitive) = tags_of(&calls[0]);
+    let expected = [
+        ("eks-cluster-name", "prod-eu-1"),
+        ("kubernetes-namespace", "payments"),
+        ("kubernetes-service-account", "api"),
+        ("kubernetes-pod-name", "api-0"),
+        ("kubernetes-pod-uid", uid.as_str()),
+    ];
+    let expected: Vec<(String, String)> = expected.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    assert_eq!(tags, expected, "{calls:?}");
+    let keys: Vec<String> = expected.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(transitive, keys, "transitive, as Pod Identity's are");
+
+    // The same pod name recreated (a StatefulSet's) has another uid: its own credentials.
+    node.api.delete_pod("payments", "api-0");
+    eventually(5, "the deleted pod to lose access", async || node.get("127.0.0.60", CREDS).await.status == 404).await;
+    let uid2 =
+        node.api.create_pod(pod("payments", "api-0").ip("127.0.0.60").role("app").service_account("api").build());
+    assert_eq!(node.get("127.0.0.60", &format!("{CREDS}app")).await.status, 200);
+    let calls = node.sts.assume_role_calls();
+    let last = tags_of(calls.last().unwrap()).0;
+    assert!(last.contains(&("kubernetes-pod-uid".to_string(), uid2.clone())), "{last:?}");
+    assert_ne!(uid, uid2);
+}
+
+#[tokio::test]
+async fn sessions_carry_no_tags_unless_asked() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(pod("payments", "api").ip("127.0.0.61").role("app").build());
+    assert_eq!(node.get("127.0.0.61", &format!("{CREDS}app")).await.status, 200);
+    let (tags, transitive) = tags_of(&node.sts.assume_role_calls()[0]);
+    assert!(tags.is_empty() && transitive.is_empty(), "a trust policy without sts:TagSession keeps working");
+}

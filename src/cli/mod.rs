@@ -399,6 +399,9 @@ mod tests {
             (&["--iptables-keep-on-exit=maybe"], "--iptables-keep-on-exit"),
             (&["--app-port=0"], "--app-port"),
             (&["--max-connections=10", "--max-connections-per-ip=20"], "--max-connections-per-ip"),
+            (&["--cluster-name=prod"], "--cluster-name"),
+            (&["--session-tags", "--cluster-name=prod,eu"], "--cluster-name"),
+            (&["--session-tags", "--cluster-name= "], "--cluster-name"),
         ];
         for (args, flag) in cases {
             let error = parse(args).expect_err(&format!("{args:?} must be refused"));

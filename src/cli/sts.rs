@@ -7,7 +7,7 @@ use clap::Args;
 use super::values::parse_duration;
 use crate::StartupError;
 use crate::credentials::StsSettings;
-use crate::resolve::SessionRules;
+use crate::resolve::{SessionRules, SessionTagging, valid_tag_value};
 
 /// Shortest `--iam-role-session-ttl`: credentials handed out keep at least this long, which is
 /// the window in which the Java SDK refetches on every call (kiam #191).
@@ -37,6 +37,17 @@ pub struct StsArgs {
     /// Most STS AssumeRole calls in flight at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub sts_concurrency: u16,
+
+    /// Tag each AssumeRole with the pod's attributes under EKS Pod Identity's keys
+    /// (kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name,
+    /// kubernetes-pod-uid; eks-cluster-name with --cluster-name), all transitive. The roles'
+    /// trust policies must allow sts:TagSession.
+    #[arg(long)]
+    pub session_tags: bool,
+
+    /// The cluster's name, sent as the eks-cluster-name session tag (with --session-tags).
+    #[arg(long)]
+    pub cluster_name: Option<String>,
 }
 
 impl StsArgs {
@@ -57,7 +68,24 @@ impl StsArgs {
         if self.sts_timeout.is_zero() {
             return Err(flag("--sts-timeout", "must be greater than 0".into()));
         }
+        let session_tags = match (self.session_tags, self.cluster_name.as_deref().map(str::trim)) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(flag("--cluster-name", "is sent only as a session tag: add --session-tags".into()));
+            }
+            (true, Some("")) => return Err(flag("--cluster-name", "is empty".into())),
+            (true, Some(name)) if !valid_tag_value(name) => {
+                return Err(flag(
+                    "--cluster-name",
+                    format!(
+                        "{name:?} cannot be a session tag value: at most 256 letters, digits, spaces and _ . : / = + - @"
+                    ),
+                ));
+            }
+            (true, name) => Some(SessionTagging { cluster_name: name.map(str::to_string) }),
+        };
         Ok(StsSettings {
+            session_tags,
             sessions: SessionRules::new(self.iam_role_session_ttl),
             iam_role_error_ttl: self.iam_role_error_ttl,
             sts_timeout: self.sts_timeout,

@@ -13,7 +13,7 @@ use moka::future::Cache;
 use super::Issued;
 use super::sts::{RoleAssumer, StsError};
 use crate::metrics::{Metrics, StsLabels};
-use crate::resolve::{CredentialKey, SessionRules};
+use crate::resolve::{CredentialKey, SessionRules, SessionTagging};
 
 /// Credentials closer to expiry than this are never handed out, even while STS is failing.
 const MIN_VALIDITY: Duration = Duration::from_secs(60);
@@ -22,7 +22,7 @@ const MIN_VALIDITY: Duration = Duration::from_secs(60);
 const CAPACITY: u64 = 20_000;
 
 /// STS and the cache in front of it, from the STS flags.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StsSettings {
     /// How long sessions last and when they are refreshed (`--iam-role-session-ttl`).
     pub sessions: SessionRules,
@@ -35,6 +35,8 @@ pub struct StsSettings {
     pub sts_concurrency: usize,
     /// Call the region's STS endpoint rather than the global one.
     pub use_regional_sts_endpoint: bool,
+    /// `--session-tags` (with `--cluster-name`): tag each session with the pod's attributes.
+    pub session_tags: Option<SessionTagging>,
 }
 
 /// Why no credentials could be handed out.
@@ -355,17 +357,23 @@ mod tests {
             role: RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap(),
             external_id: None,
             session_name: session.into(),
+            tags: None,
+        }
+    }
+
+    fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_concurrency: usize) -> StsSettings {
+        StsSettings {
+            sessions: SessionRules::new(Duration::from_secs(1800)),
+            iam_role_error_ttl,
+            sts_timeout,
+            sts_concurrency,
+            use_regional_sts_endpoint: false,
+            session_tags: None,
         }
     }
 
     fn cache(sts: &Arc<FakeSts>, error_ttl: Duration) -> Arc<CredentialCache> {
-        let settings = StsSettings {
-            sessions: SessionRules::new(Duration::from_secs(1800)),
-            iam_role_error_ttl: error_ttl,
-            sts_timeout: Duration::from_secs(2),
-            sts_concurrency: 4,
-            use_regional_sts_endpoint: false,
-        };
+        let settings = settings(error_ttl, Duration::from_secs(2), 4);
         CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()))
     }
 
@@ -525,13 +533,7 @@ mod tests {
         // Waiting for a turn is not STS being slow: calls of 60 ms, two at a time, with a
         // 100 ms timeout all succeed, though the last waits 300 ms for its turn.
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(60));
-        let settings = StsSettings {
-            sessions: SessionRules::new(Duration::from_secs(1800)),
-            iam_role_error_ttl: Duration::ZERO,
-            sts_timeout: Duration::from_millis(100),
-            sts_concurrency: 2,
-            use_regional_sts_endpoint: false,
-        };
+        let settings = settings(Duration::ZERO, Duration::from_millis(100), 2);
         let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
         let results = futures::future::join_all(keys.iter().map(|k| cache.get(k))).await;
         assert!(results.iter().all(Result::is_ok), "queued calls are not cut off by the call timeout");
@@ -540,13 +542,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_sts_is_cut_off_at_the_timeout() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_secs(10));
-        let settings = StsSettings {
-            sessions: SessionRules::new(Duration::from_secs(1800)),
-            iam_role_error_ttl: Duration::ZERO,
-            sts_timeout: Duration::from_millis(100),
-            sts_concurrency: 4,
-            use_regional_sts_endpoint: false,
-        };
+        let settings = settings(Duration::ZERO, Duration::from_millis(100), 4);
         let cache = CredentialCache::new(sts.clone(), settings, Arc::new(Metrics::new()));
         let error = cache.get(&key("ns.pod")).await.unwrap_err();
         assert!(error.to_string().contains("did not answer"), "{error}");

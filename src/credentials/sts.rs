@@ -5,10 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::config::{Region, timeout::TimeoutConfig};
+use aws_sdk_sts::types::Tag;
 use futures::future::BoxFuture;
 
 use super::Credentials;
-use crate::resolve::CredentialKey;
+use crate::resolve::{CredentialKey, SessionTag};
 
 /// An AssumeRole failure, as STS (or the way to it) reported it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,6 +126,10 @@ impl RoleAssumer for AwsSts {
                     .role_session_name(key.session_name.as_ref())
                     .duration_seconds(duration.as_secs() as i32)
                     .set_external_id(key.external_id.as_deref().map(str::to_string))
+                    .set_tags(key.tags.as_deref().map(session_tags))
+                    .set_transitive_tag_keys(
+                        key.tags.as_deref().map(|tags| tags.iter().map(|tag| tag.key.to_string()).collect()),
+                    )
                     .send()
                     .await
                     .map_err(|error| {
@@ -147,6 +152,11 @@ impl RoleAssumer for AwsSts {
             })
         })
     }
+}
+
+/// The tags of a session, as the SDK takes them.
+fn session_tags(tags: &[SessionTag]) -> Vec<Tag> {
+    tags.iter().filter_map(|tag| Tag::builder().key(tag.key).value(&tag.value).build().ok()).collect()
 }
 
 #[cfg(test)]

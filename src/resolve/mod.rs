@@ -3,22 +3,26 @@
 //! source or a session rule is added here, once.
 
 mod session;
+mod tags;
 
 use std::sync::Arc;
 
 pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name};
+pub use tags::{SessionTag, SessionTagging, SessionTags, valid_tag_value};
 
 use crate::cluster::{NamespaceStore, ServiceAccountSaid, ServiceAccountStore};
 use crate::pod::PodIdentity;
 use crate::policy::{Assignment, Denial, NamespaceRule, Policy, RoleArn, ServiceAccountSays};
 
-/// What credentials are cached by: the same role with another external ID or for another
-/// pod is another session (kube2iam keyed by role alone, #98 #128).
+/// What credentials are cached by: the same role with another external ID, for another pod
+/// or with other session tags is another session (kube2iam keyed by role alone, #98 #128).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CredentialKey {
     pub role: RoleArn,
     pub external_id: Option<Arc<str>>,
     pub session_name: Arc<str>,
+    /// With `--session-tags`: the pod's tags, passed to AssumeRole.
+    pub tags: Option<SessionTags>,
 }
 
 /// A pod's role, and the key of its credentials.
@@ -38,11 +42,13 @@ pub struct Resolver {
     namespaces: Option<Arc<NamespaceStore>>,
     /// With `--service-account-roles`.
     service_accounts: Option<Arc<ServiceAccountStore>>,
+    /// With `--session-tags`.
+    tagging: Option<SessionTagging>,
 }
 
 impl Resolver {
     pub fn new(policy: Arc<Policy>, sessions: SessionRules) -> Self {
-        Self { policy, sessions, namespaces: None, service_accounts: None }
+        Self { policy, sessions, namespaces: None, service_accounts: None, tagging: None }
     }
 
     /// Restricts roles to what each namespace allows (`--namespace-restrictions`).
@@ -54,6 +60,12 @@ impl Resolver {
     /// Gives pods without a role annotation their ServiceAccount's (`--service-account-roles`).
     pub fn with_service_accounts(mut self, store: Arc<ServiceAccountStore>) -> Self {
         self.service_accounts = Some(store);
+        self
+    }
+
+    /// Tags every session with the pod's attributes (`--session-tags`).
+    pub fn with_session_tags(mut self, tagging: SessionTagging) -> Self {
+        self.tagging = Some(tagging);
         self
     }
 
@@ -79,6 +91,7 @@ impl Resolver {
             role: assignment.role.clone(),
             external_id: assignment.external_id.as_deref().map(Into::into),
             session_name: self.sessions.name(pod).into(),
+            tags: self.tagging.as_ref().map(|tagging| tagging.tags(pod)),
         };
         Ok(Resolved { assignment, key })
     }
@@ -194,5 +207,21 @@ mod tests {
         assert_eq!(resolved.key.external_id.as_deref(), Some("ext-1"), "the pod's own external ID first");
         store.set("shop", "web-sa", None);
         assert_eq!(resolver.resolve(&unannotated).unwrap().key.role.name(), "node-default");
+    }
+
+    #[test]
+    fn with_session_tags_a_recreated_pod_has_another_key() {
+        let resolver = Resolver::new(policy(None), sessions())
+            .with_session_tags(SessionTagging { cluster_name: Some("prod".into()) });
+        let mut first = pod("shop", "web-0", "app");
+        first.uid = "uid-1".into();
+        let mut recreated = first.clone();
+        recreated.uid = "uid-2".into();
+        let (a, b) = (resolver.resolve(&first).unwrap().key, resolver.resolve(&recreated).unwrap().key);
+        assert_eq!(a.session_name, b.session_name);
+        assert_ne!(a, b, "the uid tag differs, so the credentials do");
+        let tags = a.tags.unwrap();
+        assert!(tags.iter().any(|t| t.key == "kubernetes-pod-uid" && t.value == "uid-1"));
+        assert_eq!(Resolver::new(policy(None), sessions()).resolve(&first).unwrap().key.tags, None);
     }
 }

@@ -1,5 +1,6 @@
 //! A recording proxy in front of moto: counts AssumeRole calls, keeps their parameters
-//! (ExternalId, RoleSessionName, DurationSeconds), and can make STS fail or slow on demand.
+//! (ExternalId, RoleSessionName, DurationSeconds, Tags.member.N.*), who signed each one and
+//! what it issued, and can make STS fail or slow on demand.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,8 +18,13 @@ use tokio::net::TcpListener;
 
 use crate::moto::moto;
 
-/// One STS request's form parameters.
+/// One STS request's form parameters, plus [`SIGNED_BY`] and, once answered, [`ISSUED`].
 pub type Call = BTreeMap<String, String>;
+
+/// The access key ID that signed a call (SigV4's `Credential=` in `Authorization`).
+pub const SIGNED_BY: &str = "_SignedBy";
+/// The access key ID an AssumeRole call issued, when it succeeded.
+pub const ISSUED: &str = "_Issued";
 
 #[derive(Default)]
 struct State {
@@ -83,8 +89,16 @@ async fn forward(
 ) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let form: Call = url_form(&body);
-    state.calls.lock().unwrap().push(form);
+    let mut form: Call = url_form(&body);
+    let authorization = parts.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Some(key) = authorization.and_then(signing_key) {
+        form.insert(SIGNED_BY.into(), key.to_string());
+    }
+    let index = {
+        let mut calls = state.calls.lock().unwrap();
+        calls.push(form);
+        calls.len() - 1
+    };
     let delay = state.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -104,7 +118,23 @@ async fn forward(
     let response = client.request(forwarded.body(Full::new(body)).unwrap()).await.expect("moto answers");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if let Some(issued) = element(&String::from_utf8_lossy(&body), "AccessKeyId") {
+        state.calls.lock().unwrap()[index].insert(ISSUED.into(), issued.to_string());
+    }
     Response::from_parts(parts, Full::new(body))
+}
+
+/// The access key ID of a SigV4 `Authorization` header.
+fn signing_key(authorization: &str) -> Option<&str> {
+    let credential = authorization.split("Credential=").nth(1)?;
+    credential.split('/').next()
+}
+
+/// The text of the first `<name>` element of an XML answer.
+fn element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(&xml[start..end])
 }
 
 fn url_form(body: &[u8]) -> Call {
