@@ -73,10 +73,8 @@ impl RunningAgent {
 /// Runs the agent until SIGTERM or SIGINT, then drains, unless a second signal comes first.
 pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     let mut signals = crate::shutdown::Signals::install().context("installing the SIGTERM and SIGINT handlers")?;
-    let sts_settings = &config.settings.sts;
     let kube = crate::cluster::client::client(&config.settings.kube).await?;
-    let sts =
-        AwsSts::from_environment(sts_settings.use_regional_sts_endpoint, sts_settings.sts_timeout).await.into_assumer();
+    let sts = AwsSts::from_environment(&config.settings.sts.client(&config.node)).await.into_assumer();
     let agent = start(config, Dependencies { kube, sts }).await?;
     let signal = signals.next().await;
     tracing::info!(signal, "shutting down: draining in-flight requests");
@@ -118,6 +116,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     );
 
     let (sessions, session_tags) = (sts.sessions, sts.session_tags.clone());
+    if let Some(role) = &sts.assume_role_arn {
+        tracing::info!(%role, "pods' roles are assumed with this intermediate role's session (--assume-role-arn)");
+    }
+    if let Some(tagging) = &session_tags {
+        tracing::info!(cluster_name = tagging.cluster_name.as_deref(), "sessions carry the pods' tags (--session-tags)");
+    }
     warn_about_overrides(&sts, &api, &admin_settings);
     let listeners = Listeners::bind(&network, api.app_port, admin_settings.metrics_port).await?;
     let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);

@@ -176,7 +176,7 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
         .get(name)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read pod {namespace}/{name}: {e}"))?;
-    let sts = AwsSts::from_environment(settings.sts.use_regional_sts_endpoint, settings.sts.sts_timeout).await;
+    let sts = AwsSts::from_environment(&settings.sts.client(node.unwrap_or("explain"))).await;
     let policy = &settings.policy;
     let keys = AnnotationKeys { role: policy.iam_role_key.clone(), external_id: policy.iam_external_id.clone() };
     let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");

@@ -219,3 +219,40 @@ async fn sessions_carry_no_tags_unless_asked() {
     let (tags, transitive) = tags_of(&node.sts.assume_role_calls()[0]);
     assert!(tags.is_empty() && transitive.is_empty(), "a trust policy without sts:TagSession keeps working");
 }
+
+#[tokio::test]
+async fn pods_roles_are_assumed_with_the_intermediate_roles_session_renewed_ahead_of_expiry() {
+    use iamlet_testkit::sts_proxy::{ISSUED, SIGNED_BY};
+    let intermediate = role_arn("iamlet-intermediate");
+    let node = TestNode::start(&[&format!("--assume-role-arn={intermediate}")]).await;
+    // STS grants the intermediate role 2-minute sessions at first: inside the renewal window.
+    node.sts.set_session_lifetime(&intermediate, Some(Duration::from_secs(120)));
+    let pods = ["127.0.0.62", "127.0.0.63", "127.0.0.64", "127.0.0.65"];
+    let mut signers = Vec::new();
+    for (n, ip) in pods.into_iter().enumerate() {
+        if n == 2 {
+            node.sts.set_session_lifetime(&intermediate, None);
+        }
+        node.api.create_pod(pod("shop", &format!("web-{n}")).ip(ip).role("app").build());
+        assert_eq!(node.get(ip, &format!("{CREDS}app")).await.status, 200);
+        let calls = node.sts.assume_role_calls();
+        let session = format!("shop.web-{n}");
+        let call = calls.iter().find(|c| c["RoleSessionName"] == session).expect("the pod's AssumeRole");
+        signers.push(call[SIGNED_BY].clone());
+    }
+    let calls = node.sts.assume_role_calls();
+    let hops: Vec<_> = calls.iter().filter(|c| c["RoleArn"] == intermediate).collect();
+    for hop in &hops {
+        assert_eq!(hop[SIGNED_BY], "testing", "the intermediate role is assumed with the node's credentials");
+        assert_eq!(hop["RoleSessionName"], "iamlet.node-a", "CloudTrail shows which node's agent");
+        assert_eq!(hop["DurationSeconds"], "3600", "within the role-chaining cap");
+    }
+    let issued: Vec<&str> = hops.iter().map(|hop| hop[ISSUED].as_str()).collect();
+    assert_eq!(hops.len(), 3, "renewed while 2 minutes were left, twice; then one session for two pods: {calls:?}");
+    assert_eq!(
+        signers,
+        [issued[0], issued[1], issued[2], issued[2]],
+        "each pod's call is signed by the current session"
+    );
+    assert!(calls.iter().filter(|c| c["RoleArn"] == role_arn("app")).all(|c| c[SIGNED_BY] != "testing"));
+}

@@ -402,6 +402,8 @@ mod tests {
             (&["--cluster-name=prod"], "--cluster-name"),
             (&["--session-tags", "--cluster-name=prod,eu"], "--cluster-name"),
             (&["--session-tags", "--cluster-name= "], "--cluster-name"),
+            (&["--assume-role-arn=iamlet-intermediate"], "--assume-role-arn"),
+            (&["--assume-role-arn=arn:aws:iam::123456789012:user/iamlet"], "--assume-role-arn"),
         ];
         for (args, flag) in cases {
             let error = parse(args).expect_err(&format!("{args:?} must be refused"));

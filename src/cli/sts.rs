@@ -7,6 +7,7 @@ use clap::Args;
 use super::values::parse_duration;
 use crate::StartupError;
 use crate::credentials::StsSettings;
+use crate::policy::RoleArn;
 use crate::resolve::{SessionRules, SessionTagging, valid_tag_value};
 
 /// Shortest `--iam-role-session-ttl`: credentials handed out keep at least this long, which is
@@ -48,6 +49,12 @@ pub struct StsArgs {
     /// The cluster's name, sent as the eks-cluster-name session tag (with --session-tags).
     #[arg(long)]
     pub cluster_name: Option<String>,
+
+    /// An intermediate role (a full ARN), as kiam's flag: iamlet assumes it with its own
+    /// credentials, renews that session ahead of expiry, and assumes the pods' roles with it.
+    /// The node role then needs sts:AssumeRole on this role only.
+    #[arg(long)]
+    pub assume_role_arn: Option<String>,
 }
 
 impl StsArgs {
@@ -84,7 +91,14 @@ impl StsArgs {
             }
             (true, name) => Some(SessionTagging { cluster_name: name.map(str::to_string) }),
         };
+        let assume_role_arn = match self.assume_role_arn.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(arn) => Some(RoleArn::parse(arn).map_err(|e| {
+                flag("--assume-role-arn", format!("{arn:?} is not a role ARN: {e} (a full ARN, as kiam takes it)"))
+            })?),
+        };
         Ok(StsSettings {
+            assume_role_arn,
             session_tags,
             sessions: SessionRules::new(self.iam_role_session_ttl),
             iam_role_error_ttl: self.iam_role_error_ttl,

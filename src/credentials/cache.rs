@@ -11,8 +11,9 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::Issued;
-use super::sts::{RoleAssumer, StsError};
+use super::sts::{RoleAssumer, StsClientSettings, StsError};
 use crate::metrics::{Metrics, StsLabels};
+use crate::policy::RoleArn;
 use crate::resolve::{CredentialKey, SessionRules, SessionTagging};
 
 /// Credentials closer to expiry than this are never handed out, even while STS is failing.
@@ -37,6 +38,20 @@ pub struct StsSettings {
     pub use_regional_sts_endpoint: bool,
     /// `--session-tags` (with `--cluster-name`): tag each session with the pod's attributes.
     pub session_tags: Option<SessionTagging>,
+    /// `--assume-role-arn`: the intermediate role the pods' roles are assumed with.
+    pub assume_role_arn: Option<RoleArn>,
+}
+
+impl StsSettings {
+    /// How the STS client of the agent on `node` is built.
+    pub fn client(&self, node: &str) -> StsClientSettings {
+        StsClientSettings {
+            regional: self.use_regional_sts_endpoint,
+            timeout: self.sts_timeout,
+            intermediate_role: self.assume_role_arn.clone(),
+            node: node.to_string(),
+        }
+    }
 }
 
 /// Why no credentials could be handed out.
@@ -369,6 +384,7 @@ mod tests {
             sts_concurrency,
             use_regional_sts_endpoint: false,
             session_tags: None,
+            assume_role_arn: None,
         }
     }
 

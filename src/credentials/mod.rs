@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 pub use cache::{CredentialCache, CredentialError, StsSettings};
 pub use prefetch::Prefetcher;
-pub use sts::{AwsSts, RoleAssumer, StsError, global_endpoint};
+pub use sts::{AwsSts, INTERMEDIATE_REFRESH_BEFORE, RoleAssumer, StsClientSettings, StsError, global_endpoint};
 
 /// Temporary credentials from AssumeRole.
 #[derive(Clone, PartialEq, Eq)]

@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_config::BehaviorVersion;
-use aws_sdk_sts::config::{Region, timeout::TimeoutConfig};
+use aws_config::sts::AssumeRoleProvider;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_sts::config::{IdentityCache, Region, timeout::TimeoutConfig};
 use aws_sdk_sts::types::Tag;
 use futures::future::BoxFuture;
 
 use super::Credentials;
-use crate::resolve::{CredentialKey, SessionTag};
+use crate::policy::RoleArn;
+use crate::resolve::{CredentialKey, MAX_CHAINED_SESSION, SessionTag, session_name};
 
 /// An AssumeRole failure, as STS (or the way to it) reported it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +52,30 @@ impl crate::policy::CallerAccount for Arc<dyn RoleAssumer> {
 /// AssumeRole through aws-sdk-sts.
 #[derive(Debug, Clone)]
 pub struct AwsSts {
-    client: aws_sdk_sts::Client,
+    /// With iamlet's own credentials (the node's): GetCallerIdentity, and the intermediate
+    /// role's sessions.
+    own: aws_sdk_sts::Client,
+    /// Assumes the pods' roles: with iamlet's own credentials, or with `--assume-role-arn`
+    /// with the intermediate role's.
+    pods: aws_sdk_sts::Client,
+}
+
+/// How long before its expiry the intermediate role's session (`--assume-role-arn`) is
+/// renewed: the next AssumeRole for a pod inside this window renews it first, so a pod's
+/// call is never signed with credentials about to expire.
+pub const INTERMEDIATE_REFRESH_BEFORE: Duration = Duration::from_secs(15 * 60);
+
+/// How iamlet reaches STS and as whom, from the STS flags.
+#[derive(Debug, Clone)]
+pub struct StsClientSettings {
+    /// `--use-regional-sts-endpoint`.
+    pub regional: bool,
+    /// `--sts-timeout`.
+    pub timeout: Duration,
+    /// `--assume-role-arn`: the pods' roles are assumed with this role's credentials.
+    pub intermediate_role: Option<RoleArn>,
+    /// Who iamlet is, for the intermediate session's name: the node.
+    pub node: String,
 }
 
 /// The global STS endpoint, used when `--use-regional-sts-endpoint` is off (kube2iam's
@@ -68,28 +93,51 @@ pub fn global_endpoint(
 }
 
 impl AwsSts {
-    /// Builds the client from the SDK's standard configuration: environment, profile, web
+    /// Builds the clients from the SDK's standard configuration: environment, profile, web
     /// identity, the node's instance profile; `AWS_REGION`; `AWS_ENDPOINT_URL_STS`.
-    pub async fn from_environment(regional: bool, timeout: Duration) -> Self {
+    pub async fn from_environment(settings: &StsClientSettings) -> Self {
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
         let explicit = sdk.endpoint_url().is_some()
             || std::env::var_os("AWS_ENDPOINT_URL_STS").is_some()
             || std::env::var_os("AWS_ENDPOINT_URL").is_some();
-        let mut builder = aws_sdk_sts::config::Builder::from(&sdk);
-        if let Some((url, signing_region)) = global_endpoint(regional, explicit, sdk.region().map(|r| r.as_ref())) {
-            builder = builder.endpoint_url(url).region(Region::new(signing_region));
-        }
-        Self::from_builder(builder, timeout)
+        let sdk = match global_endpoint(settings.regional, explicit, sdk.region().map(|r| r.as_ref())) {
+            Some((url, signing_region)) => {
+                sdk.into_builder().endpoint_url(url).region(Region::new(signing_region)).build()
+            }
+            None => sdk,
+        };
+        Self::from_sdk_config(&sdk, settings).await
     }
 
-    /// Builds the client from an explicit configuration (tests, embedding).
-    pub fn from_builder(builder: aws_sdk_sts::config::Builder, timeout: Duration) -> Self {
+    /// Builds the clients from an explicit configuration (tests, embedding): its credentials
+    /// are iamlet's own.
+    pub async fn from_sdk_config(sdk: &SdkConfig, settings: &StsClientSettings) -> Self {
         let timeouts = TimeoutConfig::builder()
-            .operation_timeout(timeout)
-            .operation_attempt_timeout(timeout / 2)
-            .connect_timeout(Duration::from_secs(2).min(timeout))
+            .operation_timeout(settings.timeout)
+            .operation_attempt_timeout(settings.timeout / 2)
+            .connect_timeout(Duration::from_secs(2).min(settings.timeout))
             .build();
-        Self { client: aws_sdk_sts::Client::from_conf(builder.timeout_config(timeouts).build()) }
+        let sdk = sdk.to_builder().timeout_config(timeouts).build();
+        let own = aws_sdk_sts::Client::new(&sdk);
+        let pods = match &settings.intermediate_role {
+            None => own.clone(),
+            Some(role) => {
+                // aws-config's provider assumes the role with the node's credentials; the
+                // client's identity cache renews its session ahead of expiry.
+                let provider = AssumeRoleProvider::builder(role.as_str())
+                    .session_name(session_name("iamlet", &settings.node))
+                    .session_length(MAX_CHAINED_SESSION)
+                    .configure(&sdk)
+                    .build()
+                    .await;
+                let config = aws_sdk_sts::config::Builder::from(&sdk)
+                    .credentials_provider(provider)
+                    .identity_cache(IdentityCache::lazy().buffer_time(INTERMEDIATE_REFRESH_BEFORE).build())
+                    .build();
+                aws_sdk_sts::Client::from_conf(config)
+            }
+        };
+        Self { own, pods }
     }
 
     pub fn into_assumer(self) -> Arc<dyn RoleAssumer> {
@@ -100,7 +148,7 @@ impl AwsSts {
 impl RoleAssumer for AwsSts {
     fn own_account(&self) -> BoxFuture<'_, Result<String, StsError>> {
         Box::pin(async move {
-            let identity = self.client.get_caller_identity().send().await.map_err(|e| {
+            let identity = self.own.get_caller_identity().send().await.map_err(|e| {
                 let service = e.as_service_error().map(|s| (s.meta().code(), s.meta().message()));
                 match service {
                     Some((code, message)) => {
@@ -120,7 +168,7 @@ impl RoleAssumer for AwsSts {
     ) -> BoxFuture<'a, Result<Credentials, StsError>> {
         Box::pin(async move {
             let output =
-                self.client
+                self.pods
                     .assume_role()
                     .role_arn(key.role.as_str())
                     .role_session_name(key.session_name.as_ref())

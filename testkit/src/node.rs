@@ -2,13 +2,12 @@
 //! and the iamlet agent itself, started in-process against them.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_sts::config::{Credentials, Region};
 use iamlet::app::{Dependencies, RunningAgent};
 use iamlet::cli::Cli;
-use iamlet::credentials::AwsSts;
+use iamlet::credentials::{AwsSts, StsClientSettings};
 
 use crate::apiserver::FakeApiServer;
 use crate::eventually;
@@ -24,14 +23,16 @@ pub struct TestNode {
     pub agent: RunningAgent,
 }
 
-/// The STS client an in-process agent uses: moto (through the proxy), test credentials.
-pub fn sts_client(url: &str, timeout: Duration) -> AwsSts {
-    let builder = aws_sdk_sts::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
+/// The STS client an in-process agent uses: moto (through the proxy) with the test
+/// credentials (access key `testing`), as `settings` say (an intermediate role, say).
+pub async fn sts_client(url: &str, settings: &StsClientSettings) -> AwsSts {
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .endpoint_url(url)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "iamlet-tests"));
-    AwsSts::from_builder(builder, timeout)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "iamlet-tests"))
+        .load()
+        .await;
+    AwsSts::from_sdk_config(&sdk, settings).await
 }
 
 impl TestNode {
@@ -99,6 +100,6 @@ pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, a
     config.settings.imds.app_port = 0;
     config.settings.admin.metrics_port = Some(0);
     let kube = iamlet::cluster::client::client(&config.settings.kube).await.unwrap();
-    let sts = sts_client(&sts.url, config.settings.sts.sts_timeout).into_assumer();
+    let sts = sts_client(&sts.url, &config.settings.sts.client(&config.node)).await.into_assumer();
     iamlet::app::start(config, Dependencies { kube, sts }).await.unwrap_or_else(|e| panic!("{}", iamlet::describe(&e)))
 }

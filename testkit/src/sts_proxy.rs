@@ -31,6 +31,8 @@ struct State {
     calls: Mutex<Vec<Call>>,
     failing: AtomicBool,
     delay_ms: AtomicU64,
+    /// Roles whose sessions STS grants for this long only, whatever was asked.
+    short_sessions: Mutex<BTreeMap<String, Duration>>,
 }
 
 pub struct StsProxy {
@@ -75,6 +77,16 @@ impl StsProxy {
         self.state.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Makes STS grant `role`'s sessions for `lifetime` only (as a role whose maximum session
+    /// is short does), or, with `None`, for what is asked again.
+    pub fn set_session_lifetime(&self, role: &str, lifetime: Option<Duration>) {
+        let mut short = self.state.short_sessions.lock().unwrap();
+        match lifetime {
+            Some(lifetime) => short.insert(role.to_string(), lifetime),
+            None => short.remove(role),
+        };
+    }
+
     /// Delays every STS answer.
     pub fn set_delay(&self, delay: Duration) {
         self.state.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
@@ -116,9 +128,17 @@ async fn forward(
         }
     }
     let response = client.request(forwarded.body(Full::new(body)).unwrap()).await.expect("moto answers");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    if let Some(issued) = element(&String::from_utf8_lossy(&body), "AccessKeyId") {
+    let (mut parts, body) = response.into_parts();
+    let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let role = state.calls.lock().unwrap()[index].get("RoleArn").cloned().unwrap_or_default();
+    let lifetime = state.short_sessions.lock().unwrap().get(&role).copied();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if let (Some(lifetime), Some(expiration)) = (lifetime, element(&text, "Expiration")) {
+        let shortened = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + lifetime).to_string();
+        body = Bytes::from(text.replace(expiration, &shortened));
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    if let Some(issued) = element(&text, "AccessKeyId") {
         state.calls.lock().unwrap()[index].insert(ISSUED.into(), issued.to_string());
     }
     Response::from_parts(parts, Full::new(body))
