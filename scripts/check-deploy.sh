@@ -31,6 +31,27 @@ done
 grep -q 'value: cali+' "$out/cni-calico.yaml" || { echo "the calico component did not set the interface" >&2; exit 1; }
 grep -q 'IAMLET_IPTABLES_KEEP_ON_EXIT' "$out/fail-closed.yaml" || { echo "the fail-closed component did nothing" >&2; exit 1; }
 
+# The monitoring component's custom resources have no schema in kubernetes-validate: check
+# that its pieces find each other instead. The Service selects iamlet's pods and targets
+# their admin port; the ServiceMonitor selects the Service and names one of its ports.
+# (tests/monitoring.rs checks the alerts' metric names against what iamlet exports.)
+"$tools/python" - "$out/monitoring.yaml" <<'PY'
+import sys, yaml
+objects = {o["kind"]: o for o in yaml.safe_load_all(open(sys.argv[1])) if o}
+def selects(selector, labels):
+    return all(labels.get(k) == v for k, v in selector.items())
+daemonset, service, monitor = objects["DaemonSet"], objects["Service"], objects["ServiceMonitor"]
+template = daemonset["spec"]["template"]
+container_ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+assert selects(service["spec"]["selector"], template["metadata"]["labels"]), "the Service selects no iamlet pod"
+assert all(p["targetPort"] in container_ports for p in service["spec"]["ports"]), "the Service targets no container port"
+assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]), "the ServiceMonitor selects no Service"
+service_ports = {p["name"] for p in service["spec"]["ports"]}
+assert all(e["port"] in service_ports for e in monitor["spec"]["endpoints"]), "the ServiceMonitor names no Service port"
+assert objects["PrometheusRule"]["spec"]["groups"][0]["rules"], "no alerts"
+print("monitoring: the Service selects iamlet's admin port, the ServiceMonitor selects the Service")
+PY
+
 "$tools/kubernetes-validate" --kubernetes-version "$KUBERNETES_VERSION" --strict --quiet "$out"/*.yaml
 echo "kubernetes-validate: every rendered object is valid for Kubernetes $KUBERNETES_VERSION"
 

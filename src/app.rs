@@ -120,7 +120,10 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         tracing::info!(%role, "pods' roles are assumed with this intermediate role's session (--assume-role-arn)");
     }
     if let Some(tagging) = &session_tags {
-        tracing::info!(cluster_name = tagging.cluster_name.as_deref(), "sessions carry the pods' tags (--session-tags)");
+        tracing::info!(
+            cluster_name = tagging.cluster_name.as_deref(),
+            "sessions carry the pods' tags (--session-tags)"
+        );
     }
     warn_about_overrides(&sts, &api, &admin_settings);
     let listeners = Listeners::bind(&network, api.app_port, admin_settings.metrics_port).await?;

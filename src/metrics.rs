@@ -132,6 +132,16 @@ impl Metrics {
             connections_refused.clone(),
         );
 
+        // Series with known labels start at zero, so a rate or an error ratio is defined from
+        // the first scrape rather than once the first error has happened.
+        for result in ["success", "error"] {
+            sts_calls.get_or_create(&StsLabels { result });
+        }
+        watch_errors.get_or_create(&WatchLabels { watch: "pods" });
+        for refusal in [crate::http::Refusal::Total, crate::http::Refusal::PerIp] {
+            connections_refused.get_or_create(&RefusalLabels::from(refusal));
+        }
+
         Self {
             requests,
             request_duration,
