@@ -135,11 +135,11 @@ impl Metrics {
         // Series with known labels start at zero, so a rate or an error ratio is defined from
         // the first scrape rather than once the first error has happened.
         for result in ["success", "error"] {
-            sts_calls.get_or_create(&StsLabels { result });
+            sts_calls.get_or_create(&StsLabels { result }).inc_by(0);
         }
-        watch_errors.get_or_create(&WatchLabels { watch: "pods" });
+        watch_errors.get_or_create(&WatchLabels { watch: "pods" }).inc_by(0);
         for refusal in [crate::http::Refusal::Total, crate::http::Refusal::PerIp] {
-            connections_refused.get_or_create(&RefusalLabels::from(refusal));
+            connections_refused.get_or_create(&RefusalLabels::from(refusal)).inc_by(0);
         }
 
         Self {
