@@ -8,7 +8,8 @@
 //! 1. [`http::serve`] accepts the connection (within its limits) and hands the request to
 //!    [`imds::ImdsService`], which classifies the path ([`imds::routes`]) and checks the token;
 //! 2. [`cluster::PodStore`] maps the source IP to its pod, waiting briefly for the watch;
-//! 3. [`resolve::Resolver`] gives the pod's role and credential key, or a typed denial;
+//! 3. [`resolve::Resolver`] gives the pod's role (its annotation, its ServiceAccount's, or
+//!    the default) and credential key (session name and tags included), or a typed denial;
 //! 4. [`credentials::CredentialCache`] returns the key's credentials, fetched with STS ahead;
 //! 5. [`imds::render`] writes them as IMDS would, rendered once per credential.
 //!
@@ -18,11 +19,11 @@
 //! |---|---|
 //! | [`cli`] | kube2iam-compatible flags, validated into a [`cli::Config`] |
 //! | [`app`] | startup order, the tasks, graceful shutdown |
-//! | [`cluster`] | the pods on this node (watch → [`cluster::PodIndex`]), namespace annotations, whether the agent's DaemonSet will run a successor here, the startup taint |
+//! | [`cluster`] | the pods on this node (watch → [`cluster::PodIndex`]), namespace annotations, ServiceAccount roles, whether the agent's DaemonSet will run a successor here, the startup taint |
 //! | [`pod`] | what iamlet keeps of a pod ([`pod::PodIdentity`]), shared by all |
-//! | [`policy`] | which role a pod may have: annotation, default role, base ARN, namespace rules |
-//! | [`resolve`] | the one answer to "which role and credential key for this pod": policy, namespace view, session rules |
-//! | [`credentials`] | STS AssumeRole, the credential cache, prefetch and refresh-ahead |
+//! | [`policy`] | which role a pod may have: annotation, ServiceAccount role, default role, base ARN, namespace rules |
+//! | [`resolve`] | the one answer to "which role and credential key for this pod": policy, namespace and ServiceAccount views, session rules and tags |
+//! | [`credentials`] | STS AssumeRole (directly or through an intermediate role), the credential cache, prefetch and refresh-ahead |
 //! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
 //! | [`explain`] | `iamlet explain <namespace>/<pod>`: the role a pod gets and why |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |

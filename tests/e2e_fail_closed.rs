@@ -301,8 +301,9 @@ async fn a_calico_configuration_wins_over_bridges_and_a_pod_elsewhere_is_an_alar
         ],
     );
     let report = String::from_utf8_lossy(&explain.stdout);
+    let words = report.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
-        report.contains("interface:    10.42.0.17 via cni0: NOT covered by --host-interface cali+"),
+        words.contains("interface: 10.42.0.17 via cni0: NOT covered by --host-interface cali+"),
         "{report}{}",
         String::from_utf8_lossy(&explain.stderr)
     );
