@@ -12,6 +12,14 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
+command -v objcopy >/dev/null 2>&1 || need_apt+=(binutils)
+# The image (scripts/image.sh): podman with runc (crun refuses these kernels' hybrid
+# cgroups), and debootstrap for the base. Only as root: the end-to-end tests run it.
+if [ "$(id -u)" -eq 0 ]; then
+  command -v podman >/dev/null 2>&1 || need_apt+=(podman containernetworking-plugins)
+  command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+  command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "install-test-deps: need root to install: ${need_apt[*]}" >&2

@@ -1,11 +1,13 @@
 //! The real `iamlet` binary as a process: on loopback (the CLI tests, the benchmark) or in a
-//! node namespace (the end-to-end tests). One launcher, so every test starts, watches and
+//! node namespace (the end-to-end tests); there, with `IAMLET_IMAGE` set, as its image's
+//! container (see [`crate::container`]). One launcher, so every test starts, watches and
 //! stops the agent the same way.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -60,30 +62,44 @@ impl AgentCommand {
         self
     }
 
-    /// Starts it; its stderr (the log) goes to a file read by [`AgentProcess::log`].
+    /// Starts it; its stderr (the log) goes to a file read by [`AgentProcess::log`]. In a
+    /// node namespace with `IAMLET_IMAGE` set, it starts the image's container there.
     pub fn spawn(self) -> AgentProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("agent.log");
         let binary = binary();
-        let mut command = match &self.netns {
-            Some(name) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", name, binary]);
+        let mut container = None;
+        let mut command = match (&self.netns, crate::container::image()) {
+            (Some(netns), Some(image)) => {
+                static STARTED: AtomicUsize = AtomicUsize::new(0);
+                let name = format!("iamlet-e2e-{}-{}", std::process::id(), STARTED.fetch_add(1, Ordering::SeqCst));
+                let command = crate::container::run_command(&image, &name, netns, &self.env, &self.flags.args());
+                container = Some(name);
                 command
             }
-            None => Command::new(binary),
+            (Some(netns), None) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", netns, binary])
+                    .args(self.flags.args())
+                    .env_clear()
+                    .envs(self.env.iter().map(|(k, v)| (k, v)));
+                command
+            }
+            (None, _) => {
+                let mut command = Command::new(binary);
+                command.args(self.flags.args()).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
+                command
+            }
         };
         let (app, admin) = self.flags.addresses();
         let started = Instant::now();
         let child = command
-            .args(self.flags.args())
-            .env_clear()
-            .envs(self.env)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        AgentProcess { child, log, _dir: dir, netns: self.netns, app, admin, started }
+        AgentProcess { child, log, _dir: dir, netns: self.netns, container, app, admin, started }
     }
 }
 
@@ -93,18 +109,33 @@ pub struct AgentProcess {
     log: PathBuf,
     _dir: tempfile::TempDir,
     netns: Option<String>,
+    /// The container's name, when the agent runs as the image's container.
+    container: Option<String>,
     pub app: SocketAddr,
     pub admin: SocketAddr,
     started: Instant,
 }
 
 impl AgentProcess {
+    /// The agent's PID (in a container, its host PID; 0 once it is gone).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.container {
+            Some(name) => crate::container::pid(name).unwrap_or(0),
+            None => self.child.id(),
+        }
     }
 
+    /// Sends `signal` to the agent (in a container, with `podman kill`).
     pub fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        match &self.container {
+            Some(name) => crate::container::kill(name, signal.as_str()),
+            None => kill(Pid::from_raw(self.child.id() as i32), signal).unwrap(),
+        }
+    }
+
+    /// Whether the agent runs as the image's container.
+    pub fn in_container(&self) -> bool {
+        self.container.is_some()
     }
 
     /// Waits for the exit, failing the test after `within`.
@@ -119,9 +150,13 @@ impl AgentProcess {
         }
     }
 
-    /// SIGTERM, then the exit after the drain, which must succeed.
+    /// SIGTERM (in a container, `podman stop`), then the exit after the drain, which must
+    /// succeed.
     pub async fn terminate(mut self) {
-        self.signal(Signal::SIGTERM);
+        match &self.container {
+            Some(name) => crate::container::stop(name, 30),
+            None => self.signal(Signal::SIGTERM),
+        }
         let status = self.exit(Duration::from_secs(30)).await;
         assert!(status.success(), "the agent exited {status} on SIGTERM; its log:\n{}", self.log());
     }
@@ -191,6 +226,9 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
+        if let Some(name) = &self.container {
+            crate::container::remove(name);
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();

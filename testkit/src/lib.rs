@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod container;
 pub mod e2e;
 pub mod env;
 pub mod flags;

@@ -1,0 +1,104 @@
+//! The agent as its image's container (`IAMLET_IMAGE`, built by `scripts/image.sh build`),
+//! run with podman in a node's network namespace, with the DaemonSet's security context and
+//! mounts as the rendered base manifest has them (`scripts/image.sh run-flags`): read from
+//! `manifests/base`, not restated here, so a change to the manifest is what the end-to-end
+//! tests run with. `tests/e2e_image.rs` checks the result in the kernel.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The image the end-to-end tests run the agent as, when set.
+pub fn image() -> Option<String> {
+    std::env::var("IAMLET_IMAGE").ok().filter(|image| !image.is_empty())
+}
+
+/// `podman` with the flags this machine needs (one place: `scripts/image.sh podman`).
+pub fn podman() -> Command {
+    let mut command = Command::new(crate::repo_root().join("scripts/image.sh"));
+    command.arg("podman");
+    command
+}
+
+/// The `podman run` flags of the DaemonSet's container (security context, host mounts),
+/// from the rendered base manifest (`scripts/image.sh run-flags`), read once per test process.
+pub fn daemonset_flags() -> &'static [String] {
+    static FLAGS: OnceLock<Vec<String>> = OnceLock::new();
+    FLAGS.get_or_init(|| {
+        let output = Command::new(crate::repo_root().join("scripts/image.sh")).arg("run-flags").output().unwrap();
+        assert!(output.status.success(), "scripts/image.sh run-flags: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect()
+    })
+}
+
+/// The directory the agent reads the CNI configuration from, by default (and where the
+/// DaemonSet mounts the node's).
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+
+/// `podman run` of `image` as the DaemonSet runs it, in the network namespace `netns`, named
+/// `name`, with `env` and `args`. A `--cni-conf-dir` among the args is what the DaemonSet's
+/// CNI mount shows the agent: it is mounted there, and the flag points at the mount.
+pub fn run_command(image: &str, name: &str, netns: &str, env: &[(String, String)], args: &[String]) -> Command {
+    let given_cni = args.iter().find_map(|a| a.strip_prefix("--cni-conf-dir=")).map(PathBuf::from);
+    let mut command = podman();
+    command.args(["run", "--rm", "--pull=never", "--name", name]);
+    command.arg(format!("--network=ns:/run/netns/{netns}"));
+    command.args(["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]);
+    for flag in daemonset_flags() {
+        match flag.strip_prefix("--volume=") {
+            Some(volume) => command.arg(format!("--volume={}", mount_source(volume, given_cni.as_deref()))),
+            None => command.arg(flag),
+        };
+    }
+    for (key, value) in env {
+        command.arg(format!("--env={key}={value}"));
+    }
+    command.arg(image);
+    command.args(args.iter().map(|a| match a.strip_prefix("--cni-conf-dir=") {
+        Some(_) => format!("--cni-conf-dir={CNI_CONF_DIR}"),
+        None => a.clone(),
+    }));
+    command
+}
+
+/// A `host:container[:ro]` volume with its host side ready, as `FileOrCreate` and
+/// `DirectoryOrCreate` make it; the CNI mount shows `given_cni` when the test has one.
+fn mount_source(volume: &str, given_cni: Option<&Path>) -> String {
+    let (host, rest) = volume.split_once(':').expect("host:container");
+    let inside = rest.split(':').next().unwrap_or(rest);
+    let host = match given_cni {
+        Some(dir) if inside == CNI_CONF_DIR => dir.to_path_buf(),
+        _ => PathBuf::from(host),
+    };
+    if !host.exists() {
+        if host.ends_with("xtables.lock") {
+            std::fs::File::create(&host).unwrap();
+        } else {
+            std::fs::create_dir_all(&host).unwrap();
+        }
+    }
+    format!("{}:{rest}", host.display())
+}
+
+/// The host PID of the container's agent.
+pub fn pid(name: &str) -> Option<u32> {
+    let output = podman().args(["inspect", "--format", "{{.State.Pid}}", name]).output().ok()?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok().filter(|pid| *pid > 0)
+}
+
+/// Sends `signal` (`TERM`, `KILL`, `STOP`...) to the container's agent.
+pub fn kill(name: &str, signal: &str) {
+    let status = podman().args(["kill", "--signal", signal, name]).output().unwrap();
+    assert!(status.status.success(), "podman kill {name}: {}", String::from_utf8_lossy(&status.stderr));
+}
+
+/// `podman stop`: SIGTERM, and SIGKILL after `timeout_secs`.
+pub fn stop(name: &str, timeout_secs: u32) {
+    let output = podman().args(["stop", "--time", &timeout_secs.to_string(), name]).output().unwrap();
+    assert!(output.status.success(), "podman stop {name}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Removes the container whatever its state (a test's clean-up).
+pub fn remove(name: &str) {
+    let _ = podman().args(["rm", "--force", "--time", "0", name]).output();
+}
