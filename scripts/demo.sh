@@ -6,6 +6,8 @@
 # through 169.254.169.254 with the AWS CLI; one runs as an IRSA-annotated ServiceAccount and
 # gets that role (--service-account-roles); the last has none and gets nothing. Then iamlet
 # is restarted (its rules stay, the pod is refused meanwhile) and uninstalled (its rules go).
+# iamlet runs as its image's container (podman, with the DaemonSet's security context) when
+# podman is installed, as a process otherwise; the output says which.
 # Everything is removed at the end, also on Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,7 @@ WORK=$(mktemp -d)
 PIDS=()
 
 cleanup() {
+  if [ "${CONTAINER:-}" = yes ]; then scripts/image.sh podman rm --force --time 0 iamlet-demo >/dev/null 2>&1 || true; fi
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for ns in "$POD_APP" "$POD_PLAIN" "$POD_IRSA" "$NODE"; do ip netns del "$ns" 2>/dev/null || true; done
@@ -69,13 +72,32 @@ node = json.load(urllib.request.urlopen(sys.argv[1] + "/api/v1/nodes/demo-node")
 print(json.dumps(node["spec"].get("taints") or []))' "$API"
 }
 
-# Starts iamlet as the DaemonSet's pod and waits until it is ready; its PID in $IAMLET.
+# Starts iamlet as the DaemonSet's pod and waits until it is ready; the PID of the process
+# (or of podman, attached to the container) in $IAMLET.
 start_iamlet() {
-  ip netns exec "$NODE" env -i PATH="$PATH" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 \
-    AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL_STS="$STS" POD_NAMESPACE=kube-system POD_NAME=iamlet-demo \
-    "$BIN" --node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto \
-    --cni-conf-dir="$WORK/cni" --base-role-arn=arn:aws:iam::123456789012:role/ --service-account-roles \
-    >"$WORK/iamlet.log" 2>&1 &
+  local env=(AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+    AWS_ENDPOINT_URL_STS="$STS" POD_NAMESPACE=kube-system POD_NAME=iamlet-demo)
+  local args=(--node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto
+    --base-role-arn=arn:aws:iam::123456789012:role/ --service-account-roles)
+  if [ "$CONTAINER" = yes ]; then
+    # The DaemonSet's security context and mounts, from the rendered manifest; the demo's CNI
+    # configuration directory where the DaemonSet mounts the node's.
+    local flags=() flag
+    while read -r flag; do
+      case "$flag" in
+        --volume=/etc/cni/net.d:*) flags+=("--volume=$WORK/cni:/etc/cni/net.d:ro") ;;
+        *) flags+=("$flag") ;;
+      esac
+    done < <(scripts/image.sh run-flags)
+    local envs=()
+    for pair in "${env[@]}"; do envs+=(--env "$pair"); done
+    scripts/image.sh podman run --rm --pull=never --name iamlet-demo --network "ns:/run/netns/$NODE" \
+      --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "${flags[@]}" "${envs[@]}" localhost/iamlet:demo \
+      "${args[@]}" --cni-conf-dir=/etc/cni/net.d >"$WORK/iamlet.log" 2>&1 &
+  else
+    ip netns exec "$NODE" env -i PATH="$PATH" "${env[@]}" "$BIN" "${args[@]}" --cni-conf-dir="$WORK/cni" \
+      >"$WORK/iamlet.log" 2>&1 &
+  fi
   IAMLET=$!
   PIDS+=("$IAMLET")
   for _ in $(seq 1 150); do
@@ -88,11 +110,16 @@ start_iamlet() {
   exit 1
 }
 
-# Sends SIGTERM to iamlet and shows what it logged while stopping.
+# Stops iamlet as Kubernetes would (SIGTERM; `podman stop` for the container) and shows what
+# it logged while stopping.
 stop_iamlet() {
   local lines status=0
   lines=$(wc -l <"$WORK/iamlet.log")
-  kill -TERM "$IAMLET"
+  if [ "$CONTAINER" = yes ]; then
+    scripts/image.sh podman stop --time 30 iamlet-demo >/dev/null
+  else
+    kill -TERM "$IAMLET"
+  fi
   wait "$IAMLET" || status=$?
   tail -n +"$((lines + 1))" "$WORK/iamlet.log" | sed 's/^/  iamlet | /'
   echo "iamlet exited $status"
@@ -134,6 +161,11 @@ step "Installing what the demo needs and building iamlet"
 scripts/install-test-deps.sh
 cargo build --quiet --bin iamlet --example fake_apiserver
 BIN=$PWD/target/debug/iamlet
+CONTAINER=no
+if command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; then
+  CONTAINER=yes
+  scripts/image.sh build "$BIN" localhost/iamlet:demo
+fi
 
 step "A node namespace with a cni0 bridge (flannel-style), and three pod namespaces"
 for ns in "$NODE" "$POD_APP" "$POD_PLAIN" "$POD_IRSA"; do ip netns del "$ns" 2>/dev/null || true; ip netns add "$ns"; ip -n "$ns" link set lo up; done
@@ -175,7 +207,11 @@ echo '{"metadata": {"name": "iamlet-demo", "ownerReferences": [{"apiVersion": "a
   create /api/v1/namespaces/kube-system/pods
 echo "node taints: $(node_taints)"
 
-step "Starting iamlet with --iptables on the node"
+if [ "$CONTAINER" = yes ]; then
+  step "Starting iamlet with --iptables on the node, as its image's container (podman, the DaemonSet's security context)"
+else
+  step "Starting iamlet with --iptables on the node, as a process (podman is not installed)"
+fi
 start_iamlet
 sed 's/^/  iamlet | /' "$WORK/iamlet.log"
 echo "iamlet's rules in the node's nat and filter tables (the DNAT, and the backstop refusing what is not redirected):"
@@ -227,7 +263,7 @@ import urllib.request, urllib.error
 try: urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/security-credentials/')
 except urllib.error.HTTPError as e: print('  GET meta-data/iam/security-credentials/ ->', e.code, e.read().decode().strip())"
 
-step "A rolling update: SIGTERM while the DaemonSet exists. The rules stay; the pod is refused meanwhile"
+step "A rolling update: SIGTERM (podman stop) while the DaemonSet exists. The rules stay; the pod is refused meanwhile"
 stop_iamlet
 our_rules | sed 's/^/  /'
 ip netns exec "$POD_APP" .venv/bin/python -c "
