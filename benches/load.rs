@@ -70,11 +70,15 @@ impl Fakes {
     /// The agent as its own process (so its memory is its own), on these ports: a successor
     /// takes its predecessor's (the DNAT target does not change).
     fn spawn_agent(&self, app_port: u16, admin_port: u16) -> AgentProcess {
+        self.agent(app_port, admin_port).spawn()
+    }
+
+    fn agent(&self, app_port: u16, admin_port: u16) -> AgentCommand {
         let flags = AgentFlags::loopback(&self.api.url, &self.imds.addr)
             .without_startup_taint()
             .ports(app_port, admin_port)
             .flag("--log-level=warn");
-        AgentCommand::new(flags, &self.sts.url).spawn()
+        AgentCommand::new(flags, &self.sts.url)
     }
 
     fn create_pods(&self, range: std::ops::Range<usize>) {
@@ -334,6 +338,7 @@ async fn bench(d: Durations) {
     report["exhaustion"] = exhaustion(&agent).await;
     report["churn"] = churn(&fakes.api, &agent).await;
     report["restart_gap"] = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
+    report["image"] = image(&fakes, d.restarts).await;
     report["scale"] = scale((rss, anon, ready)).await;
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/load.json", serde_json::to_string_pretty(&report).unwrap()).unwrap();
@@ -597,6 +602,52 @@ async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restar
     );
     json!({"pods": pods, "restarts": gaps.len(), "median_ms": median, "max_ms": max,
            "all_ms": gaps.iter().map(|g| ms(*g)).collect::<Vec<_>>()})
+}
+
+/// The image (`scripts/image.sh build` around the benchmarked binary): its size, and the
+/// container's cold start, `podman run` to ready, beside the process's, alternated so both
+/// see the same machine. Needs root and podman (`scripts/install-test-deps.sh` as root).
+async fn image(fakes: &Fakes, starts: usize) -> Value {
+    let script = iamlet_testkit::repo_root().join("scripts/image.sh");
+    let tag = "localhost/iamlet:bench";
+    let built = std::process::Command::new(&script).args(["build", agent::binary(), tag]).status();
+    if !built.is_ok_and(|status| status.success()) {
+        println!("\nimage: not measured (scripts/image.sh build failed: it needs root, podman, runc and debootstrap)");
+        return json!({"measured": false});
+    }
+    let size = |image: &str| -> f64 {
+        let output = std::process::Command::new(&script).args(["size", image]).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().parse::<f64>().unwrap_or(0.0) / 1e6
+    };
+    let (total, base) = (size(tag), size("docker.io/library/debian:bookworm-slim"));
+    let binary = std::fs::metadata(agent::binary()).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+    let (mut process, mut container) = (Vec::new(), Vec::new());
+    for _ in 0..starts {
+        for (times, command) in [
+            (&mut process, fakes.agent(free_port(), free_port()).as_process()),
+            (&mut container, fakes.agent(free_port(), free_port()).as_container(tag)),
+        ] {
+            let mut agent = command.spawn();
+            times.push(agent.wait_ready().await);
+            agent.terminate().await;
+        }
+    }
+    let median = |times: &mut Vec<Duration>| {
+        times.sort();
+        ms(times[times.len() / 2])
+    };
+    let (process, container) = (median(&mut process), median(&mut container));
+    println!(
+        "\nimage: {total:.1} MB ({base:.1} MB debian:bookworm-slim stand-in, {:.1} MB iptables, conntrack and CA certificates, {binary:.1} MB iamlet)",
+        total - base - binary
+    );
+    println!(
+        "cold start to ready ({NODE_PODS} pods, {starts} starts each, alternated): container (podman run) median {container:.0} ms, process {process:.0} ms, ratio {:.1}",
+        container / process
+    );
+    json!({"measured": true, "size_mb": total, "base_mb": base, "binary_mb": binary,
+           "ready_container_median_ms": container, "ready_process_median_ms": process,
+           "container_to_process": container / process})
 }
 
 /// A very busy node of 5,000 pods beside the full node's figures (RSS, anonymous, ready).

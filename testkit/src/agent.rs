@@ -41,18 +41,34 @@ pub struct AgentCommand {
     flags: AgentFlags,
     env: Vec<(String, String)>,
     netns: Option<String>,
+    /// Run as this image's container: [`AgentCommand::as_container`], or `IAMLET_IMAGE` in a
+    /// node namespace.
+    image: Option<String>,
 }
 
 impl AgentCommand {
     /// The agent with `flags`, test AWS credentials and STS at `sts_url`.
     pub fn new(flags: AgentFlags, sts_url: &str) -> Self {
         let env = crate::agent_env(sts_url).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        Self { flags, env, netns: None }
+        Self { flags, env, netns: None, image: None }
     }
 
-    /// Runs it inside `node`'s network namespace.
+    /// Runs it inside `node`'s network namespace: as `IAMLET_IMAGE`'s container when set.
     pub fn in_netns(mut self, node: &Netns) -> Self {
         self.netns = Some(node.name.clone());
+        self.image = self.image.or_else(crate::container::image);
+        self
+    }
+
+    /// Runs it as `image`'s container (on the host's network unless in a node namespace).
+    pub fn as_container(mut self, image: &str) -> Self {
+        self.image = Some(image.to_string());
+        self
+    }
+
+    /// Runs it as a process, whatever `IAMLET_IMAGE` says.
+    pub fn as_process(mut self) -> Self {
+        self.image = None;
         self
     }
 
@@ -69,11 +85,15 @@ impl AgentCommand {
         let log = dir.path().join("agent.log");
         let binary = binary();
         let mut container = None;
-        let mut command = match (&self.netns, crate::container::image()) {
-            (Some(netns), Some(image)) => {
+        let mut command = match (&self.netns, self.image) {
+            (netns, Some(image)) => {
                 static STARTED: AtomicUsize = AtomicUsize::new(0);
-                let name = format!("iamlet-e2e-{}-{}", std::process::id(), STARTED.fetch_add(1, Ordering::SeqCst));
-                let command = crate::container::run_command(&image, &name, netns, &self.env, &self.flags.args());
+                let name = format!("iamlet-agent-{}-{}", std::process::id(), STARTED.fetch_add(1, Ordering::SeqCst));
+                let network = match netns {
+                    Some(netns) => format!("ns:/run/netns/{netns}"),
+                    None => "host".to_string(),
+                };
+                let command = crate::container::run_command(&image, &name, &network, &self.env, &self.flags.args());
                 container = Some(name);
                 command
             }

@@ -35,14 +35,15 @@ pub fn daemonset_flags() -> &'static [String] {
 /// DaemonSet mounts the node's).
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
-/// `podman run` of `image` as the DaemonSet runs it, in the network namespace `netns`, named
-/// `name`, with `env` and `args`. A `--cni-conf-dir` among the args is what the DaemonSet's
-/// CNI mount shows the agent: it is mounted there, and the flag points at the mount.
-pub fn run_command(image: &str, name: &str, netns: &str, env: &[(String, String)], args: &[String]) -> Command {
+/// `podman run` of `image` as the DaemonSet runs it, on `network` (`host`, or
+/// `ns:/run/netns/<node>`), named `name`, with `env` and `args`. A `--cni-conf-dir` among the
+/// args is what the DaemonSet's CNI mount shows the agent: it is mounted there, and the flag
+/// points at the mount.
+pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, String)], args: &[String]) -> Command {
     let given_cni = args.iter().find_map(|a| a.strip_prefix("--cni-conf-dir=")).map(PathBuf::from);
     let mut command = podman();
     command.args(["run", "--rm", "--pull=never", "--name", name]);
-    command.arg(format!("--network=ns:/run/netns/{netns}"));
+    command.arg(format!("--network={network}"));
     command.args(["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]);
     for flag in daemonset_flags() {
         match flag.strip_prefix("--volume=") {
