@@ -22,7 +22,11 @@ BASE=docker.io/library/debian:bookworm-slim
 # Bumped whenever make_rootfs changes: the cached root filesystem and image are rebuilt.
 BASE_VERSION=3
 CACHE=${IAMLET_IMAGE_CACHE:-/var/cache/iamlet}
-MIRROR=http://deb.debian.org/debian
+# Debian's mirror as apt's sources on this machine name it (deb.debian.org otherwise).
+MIRROR=$(sed -n 's|^URIs: *\(http[^ ]*/debian\)/*$|\1|p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SECURITY=$(sed -n 's|^URIs: *\(http[^ ]*/debian-security\)/*$|\1|p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
+SECURITY=${SECURITY:-http://deb.debian.org/debian-security}
 
 # podman as these machines allow: vfs storage (no overlay on this kernel), runc (crun refuses
 # its hybrid cgroups), cgroupfs (no systemd session), explicit ulimits.
@@ -76,7 +80,7 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
-URIs: http://deb.debian.org/debian-security
+URIs: $SECURITY
 Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
