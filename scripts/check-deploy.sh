@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checks the deployment files: every kustomization renders, the result validates against the
+# Checks the deployment files: every kustomization renders, and the Helm chart lints and
+# renders (scripts/check-chart.py); the results validate against the
 # Kubernetes schemas, the manifest security scan (checkov) passes (each accepted finding is
 # justified in a checkov.io/skip annotation), the Dockerfile passes hadolint and the scripts
 # pass shellcheck. Run by scripts/test.sh; needs scripts/install-test-deps.sh first.
@@ -51,6 +52,10 @@ assert all(e["port"] in service_ports for e in monitor["spec"]["endpoints"]), "t
 assert objects["PrometheusRule"]["spec"]["groups"][0]["rules"], "no alerts"
 print("monitoring: the Service selects iamlet's admin port, the ServiceMonitor selects the Service")
 PY
+
+# The Helm chart, with real Helm: lint, renders (into $out, validated and scanned below with
+# the rest), schema, and no drift from the kustomize base.
+"$tools/python" scripts/check-chart.py "$out"
 
 "$tools/kubernetes-validate" --kubernetes-version "$KUBERNETES_VERSION" --strict --quiet "$out"/*.yaml
 echo "kubernetes-validate: every rendered object is valid for Kubernetes $KUBERNETES_VERSION"
