@@ -12,6 +12,9 @@ Run by scripts/check-deploy.sh with .venv-deploy's Python, after the kustomize r
 - the kube2iam-style render has the flags and interface such a user means.
 
 Usage: check-chart.py OUTPUT_DIR (the kustomize base's render is OUTPUT_DIR/base.yaml).
+       check-chart.py --args OUTPUT_DIR   only the renders, and OUTPUT_DIR/helm-args.json:
+                                          each render's agent arguments (tests/cli.rs starts
+                                          the agent's flag parsing with them)
 """
 
 import copy
@@ -94,7 +97,26 @@ def args(daemonset):
     return daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def render_all(chart, out):
+    """Every render the checks look at, by name."""
+    renders = {"default": render(chart, out, "default", {})}
+    for cni in CNIS:
+        renders[f"cni-{cni}"] = render(chart, out, f"cni-{cni}", {"cni": cni})
+    canary_values = yaml.safe_load((CHART / "ci/canary-values.yaml").read_text())
+    renders["canary"] = render(chart, out, "canary", canary_values, release="iamlet-canary")
+    kube2iam_values = yaml.safe_load((CHART / "ci/kube2iam-values.yaml").read_text())
+    renders["kube2iam"] = render(chart, out, "kube2iam", kube2iam_values)
+    return renders
+
+
 def main():
+    if sys.argv[1] == "--args":
+        out = Path(sys.argv[2])
+        renders = render_all(helm.Chart.load(str(CHART)), out)
+        (out / "helm-args.json").write_text(
+            json.dumps({name: args(find(objects, "DaemonSet")) for name, objects in renders.items()}, indent=1)
+        )
+        return
     out = Path(sys.argv[1])
     report = helm.lint(str(CHART), strict=True, kube_version="v1.33.0")
     problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
@@ -104,17 +126,15 @@ def main():
     print(f"helm lint --strict: no warnings or errors ({len(notes)} notes: {'; '.join(notes)})")
 
     chart = helm.Chart.load(str(CHART))
-    defaults = render(chart, out, "default", {})
+    renders = render_all(chart, out)
+    defaults = renders["default"]
     for cni, interface in CNIS.items():
-        daemonset = find(render(chart, out, f"cni-{cni}", {"cni": cni}), "DaemonSet")
-        if env_value(daemonset, "IAMLET_HOST_INTERFACE") != interface:
+        if env_value(find(renders[f"cni-{cni}"], "DaemonSet"), "IAMLET_HOST_INTERFACE") != interface:
             fail(f"cni={cni} did not set the interface to {interface}")
-    canary_values = yaml.safe_load((CHART / "ci/canary-values.yaml").read_text())
-    canary = find(render(chart, out, "canary", canary_values, release="iamlet-canary"), "DaemonSet")
+    canary = find(renders["canary"], "DaemonSet")
     if canary["spec"]["template"]["spec"].get("nodeSelector") != {"iamlet.io/canary": "true"}:
         fail("the canary values do not confine iamlet to the canary node")
-    kube2iam_values = yaml.safe_load((CHART / "ci/kube2iam-values.yaml").read_text())
-    kube2iam = find(render(chart, out, "kube2iam", kube2iam_values), "DaemonSet")
+    kube2iam = find(renders["kube2iam"], "DaemonSet")
 
     for bad, what in [({"host": {"port": "eighty"}}, "a wrong type"), ({"hostt": {"port": 8181}}, "an unknown key")]:
         try:

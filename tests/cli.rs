@@ -182,3 +182,39 @@ async fn an_app_port_in_use_is_a_clear_error() {
     let log = agent.log();
     assert!(log.contains("--app-port") && log.contains("another process"), "{log}");
 }
+
+/// The agent's arguments in each Helm render (`scripts/check-chart.py --args`): defaults,
+/// each CNI, the canary, and a kube2iam-style values file.
+fn helm_rendered_args() -> serde_json::Map<String, serde_json::Value> {
+    let root = iamlet_testkit::repo_root();
+    let out = tempfile::tempdir().unwrap();
+    let rendered = Command::new(root.join(".venv-deploy/bin/python"))
+        .arg(root.join("scripts/check-chart.py"))
+        .arg("--args")
+        .arg(out.path())
+        .current_dir(&root)
+        .output()
+        .expect("the deploy checkers' Python (scripts/install-test-deps.sh makes .venv-deploy)");
+    assert!(rendered.status.success(), "rendering the chart: {}", String::from_utf8_lossy(&rendered.stderr));
+    let text = std::fs::read_to_string(out.path().join("helm-args.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn every_helm_render_gives_the_agent_arguments_it_accepts() {
+    let renders = helm_rendered_args();
+    assert!(renders.len() >= 9, "{:?}", renders.keys());
+    for (name, args) in renders {
+        // What the kubelet substitutes from the downward API.
+        let args: Vec<String> = std::iter::once("iamlet".to_string())
+            .chain(
+                args.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().replace("$(NODE_NAME)", "node-a").replace("$(HOST_IP)", "10.0.1.23")),
+            )
+            .collect();
+        let cli = iamlet::cli::Cli::try_parse_args(&args).unwrap_or_else(|e| panic!("{name}: {args:?}: {e}"));
+        cli.agent.validate().unwrap_or_else(|e| panic!("{name}: {args:?}: {}", iamlet::describe(&e)));
+    }
+}
