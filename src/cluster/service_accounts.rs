@@ -32,10 +32,14 @@ pub fn role_of(metadata: &ObjectMeta, keys: &AnnotationKeys) -> Option<ServiceAc
 /// `(namespace, name)` of a ServiceAccount.
 type Name = (String, String);
 
+/// Roles by namespace, then by ServiceAccount name: looked up with borrowed names, so a
+/// request allocates nothing to find its pod's ServiceAccount.
+type Roles = HashMap<String, HashMap<String, Arc<ServiceAccountRole>>>;
+
 /// The role of every ServiceAccount that names one.
 #[derive(Debug)]
 pub struct ServiceAccountStore {
-    roles: RwLock<HashMap<Name, Arc<ServiceAccountRole>>>,
+    roles: RwLock<Roles>,
     synced: watch::Sender<bool>,
 }
 
@@ -43,6 +47,14 @@ impl Default for ServiceAccountStore {
     fn default() -> Self {
         Self { roles: RwLock::default(), synced: watch::channel(false).0 }
     }
+}
+
+fn lookup<'a>(roles: &'a Roles, namespace: &str, name: &str) -> Option<&'a Arc<ServiceAccountRole>> {
+    roles.get(namespace)?.get(name)
+}
+
+fn names(roles: &Roles) -> impl Iterator<Item = (Name, &Arc<ServiceAccountRole>)> {
+    roles.iter().flat_map(|(ns, accounts)| accounts.iter().map(|(name, role)| ((ns.clone(), name.clone()), role)))
 }
 
 impl ServiceAccountStore {
@@ -56,38 +68,43 @@ impl ServiceAccountStore {
         if !self.is_synced() {
             return None;
         }
-        let roles = self.roles.read();
-        let role = roles.get(&(namespace.to_string(), name.to_string())).cloned();
-        Some(ServiceAccountSaid(role))
+        Some(ServiceAccountSaid(lookup(&self.roles.read(), namespace, name).cloned()))
     }
 
     /// Sets (or, with `None`, clears) a ServiceAccount's role. True when that changed it.
     pub fn set(&self, namespace: &str, name: &str, role: Option<ServiceAccountRole>) -> bool {
-        let key = (namespace.to_string(), name.to_string());
         let mut roles = self.roles.write();
         match role {
-            Some(role) if roles.get(&key).is_some_and(|old| **old == role) => false,
+            Some(role) if lookup(&roles, namespace, name).is_some_and(|old| **old == role) => false,
             Some(role) => {
-                roles.insert(key, Arc::new(role));
+                roles.entry(namespace.to_string()).or_default().insert(name.to_string(), Arc::new(role));
                 true
             }
-            None => roles.remove(&key).is_some(),
+            None => {
+                let Some(accounts) = roles.get_mut(namespace) else { return false };
+                let removed = accounts.remove(name).is_some();
+                if accounts.is_empty() {
+                    roles.remove(namespace);
+                }
+                removed
+            }
         }
     }
 
     /// Replaces every role with a fresh listing and marks the store synced. Returns the
     /// ServiceAccounts whose role changed (every one named, on the first listing).
     pub fn replace_all(&self, listing: impl IntoIterator<Item = (Name, ServiceAccountRole)>) -> Vec<Name> {
-        let fresh: HashMap<Name, Arc<ServiceAccountRole>> =
-            listing.into_iter().map(|(name, role)| (name, Arc::new(role))).collect();
+        let mut fresh = Roles::new();
+        for ((namespace, name), role) in listing {
+            fresh.entry(namespace).or_default().insert(name, Arc::new(role));
+        }
         let mut roles = self.roles.write();
         let first = !self.is_synced();
-        let mut changed: Vec<Name> = fresh
-            .iter()
-            .filter(|(name, role)| first || roles.get(*name) != Some(role))
-            .map(|(n, _)| n.clone())
+        let mut changed: Vec<Name> = names(&fresh)
+            .filter(|((ns, name), role)| first || lookup(&roles, ns, name) != Some(*role))
+            .map(|(name, _)| name)
             .collect();
-        changed.extend(roles.keys().filter(|name| !fresh.contains_key(*name)).cloned());
+        changed.extend(names(&roles).filter(|((ns, name), _)| lookup(&fresh, ns, name).is_none()).map(|(n, _)| n));
         *roles = fresh;
         drop(roles);
         self.synced.send_replace(true);
@@ -106,7 +123,7 @@ impl ServiceAccountStore {
     /// Every ServiceAccount that names a role, sorted, for `/debug/store`.
     pub fn snapshot(&self) -> Vec<(String, Arc<ServiceAccountRole>)> {
         let mut all: Vec<_> =
-            self.roles.read().iter().map(|((ns, name), role)| (format!("{ns}/{name}"), role.clone())).collect();
+            names(&self.roles.read()).map(|((ns, name), role)| (format!("{ns}/{name}"), role.clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
