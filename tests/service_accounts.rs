@@ -157,6 +157,11 @@ async fn a_pod_is_never_given_the_default_role_while_service_accounts_are_unknow
     let admin = agent.admin_addr.unwrap();
     api.create_pod(pod("shop", "web").ip("127.0.0.57").service_account("irsa").build());
     api.create_pod(pod("shop", "own").ip("127.0.0.58").role("own-role").build());
+    eventually(10, "both pods indexed", async || {
+        let metrics = iamlet_testkit::pod_client::get("127.0.0.1", admin, "/metrics").await.body;
+        iamlet_testkit::metric_value(&metrics, "iamlet_pods_indexed") == Some(2.0)
+    })
+    .await;
     eventually(10, "the ServiceAccount watch to be refused", async || {
         let metrics = iamlet_testkit::pod_client::get("127.0.0.1", admin, "/metrics").await.body;
         iamlet_testkit::metric_value(&metrics, "iamlet_watch_errors_total{watch=\"serviceaccounts\"}")

@@ -18,6 +18,10 @@ pub enum Change {
     Upserted(Arc<PodIdentity>),
     /// A pod left the index.
     Removed(Arc<PodIdentity>),
+    /// Something a pod's role depends on besides the pod changed (its ServiceAccount's
+    /// role): resolve it again if it is still on the node. Sent by another watch than the
+    /// pods', so it may arrive after the pod's removal, and must then change nothing.
+    Reresolve(Arc<PodIdentity>),
 }
 
 /// Pods by uid and by IP.

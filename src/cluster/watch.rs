@@ -196,7 +196,7 @@ impl Reresolve {
         let pods: Vec<Arc<PodIdentity>> =
             self.pods.read(|index| index.pods().filter(|p| affected(p)).cloned().collect());
         for pod in pods {
-            let _ = self.changes.send(Change::Upserted(pod));
+            let _ = self.changes.send(Change::Reresolve(pod));
         }
     }
 }

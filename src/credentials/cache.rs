@@ -320,52 +320,11 @@ impl Drop for Fetching<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-    use futures::future::BoxFuture;
+    use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::credentials::Credentials;
+    use crate::credentials::fake::{FakeSts, settings};
     use crate::policy::RoleArn;
-
-    /// A fake STS: counts calls, can fail, hands out credentials valid for `validity`.
-    struct FakeSts {
-        calls: AtomicUsize,
-        failing: AtomicBool,
-        validity: Duration,
-        delay: Duration,
-    }
-
-    impl FakeSts {
-        fn new(validity: Duration, delay: Duration) -> Arc<Self> {
-            Arc::new(Self { calls: AtomicUsize::new(0), failing: AtomicBool::new(false), validity, delay })
-        }
-        fn calls(&self) -> usize {
-            self.calls.load(Ordering::SeqCst)
-        }
-    }
-
-    impl RoleAssumer for FakeSts {
-        fn assume_role<'a>(
-            &'a self,
-            key: &'a CredentialKey,
-            _: Duration,
-        ) -> BoxFuture<'a, Result<Credentials, StsError>> {
-            Box::pin(async move {
-                let n = self.calls.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(self.delay).await;
-                if self.failing.load(Ordering::SeqCst) {
-                    return Err(StsError { code: Some("AccessDenied".into()), message: "no".into() });
-                }
-                Ok(Credentials {
-                    access_key_id: format!("ASIA{n}-{}", key.session_name),
-                    secret_access_key: "secret".into(),
-                    session_token: "token".into(),
-                    expiration: SystemTime::now() + self.validity,
-                })
-            })
-        }
-    }
 
     fn key(session: &str) -> CredentialKey {
         CredentialKey {
@@ -373,18 +332,6 @@ mod tests {
             external_id: None,
             session_name: session.into(),
             tags: None,
-        }
-    }
-
-    fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_concurrency: usize) -> StsSettings {
-        StsSettings {
-            sessions: SessionRules::new(Duration::from_secs(1800)),
-            iam_role_error_ttl,
-            sts_timeout,
-            sts_concurrency,
-            use_regional_sts_endpoint: false,
-            session_tags: None,
-            assume_role_arn: None,
         }
     }
 

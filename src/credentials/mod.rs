@@ -6,6 +6,8 @@
 //! for a known pod is answered from memory.
 
 mod cache;
+#[cfg(test)]
+mod fake;
 mod prefetch;
 mod sts;
 

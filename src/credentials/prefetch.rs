@@ -39,7 +39,10 @@ impl Prefetcher {
 
     async fn apply(&mut self, change: Change) {
         match change {
-            Change::Upserted(pod) => {
+            // Re-announced by the ServiceAccount watch after the pod watch removed it: a
+            // departed pod gets no credentials, and no entry here that nothing would remove.
+            Change::Reresolve(pod) if !self.sessions.contains_key(&pod.uid) => {}
+            Change::Upserted(pod) | Change::Reresolve(pod) => {
                 let session = self.resolver.sessions().name(&pod);
                 let first_sight = self.sessions.insert(pod.uid.clone(), session.clone()).is_none();
                 let key = self.resolver.resolve(&pod).ok().map(|resolved| resolved.key);
@@ -73,5 +76,58 @@ impl Prefetcher {
     /// Whether another live pod (a StatefulSet's, recreated under the same name) has `session`.
     fn shared(&self, uid: &str, session: &str) -> bool {
         self.sessions.iter().any(|(other, s)| other != uid && s == session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::credentials::fake::{FakeSts, settings};
+    use crate::metrics::Metrics;
+    use crate::pod::PodIdentity;
+    use crate::policy::{BaseArn, Policy};
+    use crate::resolve::SessionRules;
+
+    fn prefetcher(sts: &Arc<FakeSts>) -> Prefetcher {
+        let cache = CredentialCache::new(
+            sts.clone(),
+            settings(Duration::ZERO, Duration::from_secs(2), 4),
+            Arc::new(Metrics::new()),
+        );
+        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
+        let policy = Policy { base: Some(base), default_role: None, restrictions: None, account: None };
+        Prefetcher::new(cache, Arc::new(Resolver::new(Arc::new(policy), SessionRules::new(Duration::from_secs(1800)))))
+    }
+
+    fn pod() -> Arc<PodIdentity> {
+        Arc::new(PodIdentity {
+            namespace: "shop".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+            role_annotation: Some("app".into()),
+            ..PodIdentity::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reresolve_that_arrives_after_the_pods_removal_changes_nothing() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::ZERO);
+        let mut prefetcher = prefetcher(&sts);
+        prefetcher.apply(Change::Upserted(pod())).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(sts.calls(), 1);
+        prefetcher.apply(Change::Removed(pod())).await;
+        prefetcher.apply(Change::Reresolve(pod())).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(sts.calls(), 1, "no credentials for a departed pod");
+        assert!(prefetcher.sessions.is_empty() && prefetcher.keys.is_empty(), "nothing left of it");
+        assert!(prefetcher.cache.snapshot().is_empty());
+
+        // While the pod is on the node, a re-announcement is resolved as an update.
+        prefetcher.apply(Change::Upserted(pod())).await;
+        prefetcher.apply(Change::Reresolve(pod())).await;
+        assert_eq!(prefetcher.sessions.len(), 1);
     }
 }
