@@ -80,15 +80,12 @@ start_iamlet() {
   local args=(--node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto
     --base-role-arn=arn:aws:iam::123456789012:role/ --service-account-roles)
   if [ "$CONTAINER" = yes ]; then
-    # The DaemonSet's security context and mounts, from the rendered manifest; the demo's CNI
-    # configuration directory where the DaemonSet mounts the node's.
-    local flags=() flag
-    while read -r flag; do
-      case "$flag" in
-        --volume=/etc/cni/net.d:*) flags+=("--volume=$WORK/cni:/etc/cni/net.d:ro") ;;
-        *) flags+=("$flag") ;;
-      esac
-    done < <(scripts/image.sh run-flags)
+    # The DaemonSet's security context and mounts, from the rendered manifest, their host
+    # paths made ready as kubelet makes them; the demo's CNI configuration directory where
+    # the DaemonSet mounts the node's.
+    local flags
+    mapfile -t flags < <(scripts/image.sh run-flags --host-path="/etc/cni/net.d=$WORK/cni")
+    [ "${#flags[@]}" -gt 0 ] || { echo "demo: no podman flags from the DaemonSet (see above)" >&2; exit 1; }
     local envs=()
     for pair in "${env[@]}"; do envs+=(--env "$pair"); done
     scripts/image.sh podman run --rm --pull=never --name iamlet-demo --network "ns:/run/netns/$NODE" \

@@ -8,9 +8,11 @@
 #                                          tagged TAG (default localhost/iamlet:test)
 #   scripts/image.sh check-sources         the Dockerfile's build stage sees what cargo needs
 #   scripts/image.sh size [TAG]            the image's size in bytes
-#   scripts/image.sh run-flags             `podman run` flags for the DaemonSet's container as
+#   scripts/image.sh run-flags [--host-path MOUNT=HOST]...
+#                                          `podman run` flags for the DaemonSet's container as
 #                                          the rendered base manifest has it: security
-#                                          context and host mounts, one per line
+#                                          context and host mounts, one per line, the host
+#                                          paths made ready as kubelet makes them by type
 #   scripts/image.sh podman ARGS...        podman with the flags this machine needs
 #
 # The base root filesystem is cached in $IAMLET_IMAGE_CACHE (default /var/cache/iamlet) and
@@ -183,35 +185,15 @@ copy_tracked() {
   fi
 }
 
-# The iamlet container of the base manifest's DaemonSet, as podman flags: its security
-# context (capabilities, read-only root, no privilege escalation, user) and its hostPath
-# mounts. Read from the rendered manifest, so what runs here is what the DaemonSet asks for.
+# The iamlet container of the base manifest's DaemonSet, as podman flags (security context
+# and hostPath mounts, one per line), its host paths made ready by their types as kubelet
+# makes them: scripts/podman-flags.py, the one place that does this. ARGS are its
+# `--host-path MOUNT_PATH=HOST_PATH` overrides.
 run_flags() {
-  kubectl kustomize --load-restrictor=LoadRestrictionsNone manifests/base | .venv-deploy/bin/python -c '
-import sys, yaml
-daemonset = next(d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] == "DaemonSet")
-pod = daemonset["spec"]["template"]["spec"]
-container = next(c for c in pod["containers"] if c["name"] == "iamlet")
-context = container.get("securityContext", {})
-capabilities = context.get("capabilities", {})
-if capabilities.get("drop"):
-    print("--cap-drop=" + ",".join(capabilities["drop"]).lower())
-if capabilities.get("add"):
-    print("--cap-add=" + ",".join(capabilities["add"]).lower())
-if context.get("readOnlyRootFilesystem"):
-    print("--read-only")
-if context.get("allowPrivilegeEscalation") is False:
-    print("--security-opt=no-new-privileges")
-if context.get("privileged"):
-    print("--privileged")
-if "runAsUser" in context:
-    print("--user=%d" % context["runAsUser"])
-volumes = {v["name"]: v for v in pod.get("volumes", [])}
-for mount in container.get("volumeMounts", []):
-    host = volumes[mount["name"]].get("hostPath")
-    if host:
-        print("--volume=%s:%s%s" % (host["path"], mount["mountPath"], ":ro" if mount.get("readOnly") else ""))
-'
+  [ -x .venv-deploy/bin/python ] || { echo "image: run scripts/install-test-deps.sh first" >&2; exit 1; }
+  local manifest
+  manifest=$(kubectl kustomize --load-restrictor=LoadRestrictionsNone manifests/base)
+  .venv-deploy/bin/python scripts/podman-flags.py "$@" <<<"$manifest"
 }
 
 case "${1:-}" in
@@ -219,7 +201,7 @@ case "${1:-}" in
   build) shift; build "$@" ;;
   size) shift; size "$@" ;;
   check-sources) check_sources ;;
-  run-flags) run_flags ;;
+  run-flags) shift; run_flags "$@" ;;
   podman) shift; pm "$@" ;;
-  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,16p' "$0" >&2; exit 2 ;;
 esac

@@ -27,7 +27,7 @@ use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer, StsSe
 use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::netfilter::NetworkSettings;
-use crate::netfilter::agent::RulesOnExit;
+use crate::netfilter::agent::{NodeCluster, RulesOnExit};
 use crate::policy::{BaseArn, RoleArn};
 use crate::resolve::Resolver;
 use crate::shutdown::Stopped;
@@ -180,13 +180,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let live_sessions = move || live_pods.read(|index| index.pods().map(|pod| sessions.name(pod)).collect());
     background.spawn(credentials.clone().refresh_every(REFRESH_SCAN_PERIOD, live_sessions));
 
-    let events = api.pod_events.then(|| {
-        let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &node);
-        background.spawn(publisher);
-        events
-    });
+    // Events on pods: always for pods the rules miss, and with --pod-events for pods that
+    // get no credentials.
+    let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &node);
+    background.spawn(publisher);
     let imds = ImdsService::new(&api, &node, pods.clone(), resolver, credentials.clone(), upstream, metrics.clone());
-    let imds = Arc::new(imds.with_events(events));
+    let imds = Arc::new(imds.with_events(api.pod_events.then(|| events.clone())));
     let mut checks: Vec<crate::admin::ReadinessCheck> = Vec::new();
     let stale_after = pod_watch_stale_after;
     checks.push((
@@ -196,9 +195,9 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let rules = match network.iptables {
         true => {
             let port = app_addr.port();
+            let cluster = NodeCluster { kube: &deps.kube, node: &node, pods: &pods, events: &events };
             let (rules, in_place) =
-                crate::netfilter::agent::guard(&network, port, &deps.kube, &node, &pods, &metrics, &mut background)
-                    .await?;
+                crate::netfilter::agent::guard(&network, port, cluster, &metrics, &mut background).await?;
             checks.push(("netfilter rules not in place", in_place));
             Some(rules)
         }
@@ -255,7 +254,21 @@ fn warn_about_overrides(sts: &StsSettings, api: &ImdsSettings, admin: &AdminSett
              and sessions last twice the TTL; credentials are refreshed with this much left"
         );
     }
-    let overreach = api.allow_route_regexp.overreach();
+    let allow = &api.allow_route_regexp;
+    match (allow.operator(), allow.keeps_default()) {
+        (None, true) => {}
+        (operator, keeps_default) => {
+            let additions = allow.additions();
+            tracing::info!(
+                allow_route_regexp = operator.unwrap_or_default(),
+                default_list = if keeps_default { "kept" } else { "dropped (--allow-route-regexp-only)" },
+                adds = %if additions.is_empty() { "no well-known path".to_string() } else { additions.join(", ") },
+                "metadata paths relayed to the node's metadata service: the default harmless list and what \
+                 --allow-route-regexp admits, each with or without a trailing slash"
+            );
+        }
+    }
+    let overreach = allow.overreach();
     if !overreach.is_empty() {
         tracing::warn!(
             paths = %overreach.join(", "),

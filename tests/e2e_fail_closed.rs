@@ -287,6 +287,16 @@ async fn a_calico_configuration_wins_over_bridges_and_a_pod_elsewhere_is_an_alar
     let warning = log.lines().find(|l| l.contains("pod is not intercepted")).unwrap_or_else(|| panic!("{log}"));
     assert!(warning.contains("e2e/pod-veth7") && warning.contains("cni0") && warning.contains("cali+"), "{warning}");
     let _ = stray;
+    // `kubectl describe pod` shows it too: a Warning Event on the pod, without --pod-events.
+    eventually(20, "an IAMNotIntercepted event on the pod", async || {
+        e2e.api.events().iter().any(|e| e["reason"] == "IAMNotIntercepted" && e["regarding"]["name"] == "pod-veth7")
+    })
+    .await;
+    let event = e2e.api.events().into_iter().find(|e| e["reason"] == "IAMNotIntercepted").unwrap();
+    assert_eq!(event["type"], "Warning", "{event}");
+    let note = event["note"].as_str().unwrap();
+    assert!(note.contains("cni0") && note.contains("--host-interface=cali+"), "{note}");
+    assert!(!e2e.api.events().iter().any(|e| e["regarding"]["name"] == "pod-cali9e8d"), "the covered pod has none");
 
     // `iamlet explain`, run on the node, says the same.
     let explain = e2e.node().exec(

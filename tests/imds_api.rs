@@ -188,10 +188,90 @@ async fn allow_listed_paths_are_proxied_with_the_agents_own_token_only() {
         assert_eq!(header("x-custom"), None);
     }
 
-    let custom = TestNode::start(&["--allow-route-regexp=^/latest/meta-data/instance-type$"]).await;
-    custom.api.create_pod(pod("shop", "a").ip("127.0.0.14").role("app").build());
-    assert_eq!(custom.get("127.0.0.14", "/latest/meta-data/instance-type").await.body, "m5.large");
-    assert_eq!(custom.get("127.0.0.14", "/latest/meta-data/placement/region").await.status, 404);
+    // Less than the default only when asked for explicitly.
+    let only =
+        TestNode::start(&["--allow-route-regexp=^/latest/meta-data/instance-type$", "--allow-route-regexp-only"]).await;
+    only.api.create_pod(pod("shop", "a").ip("127.0.0.14").role("app").build());
+    assert_eq!(only.get("127.0.0.14", "/latest/meta-data/instance-type").await.body, "m5.large");
+    assert_eq!(only.get("127.0.0.14", "/latest/meta-data/instance-type/").await.body, "m5.large");
+    assert_eq!(only.get("127.0.0.14", "/latest/meta-data/placement/region").await.status, 404);
+    assert_eq!(only.get("127.0.0.14", CREDS).await.body, "app", "the credential routes are iamlet's whatever the list");
+}
+
+/// Paths as real clients send them, against a node metadata service that answers like the
+/// real one (every entry with or without its trailing slash, under every version): repeated
+/// slashes collapse before routing and go upstream collapsed; a leaf with a trailing slash is
+/// answered; the Spot and rebalance notices are relayed by default.
+#[tokio::test]
+async fn paths_as_real_clients_send_them_are_answered_as_imds_answers_them() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(pod("shop", "spot").ip("127.0.0.16").role("app").build());
+    for version in ["latest", "2021-07-15"] {
+        for (path, body) in [
+            (format!("/{version}/meta-data/instance-type/"), "m5.large"),
+            (format!("/{version}/meta-data/placement/region/"), "us-east-1"),
+            (format!("/{version}/meta-data//placement//region"), "us-east-1"),
+            (format!("/{version}/meta-data/placement"), "availability-zone\nregion\n"),
+            (format!("/{version}/meta-data/spot/termination-time"), "2026-11-30T12:00:00Z"),
+            (format!("/{version}/meta-data/spot/termination-time/"), "2026-11-30T12:00:00Z"),
+            (format!("/{version}/meta-data/events/maintenance/scheduled"), "[]"),
+        ] {
+            let reply = node.get("127.0.0.16", &path).await;
+            assert_eq!((reply.status, reply.body.as_str()), (200, body), "{path}");
+        }
+        let action = node.get("127.0.0.16", &format!("/{version}/meta-data/spot/instance-action")).await;
+        assert_eq!(action.json()["action"], "terminate", "{version}");
+        let rebalance =
+            node.get("127.0.0.16", &format!("/{version}/meta-data/events/recommendations/rebalance/")).await;
+        assert_eq!(rebalance.json()["noticeTime"], "2026-11-30T11:50:00Z", "{version}");
+
+        // The pod's own credentials, through a joined-with-a-slash URL.
+        let listing = node.get("127.0.0.16", &format!("/{version}/meta-data//iam/security-credentials/")).await;
+        assert_eq!((listing.status, listing.body.as_str()), (200, "app"), "{version}");
+        let doc = node.get("127.0.0.16", &format!("/{version}/meta-data/iam//security-credentials//app")).await;
+        assert_eq!(doc.json()["Code"], "Success", "{version}");
+    }
+    let relayed: Vec<String> = node.imds.relayed().into_iter().map(|s| s.path).collect();
+    assert!(relayed.contains(&"/latest/meta-data/placement/region".to_string()), "{relayed:?}");
+    assert!(relayed.iter().all(|p| !p.contains("//")), "relayed as collapsed: {relayed:?}");
+    assert!(relayed.iter().all(|p| !p.contains("security-credentials")), "{relayed:?}");
+
+    // Still refused: dot segments and escapes, and what identifies the node, however spelled.
+    for (path, status) in [
+        ("/latest/meta-data/placement/../iam/security-credentials/node-role", 400),
+        ("/latest/meta-data/placement/%72egion", 400),
+        ("/latest/meta-data/%2f/iam/security-credentials/", 400),
+        ("/latest//user-data/", 404),
+        ("/latest/meta-data//iam//info/", 404),
+        ("/2021-07-15//dynamic//instance-identity//pkcs7/", 404),
+    ] {
+        let reply = node.get("127.0.0.16", path).await;
+        assert_eq!(reply.status, status, "{path}: {reply:?}");
+        assert_no_node_secret(&reply.body);
+    }
+}
+
+/// kube2iam's common allow-lists, given to iamlet as they are: what they admit comes on top of
+/// the default list, so an SDK still finds its region; the credential routes stay the pod's and
+/// the node's identity is never relayed.
+#[tokio::test]
+async fn a_kube2iam_allow_list_adds_to_the_default_and_never_reaches_the_node() {
+    for (allow, tags) in [("/latest/*", 404), (".*", 200), ("", 404)] {
+        let node = TestNode::start(&[&format!("--allow-route-regexp={allow}")]).await;
+        node.api.create_pod(pod("shop", "web").ip("127.0.0.17").role("app").build());
+        let region = node.get("127.0.0.17", "/latest/meta-data/placement/region").await;
+        assert_eq!((region.status, region.body.as_str()), (200, "us-east-1"), "{allow:?}");
+        let listing = node.get("127.0.0.17", CREDS).await;
+        assert_eq!((listing.status, listing.body.as_str()), (200, "app"), "{allow:?}");
+        let doc = node.get("127.0.0.17", &format!("{CREDS}app")).await;
+        assert_eq!(doc.json()["Code"], "Success", "{allow:?}");
+        for never in ["/latest/user-data", "/latest/meta-data/iam/info", "/latest/dynamic/instance-identity/pkcs7"] {
+            let reply = node.get("127.0.0.17", never).await;
+            assert_eq!(reply.status, 404, "{allow:?} {never}");
+            assert_no_node_secret(&reply.body);
+        }
+        assert_eq!(node.get("127.0.0.17", "/latest/meta-data/tags/instance/Name").await.status, tags, "{allow:?}");
+    }
 }
 
 #[tokio::test]
@@ -289,16 +369,23 @@ async fn no_allow_list_or_version_prefix_reaches_the_nodes_secrets() {
         let v2 = token("127.0.0.31", node.app()).await;
         for version in ["latest", "2016-09-02", "2021-07-15", "1.0", "LATEST"] {
             for rest in rests {
-                let path = format!("/{version}/{rest}");
-                for (ip, headers) in [
-                    ("127.0.0.31", vec![]),
-                    ("127.0.0.31", vec![("x-aws-ec2-metadata-token", v2.as_str())]),
-                    ("127.0.0.32", vec![]),
-                ] {
-                    let reply = request(ip, node.app(), "GET", &path, &headers).await;
-                    assert_no_node_secret(&reply.body);
-                    if rest.contains("node-role") {
-                        assert_eq!(reply.status, 404, "{allow:?} {ip} {path}: {reply:?}");
+                // As written, with a trailing slash, and with every slash doubled.
+                let spellings = [
+                    format!("/{version}/{rest}"),
+                    format!("/{version}/{}/", rest.trim_end_matches('/')),
+                    format!("/{version}//{}", rest.replace('/', "//")),
+                ];
+                for path in &spellings {
+                    for (ip, headers) in [
+                        ("127.0.0.31", vec![]),
+                        ("127.0.0.31", vec![("x-aws-ec2-metadata-token", v2.as_str())]),
+                        ("127.0.0.32", vec![]),
+                    ] {
+                        let reply = request(ip, node.app(), "GET", path, &headers).await;
+                        assert_no_node_secret(&reply.body);
+                        if rest.contains("node-role") {
+                            assert_eq!(reply.status, 404, "{allow:?} {ip} {path}: {reply:?}");
+                        }
                     }
                 }
             }
@@ -309,7 +396,7 @@ async fn no_allow_list_or_version_prefix_reaches_the_nodes_secrets() {
         }
         let relayed: Vec<String> = node.imds.relayed().into_iter().map(|s| s.path).collect();
         for path in &relayed {
-            let rest = path.splitn(3, '/').nth(2).unwrap_or_default().to_ascii_lowercase();
+            let rest = path.splitn(3, '/').nth(2).unwrap_or_default().trim_end_matches('/').to_ascii_lowercase();
             assert!(
                 rest == "dynamic/instance-identity/document"
                     || rest == "meta-data/placement/region"

@@ -1,6 +1,6 @@
 //! Property tests of everything a pod controls that iamlet parses: request paths, IMDSv2
-//! tokens, role annotations (ARNs and names), namespace annotations, and the interface
-//! patterns operators give. Each property runs a few thousand generated cases: none may
+//! tokens, role annotations (ARNs and names), namespace annotations, the session names made
+//! of pods' names, and the interface patterns operators give. Each property runs a few thousand generated cases: none may
 //! panic, and none may turn into something it must never be (a relayed credential path, a
 //! valid forged token, a role in another account).
 
@@ -8,9 +8,10 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use iamlet::imds::TokenIssuer;
-use iamlet::imds::routes::{AllowList, Route, classify};
+use iamlet::imds::routes::{AllowList, Route, classify, normalize};
 use iamlet::netfilter::InterfaceMatch;
 use iamlet::policy::{AllowedRoles, BaseArn, RestrictionFormat, RoleArn};
+use iamlet::resolve::session_name;
 use proptest::prelude::*;
 
 /// A fixed seed, so the suite gives the same verdict on every run; set `PROPTEST_RNG_SEED`
@@ -59,14 +60,32 @@ fn path() -> impl Strategy<Value = String> {
     })
 }
 
+/// A namespace as Kubernetes allows it: a DNS label, 1 to 63 characters.
+fn namespace() -> impl Strategy<Value = String> {
+    prop_oneof!["[a-z]([a-z0-9-]{0,61}[a-z0-9])?", "[a-z][a-z0-9-]{40,61}[a-z0-9]"]
+}
+
+/// A pod name as Kubernetes allows it (a DNS subdomain, up to 253 characters), often shaped as
+/// a Deployment's: `<name>-<replicaset hash>-<pod hash>`.
+fn pod_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9]([a-z0-9.-]{0,60}[a-z0-9])?",
+        "[a-z][a-z0-9-]{20,120}-[a-z0-9]{9,10}-[a-z0-9]{5}",
+        "[a-z0-9]([a-z0-9.-]{100,251}[a-z0-9])",
+    ]
+}
+
 proptest! {
     #![proptest_config(config())]
 
     /// No path, under any allow-list, relays a credential route or the node's identity.
     #[test]
     fn paths_never_relay_credentials_or_the_nodes_identity(path in path(), everything in any::<bool>()) {
-        let allow = if everything { AllowList::new(".*").unwrap() } else { AllowList::default() };
-        let route = classify(&path, &allow);
+        let allow = if everything { AllowList::new(".*", false).unwrap() } else { AllowList::default() };
+        // As the service routes it: normalised (repeated slashes collapsed), then classified.
+        let normalized = normalize(&path).map(|p| p.into_owned());
+        let route = normalized.as_deref().map_or(Route::Malformed, |p| classify(p, &allow));
+        let path = normalized.as_deref().unwrap_or(&path);
         if route == Route::Proxy {
             // What IMDS serves under a version (any first segment) is what must never go out.
             let lower = path.to_ascii_lowercase();
@@ -135,6 +154,29 @@ proptest! {
         }
         let broken = format!("{value}x");
         prop_assert!(AllowedRoles::parse(&broken, format, None, None).is_err());
+    }
+
+    /// Every RoleSessionName STS would accept (at most 64 of `[\w+=,.@-]`), never shared by
+    /// two pods, and always naming the pod: its last 5 characters (the pod hash that tells
+    /// replicas apart) are kept, however long the namespace and the pod name are.
+    #[test]
+    fn session_names_fit_sts_and_name_the_pod(
+        a in (namespace(), pod_name()),
+        b in (namespace(), pod_name()),
+    ) {
+        for (namespace, pod) in [&a, &b] {
+            let name = session_name(namespace, pod);
+            prop_assert!((2..=64).contains(&name.len()), "{} ({})", name, name.len());
+            prop_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)), "{}", name);
+            prop_assert!(name.contains(&pod[pod.len().saturating_sub(5)..]), "{} lost {}'s end", name, pod);
+            prop_assert!(name.starts_with(&namespace[..namespace.len().min(20)]), "{} lost {}'s start", name, namespace);
+        }
+        if a != b {
+            prop_assert_ne!(session_name(&a.0, &a.1), session_name(&b.0, &b.1), "{:?} and {:?}", a, b);
+        }
+        // A pod that differs from another only in its replica suffix, as replicas do.
+        let sibling = format!("{}{}", &a.1[..a.1.len() - 1], if a.1.ends_with('z') { 'y' } else { 'z' });
+        prop_assert_ne!(session_name(&a.0, &a.1), session_name(&a.0, &sibling));
     }
 
     /// Interface patterns parse or are refused; what parses prints back to itself.

@@ -7,7 +7,7 @@ use clap::Args;
 use super::values::{parse_duration, parse_go_bool, parse_metadata_addr};
 use crate::StartupError;
 use crate::imds::ImdsSettings;
-use crate::imds::routes::{AllowList, DEFAULT_ALLOW_ROUTE_REGEXP};
+use crate::imds::routes::AllowList;
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Metadata API")]
@@ -20,12 +20,18 @@ pub struct ImdsArgs {
     #[arg(long, default_value = "169.254.169.254")]
     pub metadata_addr: String,
 
-    /// Regular expression of the (whole) paths relayed to the real metadata service; others
+    /// Regular expression of (whole) paths relayed to the real metadata service on top of
+    /// the default harmless ones (region, instance type, VPC lookups, Spot notices); others
     /// get 404. It can only add harmless paths: credentials are always iamlet's, and the
     /// node's identity (user-data, identity credentials, signed documents, iam/info) is
-    /// never relayed.
-    #[arg(long, default_value = DEFAULT_ALLOW_ROUTE_REGEXP)]
+    /// never relayed. Empty: the default list alone.
+    #[arg(long, default_value = "")]
     pub allow_route_regexp: String,
+
+    /// Relay only what --allow-route-regexp admits, without the default harmless paths (an
+    /// SDK that reads its region from the metadata service then needs AWS_REGION).
+    #[arg(long)]
+    pub allow_route_regexp_only: bool,
 
     /// Refuse IMDSv1: every request must carry a valid IMDSv2 token.
     #[arg(long)]
@@ -86,7 +92,7 @@ impl ImdsArgs {
         Ok(ImdsSettings {
             app_port: self.app_port,
             metadata_addr: parse_metadata_addr(&self.metadata_addr).map_err(|m| flag("--metadata-addr", m))?,
-            allow_route_regexp: AllowList::new(&self.allow_route_regexp)
+            allow_route_regexp: AllowList::new(&self.allow_route_regexp, self.allow_route_regexp_only)
                 .map_err(|e| flag("--allow-route-regexp", e.to_string()))?,
             require_imdsv2: self.require_imdsv2,
             backoff_max_elapsed_time: self.backoff_max_elapsed_time,

@@ -1,5 +1,6 @@
 //! Kubernetes Events on pods that are denied a role or whose role STS refuses, so
-//! `kubectl describe pod` shows why the pod has no credentials (`--pod-events`).
+//! `kubectl describe pod` shows why the pod has no credentials (`--pod-events`), and on pods
+//! whose metadata traffic iamlet's rules do not intercept (always).
 //!
 //! Requests never wait for the API server: they hand the event to a bounded queue (dropped
 //! when full) and a background task publishes it, at most once per pod and reason in
@@ -39,13 +40,25 @@ pub enum Reason {
     RoleDenied,
     /// AssumeRole failed for the pod's role.
     AssumeRoleFailed,
+    /// The pod's traffic arrives on an interface `--host-interface` does not match: it
+    /// reaches the node's metadata service directly.
+    NotIntercepted,
 }
 
 impl Reason {
+    /// What iamlet was doing: serving credentials, or intercepting the pod's traffic.
+    fn action(self) -> &'static str {
+        match self {
+            Reason::RoleDenied | Reason::AssumeRoleFailed => "ServeCredentials",
+            Reason::NotIntercepted => "InterceptMetadataTraffic",
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Reason::RoleDenied => "IAMRoleDenied",
             Reason::AssumeRoleFailed => "IAMAssumeRoleFailed",
+            Reason::NotIntercepted => "IAMNotIntercepted",
         }
     }
 }
@@ -100,7 +113,7 @@ async fn publish(recorder: Recorder, mut reports: mpsc::Receiver<Report>) {
             type_: EventType::Warning,
             reason: report.reason.as_str().into(),
             note: Some(note),
-            action: "ServeCredentials".into(),
+            action: report.reason.action().into(),
             secondary: None,
         };
         if let Err(error) = recorder.publish(&event, &reference).await {

@@ -8,7 +8,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use super::ImdsSettings;
 use super::render;
-use super::routes::{AllowList, Route, classify};
+use super::routes::{AllowList, Route, classify, normalize};
 use super::token::{TokenIssuer, parse_ttl};
 use super::upstream::UpstreamImds;
 use crate::cluster::{PodEvents, PodStore, Reason};
@@ -80,8 +80,11 @@ impl ImdsService {
         let started = Instant::now();
         let _in_flight = InFlight::enter(&self.metrics.requests_in_flight);
         let peer = peer.to_canonical();
-        let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
-        let route = classify(path, &self.allow_route);
+        let (method, headers) = (request.method(), request.headers());
+        // Every rule, and the relay, sees the path as IMDS reads it (repeated slashes collapsed).
+        let path = normalize(request.uri().path());
+        let route = path.as_deref().map_or(Route::Malformed, |path| classify(path, &self.allow_route));
+        let path = path.as_deref().unwrap_or_default();
         let mut response = self.respond(peer, method, path, route, headers).await;
         response.headers_mut().insert(http::header::SERVER, http::HeaderValue::from_static("EC2ws"));
         let label = route.label();

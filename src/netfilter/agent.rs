@@ -8,16 +8,27 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::coverage::Probe;
+use super::coverage::{Probe, Uncovered};
+use super::interfaces::InterfaceMatch;
 use super::lifecycle::{self, Decision, KeepOnExit};
 use super::{NetworkSettings, NodeRules, RuleKeeper, RulesState};
 use crate::StartupError;
-use crate::cluster::PodStore;
 use crate::cluster::placement::{Controller, SelfPod};
+use crate::cluster::{PodEvents, PodStore, Reason};
 use crate::metrics::Metrics;
 
 /// A readiness condition: true once the rules are in place.
 pub type InPlace = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// What the rules need of the cluster: the API server (whether the agent's DaemonSet goes on,
+/// at stop), this node's name, its pods (the coverage check), and where to report the pods
+/// the rules miss.
+pub struct NodeCluster<'a> {
+    pub kube: &'a kube::Client,
+    pub node: &'a str,
+    pub pods: &'a Arc<PodStore>,
+    pub events: &'a PodEvents,
+}
 
 /// Prepares the rules and starts the tasks that own them (see [`start_rules`]), and, under
 /// `--iptables-keep-on-exit=auto`, the lookup of the agent's DaemonSet that decides their
@@ -25,13 +36,12 @@ pub type InPlace = Box<dyn Fn() -> bool + Send + Sync>;
 pub async fn guard(
     settings: &NetworkSettings,
     port: u16,
-    kube: &kube::Client,
-    node: &str,
-    pods: &Arc<PodStore>,
+    cluster: NodeCluster<'_>,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
 ) -> Result<(RulesOnExit, InPlace), StartupError> {
-    let (rules, in_place) = start_rules(settings, port, pods, metrics, background).await?;
+    let NodeCluster { kube, node, pods, events } = cluster;
+    let (rules, in_place) = start_rules(settings, port, pods, events, metrics, background).await?;
     let pod = SelfPod::from_env();
     let controller = Arc::new(OnceLock::new());
     if let Some(pod) = pod.clone() {
@@ -74,11 +84,13 @@ impl RulesOnExit {
 
 /// Prepares iamlet's rules for each family the agent has an address on (failing fast on a
 /// missing iptables or capability), and starts the tasks that own them: the keeper (detect,
-/// install, repair) and the coverage check. Returns the rules and the readiness check.
+/// install, repair) and the coverage check, which records a Warning Event on each pod it
+/// finds uncovered. Returns the rules and the readiness check.
 async fn start_rules(
     config: &NetworkSettings,
     port: u16,
     pods: &Arc<PodStore>,
+    events: &PodEvents,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
 ) -> Result<(NodeRules, InPlace), StartupError> {
@@ -114,9 +126,25 @@ async fn start_rules(
             })
         }
     };
+    let report = {
+        let (pods, events) = (pods.clone(), events.clone());
+        move |uncovered: &Uncovered, interfaces: &InterfaceMatch| {
+            let Some(pod) = pods.read(|index| index.pods().find(|pod| pod.uid == uncovered.uid).cloned()) else {
+                return;
+            };
+            let note = format!(
+                "this pod's metadata traffic arrives on {}, which iamlet's rules (--host-interface={interfaces}) do not \
+                 intercept: it reaches the node's metadata service, and the node's role, directly. Fix \
+                 --host-interface on iamlet's DaemonSet",
+                uncovered.interface
+            );
+            events.report(&pod, Reason::NotIntercepted, note);
+        }
+    };
     background.spawn(super::coverage::run(
         watching.clone(),
         probes,
+        report,
         metrics.pods_not_intercepted.clone(),
         config.iptables_sync_period,
     ));

@@ -109,6 +109,15 @@ pub fn from_config(config: &Value) -> Option<Result<(&'static str, InterfaceMatc
     Some(InterfaceMatch::parse(&text).map(|interfaces| (*cni, interfaces)).map_err(|_| format!("{kind} ({text})")))
 }
 
+/// What the CNI configuration alone says (`auto`'s answer on a node without links yet):
+/// the CNI, the file, and its pods' interfaces; `None` without a configuration iamlet knows.
+pub fn configured(conf_dir: &Path) -> Option<(&'static str, String, InterfaceMatch)> {
+    match detect(conf_dir, &[]) {
+        Detection::Found { cni, from, interfaces } => Some((cni, from, interfaces)),
+        Detection::Waiting(_) => None,
+    }
+}
+
 fn from_links(links: &[String]) -> Option<Detection> {
     LINKS.iter().find_map(|(cni, prefix, pattern)| {
         links.iter().any(|link| link.starts_with(prefix)).then(|| Detection::Found {

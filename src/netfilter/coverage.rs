@@ -4,7 +4,8 @@
 //! node's metadata service directly. So for every pod it serves, iamlet asks the kernel
 //! (`RTM_GETROUTE`, policy rules included, as `ip route get` does) which interface reaches
 //! the pod's IP — the one its traffic arrives on — and whether the match in force covers it.
-//! A pod that is not covered is logged once and counted in `iamlet_pods_not_intercepted`.
+//! A pod that is not covered is logged once, counted in `iamlet_pods_not_intercepted`, and
+//! given a Warning Event (`IAMNotIntercepted`), so `kubectl describe pod` shows it too.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -66,6 +67,8 @@ pub struct Probe {
 /// A pod the DNAT does not cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uncovered {
+    pub uid: String,
+    /// `namespace/name`.
     pub pod: String,
     pub ip: IpAddr,
     pub interface: String,
@@ -100,7 +103,12 @@ impl Coverage {
                 continue;
             }
             if self.uncovered.get(&probe.uid) != Some(&link) {
-                new.push(Uncovered { pod: probe.pod.clone(), ip: probe.ip, interface: link.clone() });
+                new.push(Uncovered {
+                    uid: probe.uid.clone(),
+                    pod: probe.pod.clone(),
+                    ip: probe.ip,
+                    interface: link.clone(),
+                });
             }
             now.insert(probe.uid, link);
         }
@@ -110,10 +118,12 @@ impl Coverage {
 }
 
 /// Checks every `period`, once the rules are installed, that each pod `probes` lists is
-/// behind the interfaces they match; logs each uncovered pod once and keeps `gauge` current.
+/// behind the interfaces they match; logs each uncovered pod once, hands it to `report` (the
+/// pod's Warning Event) and keeps `gauge` current.
 pub async fn run(
     rules: watch::Receiver<RulesState>,
     probes: impl Fn() -> Vec<Probe> + Send + 'static,
+    report: impl Fn(&Uncovered, &InterfaceMatch) + Send + 'static,
     gauge: Gauge,
     period: Duration,
 ) {
@@ -146,6 +156,7 @@ pub async fn run(
                 "pod is not intercepted: its traffic arrives on an interface the DNAT rule does not match, so it \
                  reaches the node's metadata service directly; fix --host-interface"
             );
+            report(&pod, &interfaces);
         }
     }
 }
@@ -170,7 +181,13 @@ mod tests {
         };
         let (count, new) = coverage.update(&cali, round());
         assert_eq!(count, 1);
-        assert_eq!(new, [Uncovered { pod: "ns/b".into(), ip: "10.0.0.2".parse().unwrap(), interface: "ext0".into() }]);
+        let b = Uncovered {
+            uid: "b".into(),
+            pod: "ns/b".into(),
+            ip: "10.0.0.2".parse().unwrap(),
+            interface: "ext0".into(),
+        };
+        assert_eq!(new, [b]);
         assert_eq!(coverage.update(&cali, round()), (1, vec![]), "logged once");
         let (count, new) = coverage.update(&cali, vec![(probe("b", "10.0.0.2"), None)]);
         assert_eq!((count, new.len()), (1, 0), "a failed lookup concludes nothing");

@@ -60,14 +60,21 @@ impl InterfaceMatch {
         self.patterns.iter().any(|p| p.matches(link))
     }
 
-    /// Exact names that are not on the node (yet). Not an error: a bridge such as `cni0` is
-    /// created with the first pod, and iptables matches by name, so the rule takes effect the
-    /// moment the link appears; the coverage check reports pods that are not matched.
-    pub fn missing_from<'a>(&'a self, links: &[String]) -> Vec<&'a str> {
+    /// The patterns nothing vouches for yet: no link on the node matches them, and the CNI
+    /// configuration (`configured`, what `auto` would detect) does not name them. Until
+    /// every pattern is vouched for, the pods may sit behind an interface the rules miss
+    /// (`--host-interface weave` on a flannel node leaves every pod on `cni0` uncovered), so
+    /// iamlet waits, not ready. The configuration vouches for links the CNI creates with
+    /// its first pod (`cni0`, `cali*`), which the startup taint keeps off the node. A
+    /// negation (`!eth0`) is always vouched for.
+    pub fn unvouched<'a>(&'a self, links: &[String], configured: Option<&InterfaceMatch>) -> Vec<&'a InterfacePattern> {
+        let named_by_configuration = |p: &InterfacePattern| {
+            configured
+                .is_some_and(|c| c.patterns.iter().any(|c| c == p || (!c.wildcard && !c.negated && p.matches(&c.name))))
+        };
         self.patterns
             .iter()
-            .filter(|p| !p.wildcard && !p.negated && !links.iter().any(|l| l == &p.name))
-            .map(|p| p.name.as_str())
+            .filter(|p| !p.negated && !links.iter().any(|l| p.matches(l)) && !named_by_configuration(p))
             .collect()
     }
 }
@@ -186,10 +193,25 @@ mod tests {
     }
 
     #[test]
-    fn exact_names_missing_from_the_node_are_reported_not_refused() {
-        let m = InterfaceMatch::parse("cni0,cali+").unwrap();
-        assert_eq!(m.missing_from(&links(&["lo", "eth0"])), ["cni0"]);
-        assert!(m.missing_from(&links(&["lo", "cni0"])).is_empty());
-        assert!(InterfaceMatch::parse("!eth0").unwrap().missing_from(&links(&["lo"])).is_empty());
+    fn a_pattern_is_vouched_for_by_a_link_or_by_the_cni_configuration() {
+        let weave = InterfaceMatch::parse("weave").unwrap();
+        let names = |m: &InterfaceMatch, l: &[&str], c: Option<&str>| -> Vec<String> {
+            let configured = c.map(|c| InterfaceMatch::parse(c).unwrap());
+            m.unvouched(&links(l), configured.as_ref()).iter().map(ToString::to_string).collect()
+        };
+        // A flannel node (cni0), with --host-interface naming another CNI's link.
+        assert_eq!(names(&weave, &["lo", "eth0", "cni0"], Some("cni0")), ["weave"]);
+        assert!(names(&weave, &["lo", "cni0", "weave"], Some("cni0")).is_empty(), "the link appeared");
+        // The CNI creates cni0 with its first pod: its configuration vouches for it meanwhile.
+        let cni0 = InterfaceMatch::parse("cni0").unwrap();
+        assert!(names(&cni0, &["lo", "eth0"], Some("cni0")).is_empty());
+        assert_eq!(names(&cni0, &["lo", "eth0"], None), ["cni0"]);
+        // A wildcard needs one matching link, or the configuration's own pattern.
+        let aws = InterfaceMatch::parse("eni+,vlan+").unwrap();
+        assert_eq!(names(&aws, &["lo", "eth0", "eni1a2b"], None), ["vlan+"]);
+        assert!(names(&aws, &["lo", "eth0"], Some("eni+,vlan+")).is_empty());
+        assert_eq!(names(&InterfaceMatch::parse("cali+").unwrap(), &["lo", "cni0"], Some("cni0")), ["cali+"]);
+        assert!(names(&InterfaceMatch::parse("cni+").unwrap(), &["lo"], Some("cni0")).is_empty());
+        assert!(names(&InterfaceMatch::parse("!eth0").unwrap(), &["lo"], None).is_empty(), "a negation stands");
     }
 }

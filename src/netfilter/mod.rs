@@ -217,7 +217,8 @@ impl NodeRules {
 /// Where the rules stand, for `/readyz`, the startup taint and the coverage check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RulesState {
-    /// Not installed yet: what iamlet is waiting for (the CNI, under `auto`).
+    /// Not installed yet: what iamlet is waiting for (the CNI under `auto`, or a link that
+    /// `--host-interface` names).
     Waiting(String),
     /// Installed for these interfaces and, at the last check, intact.
     InPlace(InterfaceMatch),
@@ -278,21 +279,44 @@ impl RuleKeeper {
         }
     }
 
-    /// The interfaces to intercept: as given, or detected (waiting until there is a CNI).
+    /// The interfaces to intercept: as given (waiting until something vouches for each
+    /// pattern, see [`InterfaceMatch::unvouched`]), or detected (waiting until there is a CNI).
     async fn interfaces(&self) -> InterfaceMatch {
-        let links = node_links();
         match &self.setting {
             InterfaceSetting::Given(interfaces) => {
-                let missing = interfaces.missing_from(&links);
-                if !missing.is_empty() {
-                    tracing::warn!(
-                        interface = %interfaces, missing = %missing.join(", "), links = %links.join(", "),
-                        "--host-interface names interfaces this node does not have (yet): the rules match them \
-                         once they appear; pods elsewhere are counted in iamlet_pods_not_intercepted. Per CNI: {}",
-                        cni::cni_table()
+                let mut warned = false;
+                loop {
+                    let links = node_links();
+                    let configured = cni::configured(&self.cni_conf_dir);
+                    let unvouched = interfaces.unvouched(&links, configured.as_ref().map(|(_, _, i)| i));
+                    if unvouched.is_empty() {
+                        if warned {
+                            tracing::info!(interface = %interfaces, "the interfaces --host-interface names are here");
+                        }
+                        return interfaces.clone();
+                    }
+                    let absent: Vec<String> = unvouched.iter().map(ToString::to_string).collect();
+                    let why = format!(
+                        "--host-interface={interfaces}: no link matches {} on this node, and the CNI configuration does \
+                         not name it",
+                        absent.join(", ")
                     );
+                    self.state.send_if_modified(|current| replace(current, RulesState::Waiting(why.clone())));
+                    if !std::mem::replace(&mut warned, true) {
+                        let configuration = match &configured {
+                            Some((cni, from, detected)) => format!("{cni} in {from}, whose pods sit behind {detected}"),
+                            None => format!("none iamlet knows in {}", self.cni_conf_dir.display()),
+                        };
+                        tracing::warn!(
+                            links = %links.join(", "), cni_configuration = %configuration,
+                            "{why}: waiting for it (not ready, the startup taint stays) since pods behind other \
+                             interfaces would reach the node's metadata service. Fix --host-interface if it names the \
+                             wrong CNI. Per CNI: {}",
+                            cni::cni_table()
+                        );
+                    }
+                    tokio::time::sleep(CNI_POLL).await;
                 }
-                interfaces.clone()
             }
             InterfaceSetting::Auto => loop {
                 match cni::detect(&self.cni_conf_dir, &node_links()) {

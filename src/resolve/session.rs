@@ -49,26 +49,43 @@ impl SessionRules {
 
 /// STS's limit on `RoleSessionName`.
 const MAX_LEN: usize = 64;
+/// Hex digits of the hash a shortened name ends with.
+const HASH_LEN: usize = 8;
+/// The namespace's start a shortened name keeps at least (or the whole namespace).
+const MIN_NAMESPACE: usize = 20;
 
-/// `<namespace>.<pod>`, cut to STS's character set (`[\w+=,.@-]`) and 64 characters.
+/// `<namespace>.<pod>` in STS's character set (`[\w+=,.@-]`; anything else becomes `-`), so
+/// CloudTrail's `assumed-role/<role>/<session>` names the pod that acted.
 ///
-/// Names longer than 64 characters keep their start and end a short hash of the whole, so
-/// two long pod names that share a prefix still get different sessions (and cache keys).
+/// When that exceeds STS's 64 characters (Deployments with long names make 80-character
+/// pods), both parts stay recognisable: `<namespace start>.<pod end>_<hash>`, where
+///
+/// - the pod's **end** is kept (at least 34 characters): it holds the ReplicaSet and pod
+///   hashes that tell replicas apart, where the start is what they share;
+/// - the namespace's **start** is kept (at least 20 characters, or all of it);
+/// - `<hash>` is 8 hex digits of the SHA-256 of `<namespace>/<pod>` as Kubernetes has them,
+///   so two pods whose kept parts coincide still get different sessions (and cache keys).
+///   `_` appears in no Kubernetes name, so a shortened name never equals a whole one.
+///
+/// The same on every node and every release: the hash is over the names alone.
 pub fn session_name(namespace: &str, pod: &str) -> String {
-    let full: String = format!("{namespace}.{pod}")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' })
-        .collect();
-    if full.len() <= MAX_LEN {
-        return full;
+    let namespace = sts_characters(namespace);
+    let name = sts_characters(pod);
+    if namespace.len() + 1 + name.len() <= MAX_LEN {
+        return format!("{namespace}.{name}");
     }
-    let hash = fnv1a(full.as_bytes());
-    format!("{}-{hash:08x}", &full[..MAX_LEN - 9])
+    let room = MAX_LEN - 1 - 1 - HASH_LEN;
+    let namespace_kept = namespace.len().min(MIN_NAMESPACE.max(room.saturating_sub(name.len())));
+    let name_kept = (room - namespace_kept).min(name.len());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{namespace}/{pod}").as_bytes());
+    let hash: String = digest.as_ref()[..HASH_LEN / 2].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}.{}_{hash}", &namespace[..namespace_kept], &name[name.len() - name_kept..])
 }
 
-/// A small, stable hash: the suffix must be the same on every node and every release.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+/// `text` with every character outside STS's session-name set replaced by `-`: ASCII only,
+/// so byte offsets are character offsets.
+fn sts_characters(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_alphanumeric() || "+=,.@_-".contains(c) { c } else { '-' }).collect()
 }
 
 #[cfg(test)]
@@ -103,13 +120,28 @@ mod tests {
     }
 
     #[test]
-    fn long_names_are_cut_to_64_and_stay_distinct() {
-        let ns = "n".repeat(40);
-        let a = session_name(&ns, &format!("{}-a", "p".repeat(40)));
-        let b = session_name(&ns, &format!("{}-b", "p".repeat(40)));
-        assert_eq!(a.len(), 64);
-        assert_eq!(b.len(), 64);
-        assert_ne!(a, b);
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)));
+    fn long_names_keep_the_namespaces_start_and_the_pods_end() {
+        // A 50-character namespace and an 86-character Deployment pod: the replica's hashes
+        // and the namespace stay readable in CloudTrail.
+        let namespace = "payments-reconciliation-batch-processing-eu-west-1";
+        let pod = "payments-reconciliation-batch-processing-worker-deployment-longer-name-7d9f8b6c5-x2k4q";
+        assert_eq!((namespace.len(), pod.len()), (50, 86));
+        let name = session_name(namespace, pod);
+        assert_eq!(name.len(), 64);
+        assert!(name.starts_with("payments-reconciliat."), "{name}");
+        let (kept, hash) = name.rsplit_once('_').unwrap();
+        assert_eq!(kept, "payments-reconciliat.oyment-longer-name-7d9f8b6c5-x2k4q", "34 characters of the pod's end");
+        assert_eq!(hash.len(), 8);
+        assert_ne!(name, session_name(namespace, &pod.replace("x2k4q", "m8n3p")));
+        // A long namespace with a short pod keeps more of the namespace.
+        let name = session_name(&"n".repeat(63), "web-1");
+        assert!(name.starts_with(&format!("{}.web-1_", "n".repeat(49))), "{name}");
+    }
+
+    #[test]
+    fn names_that_fit_are_kept_whole() {
+        let ns = "n".repeat(30);
+        let pod = "p".repeat(33);
+        assert_eq!(session_name(&ns, &pod), format!("{ns}.{pod}"));
     }
 }

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 /// The image the end-to-end tests run the agent as, when set.
 pub fn image() -> Option<String> {
@@ -21,14 +20,18 @@ pub fn podman() -> Command {
 }
 
 /// The `podman run` flags of the DaemonSet's container (security context, host mounts),
-/// from the rendered base manifest (`scripts/image.sh run-flags`), read once per test process.
-pub fn daemonset_flags() -> &'static [String] {
-    static FLAGS: OnceLock<Vec<String>> = OnceLock::new();
-    FLAGS.get_or_init(|| {
-        let output = Command::new(crate::repo_root().join("scripts/image.sh")).arg("run-flags").output().unwrap();
-        assert!(output.status.success(), "scripts/image.sh run-flags: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect()
-    })
+/// from the rendered base manifest (`scripts/image.sh run-flags`), with the host side of
+/// each mount made ready as kubelet makes it for the volume's type. `host_paths` gives a
+/// mount (by its path in the container) another host path.
+pub fn daemonset_flags(host_paths: &[(&str, &Path)]) -> Vec<String> {
+    let mut command = Command::new(crate::repo_root().join("scripts/image.sh"));
+    command.arg("run-flags");
+    for (inside, host) in host_paths {
+        command.arg(format!("--host-path={inside}={}", host.display()));
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "scripts/image.sh run-flags: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect()
 }
 
 /// The directory the agent reads the CNI configuration from, by default (and where the
@@ -41,16 +44,12 @@ pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// points at the mount.
 pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, String)], args: &[String]) -> Command {
     let given_cni = args.iter().find_map(|a| a.strip_prefix("--cni-conf-dir=")).map(PathBuf::from);
+    let host_paths: Vec<(&str, &Path)> = given_cni.iter().map(|dir| (CNI_CONF_DIR, dir.as_path())).collect();
     let mut command = podman();
     command.args(["run", "--rm", "--pull=never", "--name", name]);
     command.arg(format!("--network={network}"));
     command.args(["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]);
-    for flag in daemonset_flags() {
-        match flag.strip_prefix("--volume=") {
-            Some(volume) => command.arg(format!("--volume={}", mount_source(volume, given_cni.as_deref()))),
-            None => command.arg(flag),
-        };
-    }
+    command.args(daemonset_flags(&host_paths));
     for (key, value) in env {
         command.arg(format!("--env={key}={value}"));
     }
@@ -60,25 +59,6 @@ pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, Strin
         None => a.clone(),
     }));
     command
-}
-
-/// A `host:container[:ro]` volume with its host side ready, as `FileOrCreate` and
-/// `DirectoryOrCreate` make it; the CNI mount shows `given_cni` when the test has one.
-fn mount_source(volume: &str, given_cni: Option<&Path>) -> String {
-    let (host, rest) = volume.split_once(':').expect("host:container");
-    let inside = rest.split(':').next().unwrap_or(rest);
-    let host = match given_cni {
-        Some(dir) if inside == CNI_CONF_DIR => dir.to_path_buf(),
-        _ => PathBuf::from(host),
-    };
-    if !host.exists() {
-        if host.ends_with("xtables.lock") {
-            std::fs::File::create(&host).unwrap();
-        } else {
-            std::fs::create_dir_all(&host).unwrap();
-        }
-    }
-    format!("{}:{rest}", host.display())
 }
 
 /// The host PID of the container's agent.

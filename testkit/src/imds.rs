@@ -101,10 +101,23 @@ fn answer(seen: &Mutex<Vec<Seen>>, tokens: Tokens, request: Request<Incoming>) -
     if !authorised {
         return reply(StatusCode::UNAUTHORIZED, "");
     }
-    // Like IMDS, the same tree under every version: `latest`, dated ones, `1.0`.
+    // Like IMDS, the same tree under every version (`latest`, dated ones, `1.0`), and every
+    // entry, leaf or listing, answered with or without a trailing slash.
     let versioned = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(_, rest)| format!("/latest/{rest}"));
-    match versioned.as_deref().unwrap_or(&path) {
-        "/latest/meta-data/" => reply(StatusCode::OK, "ami-id\niam/\ninstance-id\ninstance-type\nplacement/\n"),
+    let versioned = versioned.as_deref().unwrap_or(&path);
+    match versioned.strip_suffix('/').unwrap_or(versioned) {
+        "/latest/meta-data" => {
+            reply(StatusCode::OK, "ami-id\nevents/\niam/\ninstance-id\ninstance-type\nplacement/\nspot/\n")
+        }
+        "/latest/meta-data/placement" => reply(StatusCode::OK, "availability-zone\nregion\n"),
+        "/latest/meta-data/spot/instance-action" => {
+            reply(StatusCode::OK, r#"{"action": "terminate", "time": "2026-11-30T12:00:00Z"}"#)
+        }
+        "/latest/meta-data/spot/termination-time" => reply(StatusCode::OK, "2026-11-30T12:00:00Z"),
+        "/latest/meta-data/events/recommendations/rebalance" => {
+            reply(StatusCode::OK, r#"{"noticeTime": "2026-11-30T11:50:00Z"}"#)
+        }
+        "/latest/meta-data/events/maintenance/scheduled" => reply(StatusCode::OK, "[]"),
         "/latest/meta-data/placement/region" => reply(StatusCode::OK, "us-east-1"),
         "/latest/meta-data/placement/availability-zone" => reply(StatusCode::OK, "us-east-1a"),
         "/latest/meta-data/instance-type" => reply(StatusCode::OK, "m5.large"),
@@ -116,9 +129,7 @@ fn answer(seen: &Mutex<Vec<Seen>>, tokens: Tokens, request: Request<Incoming>) -
             StatusCode::OK,
             r#"{"Code": "Success", "InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/nodes/node-profile", "InstanceProfileId": "NODE-PROFILE-ID"}"#,
         ),
-        "/latest/meta-data/iam/security-credentials/" | "/latest/meta-data/iam/security-credentials" => {
-            reply(StatusCode::OK, NODE_ROLE)
-        }
+        "/latest/meta-data/iam/security-credentials" => reply(StatusCode::OK, NODE_ROLE),
         "/latest/meta-data/iam/security-credentials/node-role" => reply(
             StatusCode::OK,
             r#"{"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "NODE-ACCESS-KEY", "SecretAccessKey": "NODE-SECRET-KEY", "Token": "NODE-SESSION-TOKEN", "Expiration": "2099-01-01T00:00:00Z"}"#,
