@@ -44,6 +44,7 @@ def prepare(name, path, kind):
     """Makes `path` ready as kubelet makes a hostPath volume of type `kind`, or refuses."""
     if kind in ("", None):
         return
+    declared = kind
     if kind == "DirectoryOrCreate":
         if not os.path.exists(path):
             os.makedirs(path, mode=0o755, exist_ok=True)
@@ -62,9 +63,9 @@ def prepare(name, path, kind):
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise Refused(f"volume {name}: hostPath {path} (type {kind}) does not exist") from None
+        raise Refused(f"volume {name}: hostPath {path} (type {declared}) does not exist") from None
     if not is_kind(mode):
-        raise Refused(f"volume {name}: hostPath {path} (type {kind}) is not {what}")
+        raise Refused(f"volume {name}: hostPath {path} (type {declared}) is not {what}")
 
 
 def flags(manifest, host_paths):
