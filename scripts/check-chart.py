@@ -13,7 +13,7 @@ Run by scripts/check-deploy.sh with .venv-deploy's Python, after the kustomize r
 
 Usage: check-chart.py OUTPUT_DIR (the kustomize base's render is OUTPUT_DIR/base.yaml).
        check-chart.py --args OUTPUT_DIR   only the renders, and OUTPUT_DIR/helm-args.json:
-                                          each render's agent arguments (tests/cli.rs starts
+                                          each render's agent arguments (tests/it/cli.rs starts
                                           the agent's flag parsing with them)
 """
 

@@ -35,7 +35,7 @@ grep -q 'IAMLET_IPTABLES_KEEP_ON_EXIT' "$out/fail-closed.yaml" || { echo "the fa
 # The monitoring component's custom resources have no schema in kubernetes-validate: check
 # that its pieces find each other instead. The Service selects iamlet's pods and targets
 # their admin port; the ServiceMonitor selects the Service and names one of its ports.
-# (tests/monitoring.rs checks the alerts' metric names against what iamlet exports.)
+# (tests/it/monitoring.rs checks the alerts' metric names against what iamlet exports.)
 "$tools/python" - "$out/monitoring.yaml" <<'PY'
 import sys, yaml
 objects = {o["kind"]: o for o in yaml.safe_load_all(open(sys.argv[1])) if o}

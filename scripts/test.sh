@@ -25,6 +25,6 @@ elif [ "${CI:-}" = "true" ]; then
   echo "scripts/test.sh: CI must run as root: the end-to-end tests need network namespaces and iptables" >&2
   exit 1
 else
-  echo "scripts/test.sh: not root: the end-to-end tests (tests/e2e_netns.rs) are ignored; run as root for all tests" >&2
+  echo "scripts/test.sh: not root: the end-to-end tests (tests/it/e2e_*.rs) are ignored; run as root for all tests" >&2
   cargo test --workspace --lib --tests -- "${filters[@]}"
 fi

@@ -15,7 +15,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::StartupError;
 use crate::admin::{AdminService, AdminSettings, Readiness};
 use crate::cli::{Config, Settings};
 use crate::cluster::health::WatchHealth;
@@ -36,6 +35,24 @@ use crate::shutdown::Stopped;
 const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
 /// How long iamlet waits for the node's metadata service.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors that stop the agent from starting. Each names what to fix. The lower modules return
+/// their own errors; this is where they meet.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A listening port could not be bound.
+    #[error("cannot listen on {addr} ({flag}): {source}{hint}")]
+    Bind { flag: &'static str, addr: SocketAddr, source: std::io::Error, hint: &'static str },
+    /// The Kubernetes API server configuration could not be loaded.
+    #[error("cannot configure the Kubernetes client")]
+    Kube(#[from] crate::cluster::client::ClientError),
+    /// iptables cannot be run, or not with the capabilities iamlet needs.
+    #[error(transparent)]
+    Netfilter(#[from] crate::netfilter::IptablesError),
+    /// The policy the flags ask for cannot be built (a default role, discovery).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+}
 
 /// The outside services the agent talks to, built from the environment by [`run`] and
 /// passed explicitly by tests.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Api;
 
-use crate::StartupError;
+use crate::cli::FlagError;
 use crate::cli::Settings;
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, ServiceAccountStore, service_account_role_of};
 use crate::credentials::{AwsSts, RoleAssumer};
@@ -20,7 +20,8 @@ use crate::netfilter::coverage::Routes;
 use crate::netfilter::{InterfaceSetting, NetworkSettings, cni};
 use crate::pod::PodIdentity;
 use crate::policy::{
-    Assignment, Denial, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource, ServiceAccountSays,
+    Assignment, Denial, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource,
+    ServiceAccountLookup,
 };
 use crate::resolve::{CredentialKey, Resolved, Resolver};
 
@@ -105,8 +106,8 @@ fn service_account_line(pod: &PodIdentity, resolver: &Resolver, keys: &Annotatio
     }
     let named = match resolver.service_account_role(&pod.namespace, &pod.service_account) {
         None => return format!("{name}: not known yet"),
-        Some(said) => match said.as_says() {
-            ServiceAccountSays::Role(role) => format!("{name}: {} = {:?}", role.annotation, role.value),
+        Some(said) => match said.as_lookup() {
+            ServiceAccountLookup::Role(role) => format!("{name}: {} = {:?}", role.annotation, role.value),
             _ => format!("{name}: names no role (neither {} nor {IRSA_ROLE_ANNOTATION} is set)", keys.role),
         },
     };
@@ -160,10 +161,10 @@ fn namespace_line(
 }
 
 /// Parses `namespace/name`.
-pub fn parse_target(target: &str) -> Result<(&str, &str), StartupError> {
+pub fn parse_target(target: &str) -> Result<(&str, &str), FlagError> {
     match target.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns, name)),
-        _ => Err(StartupError::Flag { flag: "<namespace>/<pod>", message: format!("{target:?} is not namespace/pod") }),
+        _ => Err(FlagError { flag: "<namespace>/<pod>", message: format!("{target:?} is not namespace/pod") }),
     }
 }
 

@@ -18,7 +18,7 @@
 //! | module | concern |
 //! |---|---|
 //! | [`cli`] | kube2iam-compatible flags, validated into a [`cli::Config`] |
-//! | [`app`] | startup order, the tasks, graceful shutdown |
+//! | [`app`] | startup order, the tasks, graceful shutdown; [`app::StartupError`], where the modules' errors meet |
 //! | [`cluster`] | the pods on this node (watch → [`cluster::PodIndex`]), namespace annotations, ServiceAccount roles, whether the agent's DaemonSet will run a successor here, the startup taint |
 //! | [`pod`] | what iamlet keeps of a pod ([`pod::PodIdentity`]), shared by all |
 //! | [`policy`] | which role a pod may have: annotation, ServiceAccount role, default role, base ARN, namespace rules |
@@ -30,9 +30,12 @@
 //! | [`metrics`] | the Prometheus metrics every module records into |
 //! | [`netfilter`] | the DNAT and its backstop: install, check and repair, keep or remove on exit; CNI detection, connection reset, the coverage check |
 //! | [`shutdown`] | signals: the first drains, a second aborts |
+//! | [`http`] | the HTTP serving loop both ports share, with its limits and graceful drain |
 //!
-//! Pure logic (policy, ARNs, tokens, routes, index updates, session names) is plain functions
-//! over plain data and is unit-tested without I/O; the I/O lives at the edges.
+//! Dependencies point one way: the order, and what each module may import, is the module map
+//! in CONTRIBUTING.md, which a test checks against every import. Pure logic (policy, ARNs,
+//! tokens, routes, index updates, session names) is plain functions over plain data and is
+//! unit-tested without I/O; the I/O lives at the edges.
 
 pub mod admin;
 pub mod app;
@@ -48,36 +51,6 @@ pub mod pod;
 pub mod policy;
 pub mod resolve;
 pub mod shutdown;
-
-/// Errors that stop the agent from starting. Each names what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// A flag's value is unusable.
-    #[error("invalid {flag}: {message}")]
-    Flag {
-        /// The flag, with its dashes (`--base-role-arn`).
-        flag: &'static str,
-        /// What is wrong and, where it helps, what would be right.
-        message: String,
-    },
-    /// A listening port could not be bound.
-    #[error("cannot listen on {addr} ({flag}): {source}{hint}")]
-    Bind { flag: &'static str, addr: std::net::SocketAddr, source: std::io::Error, hint: &'static str },
-    /// The Kubernetes API server configuration could not be loaded.
-    #[error("cannot configure the Kubernetes client")]
-    Kube(#[from] cluster::client::ClientError),
-    /// iptables cannot be run, or not with the capabilities iamlet needs.
-    #[error(transparent)]
-    Netfilter(#[from] netfilter::IptablesError),
-    /// Discovery through the node's metadata service failed.
-    #[error("{flag}")]
-    Discovery {
-        /// The flag that asked for discovery.
-        flag: &'static str,
-        #[source]
-        source: policy::DiscoveryError,
-    },
-}
 
 /// An error and its sources on one line (`what: why: why`), for logs and the terminal. A
 /// source whose text its parent already shows (many libraries print their source too) is

@@ -2,8 +2,8 @@
 
 use clap::{Args, ValueEnum};
 
+use super::FlagError;
 use super::values::parse_log_level;
-use crate::StartupError;
 use crate::admin::AdminSettings;
 
 #[derive(Debug, Clone, Args)]
@@ -46,9 +46,9 @@ pub struct Logging {
 }
 
 impl AdminArgs {
-    pub fn settings(self) -> Result<(AdminSettings, Logging), StartupError> {
+    pub fn settings(self) -> Result<(AdminSettings, Logging), FlagError> {
         if self.metrics_port == 0 {
-            return Err(StartupError::Flag { flag: "--metrics-port", message: "port 0 is not allowed".into() });
+            return Err(FlagError { flag: "--metrics-port", message: "port 0 is not allowed".into() });
         }
         let log_level = if self.verbose { tracing::Level::DEBUG.max(self.log_level) } else { self.log_level };
         Ok((

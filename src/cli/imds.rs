@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::FlagError;
 use super::values::{parse_duration, parse_go_bool, parse_metadata_addr};
-use crate::StartupError;
 use crate::imds::ImdsSettings;
 use crate::imds::routes::AllowList;
 
@@ -72,8 +72,8 @@ pub struct ImdsArgs {
 }
 
 impl ImdsArgs {
-    pub fn settings(self) -> Result<ImdsSettings, StartupError> {
-        let flag = |flag: &'static str, message: String| StartupError::Flag { flag, message };
+    pub fn settings(self) -> Result<ImdsSettings, FlagError> {
+        let flag = |flag: &'static str, message: String| FlagError { flag, message };
         if self.app_port == 0 {
             return Err(flag("--app-port", "port 0 is not allowed".into()));
         }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::FlagError;
 use super::values::parse_duration;
-use crate::StartupError;
 use crate::cluster::client::KubeSettings;
 
 #[derive(Debug, Clone, Args)]
@@ -41,10 +41,10 @@ pub struct KubeArgs {
 
 impl KubeArgs {
     /// The client's settings, and `--pod-watch-stale-after`.
-    pub fn settings(self) -> Result<(KubeSettings, Duration), StartupError> {
+    pub fn settings(self) -> Result<(KubeSettings, Duration), FlagError> {
         if let Some(url) = &self.api_server {
             url.parse::<http::Uri>().ok().filter(|uri| uri.scheme().is_some() && uri.host().is_some()).ok_or_else(
-                || StartupError::Flag {
+                || FlagError {
                     flag: "--api-server",
                     message: format!("{url:?} is not a URL like https://10.0.0.1:6443"),
                 },

@@ -27,13 +27,23 @@ pub use network::{BackendArg, NetworkArgs};
 pub use roles::{RestrictionFormatArg, RoleArgs};
 pub use sts::StsArgs;
 
-use crate::StartupError;
 use crate::admin::AdminSettings;
 use crate::cluster::client::KubeSettings;
 use crate::credentials::StsSettings;
 use crate::imds::ImdsSettings;
 use crate::netfilter::NetworkSettings;
 use crate::policy::PolicySettings;
+
+/// A flag whose value is unusable: the agent does not start (exit code 2), and the one line
+/// it prints names the flag and what would be right.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {flag}: {message}")]
+pub struct FlagError {
+    /// The flag, with its dashes (`--base-role-arn`).
+    pub flag: &'static str,
+    /// What is wrong and, where it helps, what would be right.
+    pub message: String,
+}
 
 /// `iamlet`: give each pod on this node the IAM role named in its annotation.
 #[derive(Debug, Parser)]
@@ -152,11 +162,11 @@ pub struct Config {
 
 impl AgentArgs {
     /// Checks every value and combination, returning the first problem as a flag error.
-    pub fn validate(self) -> Result<Config, StartupError> {
+    pub fn validate(self) -> Result<Config, FlagError> {
         let node = match self.node.node.as_deref().map(str::trim) {
             Some(node) if !node.is_empty() => node.to_string(),
             _ => {
-                return Err(StartupError::Flag {
+                return Err(FlagError {
                     flag: "--node",
                     message: "is required (or NODE_NAME, from the downward API's spec.nodeName)".into(),
                 });
@@ -168,7 +178,7 @@ impl AgentArgs {
 
 impl ComponentArgs {
     /// Validates each group, then what spans groups.
-    pub fn validate(self) -> Result<Settings, StartupError> {
+    pub fn validate(self) -> Result<Settings, FlagError> {
         let ignored_flags = self.ignored_flags();
         let (kube, pod_watch_stale_after) = self.kube.settings()?;
         let policy = self.roles.settings()?;

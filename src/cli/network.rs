@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use super::FlagError;
 use super::values::{parse_duration, parse_taint_key};
-use crate::StartupError;
 use crate::cluster::taint::DEFAULT_STARTUP_TAINT;
 use crate::netfilter::lifecycle::KeepOnExit;
 use crate::netfilter::{BackendChoice, InterfaceMatch, InterfaceSetting, NetworkSettings};
@@ -83,8 +83,8 @@ impl From<BackendArg> for BackendChoice {
 }
 
 impl NetworkArgs {
-    pub fn settings(self) -> Result<NetworkSettings, StartupError> {
-        let flag = |flag: &'static str, message: String| StartupError::Flag { flag, message };
+    pub fn settings(self) -> Result<NetworkSettings, FlagError> {
+        let flag = |flag: &'static str, message: String| FlagError { flag, message };
         if self.iptables && self.host_ip.is_none() {
             return Err(flag(
                 "--host-ip",

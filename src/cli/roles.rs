@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 
-use crate::StartupError;
+use super::FlagError;
 use crate::policy::{BaseArn, BaseArnSource, DefaultRoleSource, PolicySettings, RestrictionFormat, RoleArn};
 
 #[derive(Debug, Clone, Args)]
@@ -60,8 +60,8 @@ pub enum RestrictionFormatArg {
 }
 
 impl RoleArgs {
-    pub fn settings(self) -> Result<PolicySettings, StartupError> {
-        let flag = |flag: &'static str, message: String| StartupError::Flag { flag, message };
+    pub fn settings(self) -> Result<PolicySettings, FlagError> {
+        let flag = |flag: &'static str, message: String| FlagError { flag, message };
         if self.default_role.is_some() && self.auto_discover_default_role {
             return Err(flag("--auto-discover-default-role", "cannot be combined with --default-role; use one".into()));
         }
@@ -107,8 +107,8 @@ impl RoleArgs {
 }
 
 /// `--default-role`: a full ARN, or a bare name when there will be a base ARN to join.
-fn given_default_role(role: &str, base: &BaseArnSource) -> Result<String, StartupError> {
-    let error = |message: String| StartupError::Flag { flag: "--default-role", message };
+fn given_default_role(role: &str, base: &BaseArnSource) -> Result<String, FlagError> {
+    let error = |message: String| FlagError { flag: "--default-role", message };
     let role = role.trim();
     if role.is_empty() {
         return Err(error("is empty".into()));

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::FlagError;
 use super::values::parse_duration;
-use crate::StartupError;
 use crate::credentials::StsSettings;
 use crate::policy::RoleArn;
 use crate::resolve::{SessionRules, SessionTagging, valid_tag_value};
@@ -58,8 +58,8 @@ pub struct StsArgs {
 }
 
 impl StsArgs {
-    pub fn settings(self) -> Result<StsSettings, StartupError> {
-        let flag = |flag: &'static str, message: String| StartupError::Flag { flag, message };
+    pub fn settings(self) -> Result<StsSettings, FlagError> {
+        let flag = |flag: &'static str, message: String| FlagError { flag, message };
         if !(MIN_SESSION_TTL..=MAX_SESSION_TTL).contains(&self.iam_role_session_ttl) {
             return Err(flag(
                 "--iam-role-session-ttl",

@@ -20,5 +20,5 @@ pub use events::{PodEvents, Reason};
 pub use index::{Change, PodIndex};
 pub use namespaces::{NamespaceRules, NamespaceStore};
 pub use pod::{AnnotationKeys, identity};
-pub use service_accounts::{ServiceAccountSaid, ServiceAccountStore, role_of as service_account_role_of};
+pub use service_accounts::{ServiceAccountEntry, ServiceAccountStore, role_of as service_account_role_of};
 pub use store::PodStore;

@@ -15,7 +15,17 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
 use kube::Api;
 
-use crate::netfilter::lifecycle::Placement;
+/// What the cluster says about this agent's future on the node (asked only under `auto`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A DaemonSet runs the agent and will run a successor here: this is a restart.
+    Replaced { daemonset: String },
+    /// No successor will come: the DaemonSet is gone, being deleted, no longer selects this
+    /// node, or the agent was not started by a DaemonSet at all.
+    Removed { reason: String },
+    /// The cluster could not be asked.
+    Unknown { error: String },
+}
 
 /// How long shutdown waits for the API server before failing closed.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);

@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::pod::AnnotationKeys;
-use crate::policy::{IRSA_ROLE_ANNOTATION, ServiceAccountRole, ServiceAccountSays};
+use crate::policy::{IRSA_ROLE_ANNOTATION, ServiceAccountLookup, ServiceAccountRole};
 
 /// The role a ServiceAccount names: its `--iam-role-key` annotation first, then IRSA's
 /// `eks.amazonaws.com/role-arn`; `None` when neither is set (or both are blank).
@@ -64,11 +64,11 @@ impl ServiceAccountStore {
 
     /// What the ServiceAccount `namespace/name` says of its role. Before the first listing
     /// nothing is known, and `None` says so: "no role" would be a wrong answer then.
-    pub fn says(&self, namespace: &str, name: &str) -> Option<ServiceAccountSaid> {
+    pub fn entry(&self, namespace: &str, name: &str) -> Option<ServiceAccountEntry> {
         if !self.is_synced() {
             return None;
         }
-        Some(ServiceAccountSaid(lookup(&self.roles.read(), namespace, name).cloned()))
+        Some(ServiceAccountEntry(lookup(&self.roles.read(), namespace, name).cloned()))
     }
 
     /// Sets (or, with `None`, clears) a ServiceAccount's role. True when that changed it.
@@ -129,16 +129,16 @@ impl ServiceAccountStore {
     }
 }
 
-/// What a synced store knows of one ServiceAccount's role.
+/// One ServiceAccount's entry in a synced store: its role, or none.
 #[derive(Debug, Clone)]
-pub struct ServiceAccountSaid(Option<Arc<ServiceAccountRole>>);
+pub struct ServiceAccountEntry(Option<Arc<ServiceAccountRole>>);
 
-impl ServiceAccountSaid {
+impl ServiceAccountEntry {
     /// As [`crate::policy::Policy::assign`] takes it.
-    pub fn as_says(&self) -> ServiceAccountSays<'_> {
+    pub fn as_lookup(&self) -> ServiceAccountLookup<'_> {
         match &self.0 {
-            Some(role) => ServiceAccountSays::Role(role),
-            None => ServiceAccountSays::NoRole,
+            Some(role) => ServiceAccountLookup::Role(role),
+            None => ServiceAccountLookup::NoRole,
         }
     }
 }
@@ -175,13 +175,13 @@ mod tests {
         let store = ServiceAccountStore::default();
         let role = |value: &str| ServiceAccountRole { annotation: "a".into(), value: value.into(), external_id: None };
         let name = |n: &str| ("shop".to_string(), n.to_string());
-        assert!(store.says("shop", "web").is_none(), "unsynced: no answer, not \"no role\"");
+        assert!(store.entry("shop", "web").is_none(), "unsynced: no answer, not \"no role\"");
         let changed = store.replace_all([(name("web"), role("app")), (name("batch"), role("batch"))]);
         assert_eq!(changed.len(), 2);
         assert!(
-            matches!(store.says("shop", "web").unwrap().as_says(), ServiceAccountSays::Role(r) if r.value == "app")
+            matches!(store.entry("shop", "web").unwrap().as_lookup(), ServiceAccountLookup::Role(r) if r.value == "app")
         );
-        assert_eq!(store.says("shop", "other").unwrap().as_says(), ServiceAccountSays::NoRole);
+        assert_eq!(store.entry("shop", "other").unwrap().as_lookup(), ServiceAccountLookup::NoRole);
         assert!(!store.set("shop", "web", Some(role("app"))), "the same role is no change");
         assert!(store.set("shop", "web", Some(role("app-2"))));
         let changed = store.replace_all([(name("web"), role("app-2")), (name("new"), role("n"))]);

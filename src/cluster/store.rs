@@ -37,7 +37,8 @@ impl PodStore {
         Arc::new(Self::default())
     }
 
-    /// Applies `update` to the index and wakes waiters if it changed anything.
+    /// Applies `update` to the index and wakes every waiter, whether or not it changed
+    /// anything: each waiter looks again for its own IP.
     pub fn update<T>(&self, update: impl FnOnce(&mut PodIndex) -> T) -> T {
         let result = update(&mut self.index.write());
         self.generation.send_modify(|g| *g += 1);

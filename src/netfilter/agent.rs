@@ -11,8 +11,7 @@ use tokio::task::JoinSet;
 use super::coverage::{Probe, Uncovered};
 use super::interfaces::InterfaceMatch;
 use super::lifecycle::{self, Decision, KeepOnExit};
-use super::{NetworkSettings, NodeRules, RuleKeeper, RulesState};
-use crate::StartupError;
+use super::{IptablesError, NetworkSettings, NodeRules, RuleKeeper, RulesState};
 use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::{PodEvents, PodStore, Reason};
 use crate::metrics::Metrics;
@@ -39,7 +38,7 @@ pub async fn guard(
     cluster: NodeCluster<'_>,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
-) -> Result<(RulesOnExit, InPlace), StartupError> {
+) -> Result<(RulesOnExit, InPlace), IptablesError> {
     let NodeCluster { kube, node, pods, events } = cluster;
     let (rules, in_place) = start_rules(settings, port, pods, events, metrics, background).await?;
     let pod = SelfPod::from_env();
@@ -93,7 +92,7 @@ async fn start_rules(
     events: &PodEvents,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
-) -> Result<(NodeRules, InPlace), StartupError> {
+) -> Result<(NodeRules, InPlace), IptablesError> {
     let targets: Vec<SocketAddr> = config
         .host_ip
         .into_iter()

@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+pub use crate::cluster::placement::Placement;
+
 /// `--iptables-keep-on-exit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepOnExit {
@@ -32,18 +34,6 @@ impl KeepOnExit {
             _ => Err(format!("{text:?} is not auto, true or false")),
         }
     }
-}
-
-/// What the cluster says about this agent's future on the node (asked only under `auto`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
-    /// A DaemonSet runs the agent and will run a successor here: this is a restart.
-    Replaced { daemonset: String },
-    /// No successor will come: the DaemonSet is gone, being deleted, no longer selects this
-    /// node, or the agent was not started by a DaemonSet at all.
-    Removed { reason: String },
-    /// The cluster could not be asked.
-    Unknown { error: String },
 }
 
 /// What to do with the rules, and why (logged in one line).

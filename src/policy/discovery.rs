@@ -4,7 +4,6 @@
 use futures::future::BoxFuture;
 
 use super::{ArnError, BaseArn, Denial, Policy, RestrictionFormat};
-use crate::StartupError;
 
 /// An error from outside iamlet (the metadata service, STS), kept as the source.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -77,6 +76,22 @@ pub trait NodeMetadata: Sync {
 }
 
 /// Who iamlet's own credentials belong to.
+/// Why the policy the flags ask for cannot be built: the agent does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// `--default-role` names no usable role.
+    #[error("invalid --default-role: {0}")]
+    DefaultRole(Denial),
+    /// Discovery through the node's metadata service failed.
+    #[error("{flag}")]
+    Discovery {
+        /// The flag that asked for discovery.
+        flag: &'static str,
+        #[source]
+        source: DiscoveryError,
+    },
+}
+
 pub trait CallerAccount: Sync {
     /// The account of the credentials iamlet runs with (STS GetCallerIdentity).
     fn caller_account(&self) -> BoxFuture<'_, Result<String, BoxError>>;
@@ -87,8 +102,8 @@ pub async fn discover(
     settings: &PolicySettings,
     node: &dyn NodeMetadata,
     caller: &dyn CallerAccount,
-) -> Result<Policy, StartupError> {
-    let discovery = |flag| move |source| StartupError::Discovery { flag, source };
+) -> Result<Policy, PolicyError> {
+    let discovery = |flag| move |source| PolicyError::Discovery { flag, source };
     let base = match &settings.base_role_arn {
         BaseArnSource::None => None,
         BaseArnSource::Given(base) => Some(base.clone()),
@@ -107,11 +122,7 @@ pub async fn discover(
     let mut policy = Policy { base, default_role: None, restrictions: settings.namespace_restrictions, account };
     policy.default_role = match &settings.default_role {
         DefaultRoleSource::None => None,
-        DefaultRoleSource::Given(role) => Some(
-            policy
-                .role_from_annotation(role)
-                .map_err(|denial| StartupError::Flag { flag: "--default-role", message: denial.to_string() })?,
-        ),
+        DefaultRoleSource::Given(role) => Some(policy.role_from_annotation(role).map_err(PolicyError::DefaultRole)?),
         DefaultRoleSource::Discover => {
             let flag = "--auto-discover-default-role";
             let listing = node.get_text(INSTANCE_ROLES).await;

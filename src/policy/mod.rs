@@ -10,7 +10,8 @@ use std::fmt;
 
 pub use arn::{ArnError, BaseArn, RoleArn};
 pub use discovery::{
-    BaseArnSource, BoxError, CallerAccount, DefaultRoleSource, DiscoveryError, NodeMetadata, PolicySettings, discover,
+    BaseArnSource, BoxError, CallerAccount, DefaultRoleSource, DiscoveryError, NodeMetadata, PolicyError,
+    PolicySettings, discover,
 };
 pub use namespace::{AllowedRole, AllowedRoles, AnnotationError, KIAM_PERMITTED_ANNOTATION, RestrictionFormat};
 
@@ -48,7 +49,7 @@ pub struct ServiceAccountRole {
 
 /// What the pod's ServiceAccount says of its role, for [`Policy::assign`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServiceAccountSays<'a> {
+pub enum ServiceAccountLookup<'a> {
     /// ServiceAccounts are not consulted (`--service-account-roles` is off).
     NotConsulted,
     /// The ServiceAccount names no role (or does not exist).
@@ -145,14 +146,14 @@ impl Policy {
     pub fn assign(
         &self,
         pod: &PodIdentity,
-        service_account: ServiceAccountSays<'_>,
+        service_account: ServiceAccountLookup<'_>,
         namespace_rule: Option<&NamespaceRule>,
     ) -> Result<Assignment, Denial> {
         let own_external_id = pod.external_id.clone().filter(|id| !id.is_empty());
         let (role, source, external_id) = match pod.own_role() {
             Some(value) => (self.role_from_annotation(value)?, RoleSource::Annotation, own_external_id),
             None => match service_account {
-                ServiceAccountSays::Role(named) => {
+                ServiceAccountLookup::Role(named) => {
                     let role = self.role_from_annotation(&named.value).map_err(|denial| match denial {
                         Denial::BadAnnotation { value, reason } => Denial::BadServiceAccountAnnotation {
                             service_account: format!("{}/{}", pod.namespace, pod.service_account),
@@ -165,8 +166,8 @@ impl Policy {
                     let external_id = own_external_id.or_else(|| named.external_id.clone().filter(|id| !id.is_empty()));
                     (role, RoleSource::ServiceAccount { annotation: named.annotation.clone() }, external_id)
                 }
-                ServiceAccountSays::NotConsulted | ServiceAccountSays::NoRole => {
-                    let consulted = (service_account == ServiceAccountSays::NoRole)
+                ServiceAccountLookup::NotConsulted | ServiceAccountLookup::NoRole => {
+                    let consulted = (service_account == ServiceAccountLookup::NoRole)
                         .then(|| format!("{}/{}", pod.namespace, pod.service_account));
                     let role = self.default_role.clone().ok_or(Denial::NoRole { service_account: consulted })?;
                     (role, RoleSource::DefaultRole, own_external_id)
@@ -226,11 +227,11 @@ mod tests {
     fn bare_names_join_the_base_and_arns_stay() {
         let p = policy();
         assert_eq!(
-            p.assign(&pod(Some("app")), ServiceAccountSays::NotConsulted, None).unwrap().role.as_str(),
+            p.assign(&pod(Some("app")), ServiceAccountLookup::NotConsulted, None).unwrap().role.as_str(),
             "arn:aws:iam::123456789012:role/app"
         );
         let full = "arn:aws:iam::999999999999:role/other";
-        let assignment = p.assign(&pod(Some(full)), ServiceAccountSays::NotConsulted, None).unwrap();
+        let assignment = p.assign(&pod(Some(full)), ServiceAccountLookup::NotConsulted, None).unwrap();
         assert_eq!(assignment.role.as_str(), full);
         assert_eq!(assignment.source, RoleSource::Annotation);
     }
@@ -239,15 +240,15 @@ mod tests {
     fn no_annotation_uses_the_default_role_or_nothing() {
         let mut p = policy();
         assert_eq!(
-            p.assign(&pod(None), ServiceAccountSays::NotConsulted, None),
+            p.assign(&pod(None), ServiceAccountLookup::NotConsulted, None),
             Err(Denial::NoRole { service_account: None })
         );
         assert_eq!(
-            p.assign(&pod(Some("  ")), ServiceAccountSays::NotConsulted, None),
+            p.assign(&pod(Some("  ")), ServiceAccountLookup::NotConsulted, None),
             Err(Denial::NoRole { service_account: None })
         );
         p.default_role = Some(p.base.as_ref().unwrap().join("fallback").unwrap());
-        let assignment = p.assign(&pod(None), ServiceAccountSays::NotConsulted, None).unwrap();
+        let assignment = p.assign(&pod(None), ServiceAccountLookup::NotConsulted, None).unwrap();
         assert_eq!(assignment.role.name(), "fallback");
         assert_eq!(assignment.source, RoleSource::DefaultRole);
     }
@@ -256,15 +257,15 @@ mod tests {
     fn bad_annotations_are_denied_with_the_reason() {
         let mut p = policy();
         assert!(matches!(
-            p.assign(&pod(Some("arn:aws:s3:::bucket")), ServiceAccountSays::NotConsulted, None),
+            p.assign(&pod(Some("arn:aws:s3:::bucket")), ServiceAccountLookup::NotConsulted, None),
             Err(Denial::BadAnnotation { .. })
         ));
         assert!(matches!(
-            p.assign(&pod(Some("two words")), ServiceAccountSays::NotConsulted, None),
+            p.assign(&pod(Some("two words")), ServiceAccountLookup::NotConsulted, None),
             Err(Denial::BadAnnotation { .. })
         ));
         p.base = None;
-        let denial = p.assign(&pod(Some("app")), ServiceAccountSays::NotConsulted, None).unwrap_err();
+        let denial = p.assign(&pod(Some("app")), ServiceAccountLookup::NotConsulted, None).unwrap_err();
         assert!(denial.to_string().contains("--base-role-arn"), "{denial}");
     }
 
@@ -273,19 +274,19 @@ mod tests {
         let mut p = policy();
         p.restrictions = Some(RestrictionFormat::Glob);
         let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref(), None);
-        let assignment = p.assign(&pod(Some("app-web")), ServiceAccountSays::NotConsulted, Some(&rule)).unwrap();
+        let assignment = p.assign(&pod(Some("app-web")), ServiceAccountLookup::NotConsulted, Some(&rule)).unwrap();
         assert_eq!(assignment.allowed_by.as_deref(), Some("app*"));
         assert!(matches!(
-            p.assign(&pod(Some("admin")), ServiceAccountSays::NotConsulted, Some(&rule)),
+            p.assign(&pod(Some("admin")), ServiceAccountLookup::NotConsulted, Some(&rule)),
             Err(Denial::NotAllowedInNamespace { .. })
         ));
         assert!(matches!(
-            p.assign(&pod(Some("app-web")), ServiceAccountSays::NotConsulted, None),
+            p.assign(&pod(Some("app-web")), ServiceAccountLookup::NotConsulted, None),
             Err(Denial::NotAllowedInNamespace { .. })
         ));
         let broken: NamespaceRule = AllowedRoles::parse("nope", RestrictionFormat::Glob, p.base.as_ref(), None);
         assert!(matches!(
-            p.assign(&pod(Some("app-web")), ServiceAccountSays::NotConsulted, Some(&broken)),
+            p.assign(&pod(Some("app-web")), ServiceAccountLookup::NotConsulted, Some(&broken)),
             Err(Denial::BadNamespaceAnnotation { .. })
         ));
     }
@@ -295,11 +296,11 @@ mod tests {
         let mut with_id = pod(Some("app"));
         with_id.external_id = Some("ext-123".into());
         assert_eq!(
-            policy().assign(&with_id, ServiceAccountSays::NotConsulted, None).unwrap().external_id.as_deref(),
+            policy().assign(&with_id, ServiceAccountLookup::NotConsulted, None).unwrap().external_id.as_deref(),
             Some("ext-123")
         );
         with_id.external_id = Some(String::new());
-        assert_eq!(policy().assign(&with_id, ServiceAccountSays::NotConsulted, None).unwrap().external_id, None);
+        assert_eq!(policy().assign(&with_id, ServiceAccountLookup::NotConsulted, None).unwrap().external_id, None);
     }
 
     fn named(annotation: &str, value: &str) -> ServiceAccountRole {
@@ -311,9 +312,9 @@ mod tests {
         let mut p = policy();
         p.default_role = Some(p.base.as_ref().unwrap().join("fallback").unwrap());
         let irsa = named(IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/from-sa");
-        let own = p.assign(&pod(Some("own")), ServiceAccountSays::Role(&irsa), None).unwrap();
+        let own = p.assign(&pod(Some("own")), ServiceAccountLookup::Role(&irsa), None).unwrap();
         assert_eq!((own.role.name(), own.source, own.external_id), ("own", RoleSource::Annotation, None));
-        let from_sa = p.assign(&pod(None), ServiceAccountSays::Role(&irsa), None).unwrap();
+        let from_sa = p.assign(&pod(None), ServiceAccountLookup::Role(&irsa), None).unwrap();
         assert_eq!(from_sa.role.name(), "from-sa");
         assert_eq!(from_sa.source, RoleSource::ServiceAccount { annotation: IRSA_ROLE_ANNOTATION.into() });
         assert_eq!(
@@ -321,10 +322,10 @@ mod tests {
             Some("sa-ext"),
             "the ServiceAccount's external ID goes with its role"
         );
-        let fallback = p.assign(&pod(None), ServiceAccountSays::NoRole, None).unwrap();
+        let fallback = p.assign(&pod(None), ServiceAccountLookup::NoRole, None).unwrap();
         assert_eq!((fallback.role.name(), fallback.source), ("fallback", RoleSource::DefaultRole));
         p.default_role = None;
-        let denial = p.assign(&pod(None), ServiceAccountSays::NoRole, None).unwrap_err();
+        let denial = p.assign(&pod(None), ServiceAccountLookup::NoRole, None).unwrap_err();
         assert_eq!(denial, Denial::NoRole { service_account: Some("team-a/web".into()) });
     }
 
@@ -334,13 +335,13 @@ mod tests {
         p.restrictions = Some(RestrictionFormat::Glob);
         let rule: NamespaceRule = AllowedRoles::parse(r#"["app*"]"#, RestrictionFormat::Glob, p.base.as_ref(), None);
         let allowed = named("iam.amazonaws.com/role", "app-web");
-        let assignment = p.assign(&pod(None), ServiceAccountSays::Role(&allowed), Some(&rule)).unwrap();
+        let assignment = p.assign(&pod(None), ServiceAccountLookup::Role(&allowed), Some(&rule)).unwrap();
         assert_eq!(assignment.allowed_by.as_deref(), Some("app*"));
         let admin = named(IRSA_ROLE_ANNOTATION, "arn:aws:iam::123456789012:role/admin");
-        let denial = p.assign(&pod(None), ServiceAccountSays::Role(&admin), Some(&rule)).unwrap_err();
+        let denial = p.assign(&pod(None), ServiceAccountLookup::Role(&admin), Some(&rule)).unwrap_err();
         assert!(matches!(denial, Denial::NotAllowedInNamespace { .. }), "{denial}");
         let bad = named(IRSA_ROLE_ANNOTATION, "arn:aws:s3:::bucket");
-        let denial = p.assign(&pod(None), ServiceAccountSays::Role(&bad), None).unwrap_err();
+        let denial = p.assign(&pod(None), ServiceAccountLookup::Role(&bad), None).unwrap_err();
         assert!(matches!(denial, Denial::BadServiceAccountAnnotation { .. }), "{denial}");
         assert!(denial.to_string().contains(IRSA_ROLE_ANNOTATION), "{denial}");
     }

@@ -10,9 +10,9 @@ use std::sync::Arc;
 pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name};
 pub use tags::{SessionTag, SessionTagging, SessionTags, valid_tag_value};
 
-use crate::cluster::{NamespaceStore, ServiceAccountSaid, ServiceAccountStore};
+use crate::cluster::{NamespaceStore, ServiceAccountEntry, ServiceAccountStore};
 use crate::pod::PodIdentity;
-use crate::policy::{Assignment, Denial, NamespaceRule, Policy, RoleArn, ServiceAccountSays};
+use crate::policy::{Assignment, Denial, NamespaceRule, Policy, RoleArn, ServiceAccountLookup};
 
 /// What credentials are cached by: the same role with another external ID, for another pod
 /// or with other session tags is another session (kube2iam keyed by role alone, #98 #128).
@@ -73,20 +73,20 @@ impl Resolver {
     /// stores' content: a denial is final until the pod, its namespace or its ServiceAccount
     /// changes, except [`Denial::NotSynced`], which only says "not yet".
     pub fn resolve(&self, pod: &PodIdentity) -> Result<Resolved, Denial> {
-        let said = match (&self.service_accounts, pod.own_role()) {
+        let entry = match (&self.service_accounts, pod.own_role()) {
             (Some(store), None) => Some(
                 store
-                    .says(&pod.namespace, &pod.service_account)
+                    .entry(&pod.namespace, &pod.service_account)
                     .ok_or(Denial::NotSynced { cache: "ServiceAccount" })?,
             ),
             _ => None,
         };
-        let says = said.as_ref().map_or(ServiceAccountSays::NotConsulted, ServiceAccountSaid::as_says);
+        let lookup = entry.as_ref().map_or(ServiceAccountLookup::NotConsulted, ServiceAccountEntry::as_lookup);
         if self.namespaces.as_ref().is_some_and(|store| !store.is_synced()) {
             return Err(Denial::NotSynced { cache: "namespace" });
         }
         let rule = self.namespace_rule(&pod.namespace);
-        let assignment = self.policy.assign(pod, says, rule.as_deref())?;
+        let assignment = self.policy.assign(pod, lookup, rule.as_deref())?;
         let key = CredentialKey {
             role: assignment.role.clone(),
             external_id: assignment.external_id.as_deref().map(Into::into),
@@ -119,8 +119,8 @@ impl Resolver {
 
     /// What the ServiceAccount `namespace/name` names, when ServiceAccounts are consulted
     /// and their store has synced.
-    pub fn service_account_role(&self, namespace: &str, name: &str) -> Option<ServiceAccountSaid> {
-        self.service_accounts.as_ref()?.says(namespace, name)
+    pub fn service_account_role(&self, namespace: &str, name: &str) -> Option<ServiceAccountEntry> {
+        self.service_accounts.as_ref()?.entry(namespace, name)
     }
 
     /// Whether ServiceAccounts are consulted (`--service-account-roles`).

@@ -2,7 +2,7 @@
 //! run with podman in a node's network namespace, with the DaemonSet's security context and
 //! mounts as the rendered base manifest has them (`scripts/image.sh run-flags`): read from
 //! `manifests/base`, not restated here, so a change to the manifest is what the end-to-end
-//! tests run with. `tests/e2e_image.rs` checks the result in the kernel.
+//! tests run with. `tests/it/e2e_image.rs` checks the result in the kernel.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
