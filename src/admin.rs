@@ -5,8 +5,10 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode, header};
 use serde_json::json;
+use tokio::sync::watch;
 
 use crate::cluster::{NamespaceStore, PodStore, ServiceAccountStore};
 use crate::credentials::CredentialCache;
@@ -23,41 +25,93 @@ pub struct AdminSettings {
     pub debug: bool,
 }
 
-/// A named condition `/readyz` waits for.
-pub type ReadinessCheck = (&'static str, Box<dyn Fn() -> bool + Send + Sync>);
+impl AdminSettings {
+    /// Warns at startup when there is no admin port: `--metrics-port` equal to `--app-port`
+    /// (kube2iam's chart default), which every pod reaches.
+    pub fn announce(&self, app_port: u16) {
+        if self.metrics_port.is_none() {
+            tracing::warn!(
+                app_port,
+                "--metrics-port equals --app-port (kube2iam's default): /metrics, /readyz and /debug/store are not \
+                 served, since every pod reaches --app-port; /healthz is; give --metrics-port a port of its own \
+                 (iamlet's default is 8182) to serve them"
+            );
+        }
+    }
+}
 
-/// What the agent needs before it may serve: the caches synced, and (with `--iptables`) its
-/// rules in place. Shared by `/readyz` and the startup taint, which is removed only once
-/// the node is protected.
+/// One condition of readiness: what `/readyz` says while it does not hold, and the handle
+/// that says whether it holds (and wakes whoever waits when that changes). The component the
+/// condition is about keeps the other end: a store's [`crate::cluster::Synced`], the rule
+/// keeper's state, the pod watch's health.
+pub struct Condition {
+    /// What is awaited, as `/readyz` lists it ("pod cache not synced").
+    pub unmet: &'static str,
+    holds: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Resolves once the condition holds; never, once its component is gone.
+    wait: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
+}
+
+impl Condition {
+    /// The condition that `holds` says of the value behind `handle`.
+    pub fn new<T: Send + Sync + 'static>(
+        unmet: &'static str,
+        handle: watch::Receiver<T>,
+        holds: fn(&T) -> bool,
+    ) -> Self {
+        let current = handle.clone();
+        Self {
+            unmet,
+            holds: Box::new(move || holds(&current.borrow())),
+            wait: Box::new(move || {
+                let mut handle = handle.clone();
+                Box::pin(async move {
+                    if handle.wait_for(holds).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                })
+            }),
+        }
+    }
+
+    /// A store's "synced" signal as a condition.
+    pub fn synced(unmet: &'static str, synced: &crate::cluster::Synced) -> Self {
+        Self::new(unmet, synced.subscribe(), |synced| *synced)
+    }
+
+    fn holds(&self) -> bool {
+        (self.holds)()
+    }
+}
+
+/// What the agent needs before it may serve: the caches synced, the pod watch current, and
+/// (with `--iptables`) its rules in place. Shared by `/readyz` and the startup taint, which
+/// is removed only once the node is protected.
+#[derive(Default)]
 pub struct Readiness {
-    pub pods: Arc<PodStore>,
-    pub namespaces: Option<Arc<NamespaceStore>>,
-    pub service_accounts: Option<Arc<ServiceAccountStore>>,
-    /// Extra conditions (the netfilter rules, when iamlet installs them).
-    pub checks: Vec<ReadinessCheck>,
+    conditions: Vec<Condition>,
 }
 
 impl Readiness {
-    /// The conditions not met yet; empty when ready.
-    pub fn waiting(&self) -> Vec<&'static str> {
-        let mut waiting = Vec::new();
-        if !self.pods.is_synced() {
-            waiting.push("pod cache not synced");
-        }
-        if self.namespaces.as_ref().is_some_and(|ns| !ns.is_synced()) {
-            waiting.push("namespace cache not synced");
-        }
-        if self.service_accounts.as_ref().is_some_and(|accounts| !accounts.is_synced()) {
-            waiting.push("ServiceAccount cache not synced");
-        }
-        waiting.extend(self.checks.iter().filter(|(_, check)| !check()).map(|(name, _)| *name));
-        waiting
+    /// Adds a condition.
+    pub fn require(&mut self, condition: Condition) {
+        self.conditions.push(condition);
     }
 
-    /// Resolves once every condition holds.
+    /// The conditions not met yet; empty when ready.
+    pub fn waiting(&self) -> Vec<&'static str> {
+        self.conditions.iter().filter(|c| !c.holds()).map(|c| c.unmet).collect()
+    }
+
+    /// Resolves once every condition holds at the same time, woken by their changes.
     pub async fn ready(&self) {
-        while !self.waiting().is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        loop {
+            for condition in &self.conditions {
+                (condition.wait)().await;
+            }
+            if self.waiting().is_empty() {
+                return;
+            }
         }
     }
 }

@@ -15,24 +15,18 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::admin::{AdminService, AdminSettings, Readiness};
-use crate::cli::{Config, Settings};
-use crate::cluster::health::WatchHealth;
-use crate::cluster::watch::{
-    NamespaceSink, PodSink, Reresolve, ServiceAccountSink, watch_namespaces, watch_pods, watch_service_accounts,
-};
-use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, PodStore, ServiceAccountStore};
-use crate::credentials::{AwsSts, CredentialCache, Prefetcher, RoleAssumer, StsSettings};
+use crate::admin::{AdminService, Condition, Readiness};
+use crate::cli::{Config, IgnoredFlag, Settings};
+use crate::cluster::{AnnotationKeys, CacheSettings, Caches, NamespaceRules, PodEvents};
+use crate::credentials::{AwsSts, CredentialCache, RoleAssumer};
+use crate::imds::upstream::report_node_exposure;
 use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
 use crate::metrics::{Metrics, RefusalLabels};
-use crate::netfilter::NetworkSettings;
 use crate::netfilter::agent::{NodeCluster, RulesOnExit};
-use crate::policy::{BaseArn, RoleArn};
+use crate::netfilter::{NetworkSettings, RulesState};
 use crate::resolve::Resolver;
 use crate::shutdown::Stopped;
 
-/// How often every cached credential is checked for a due refresh.
-const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
 /// How long iamlet waits for the node's metadata service.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -106,193 +100,96 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     Ok(stopped)
 }
 
-/// Starts the agent: discovery, listeners, watches, prefetcher, servers.
+/// Starts the agent: discovery, listeners, watches, prefetcher, servers. Each step is the
+/// component's own; this only puts them in order.
 pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, StartupError> {
     let Config { node, settings } = config;
-    let Settings {
-        pod_watch_stale_after,
-        network,
-        policy: policy_settings,
-        sts,
-        imds: api,
-        admin: admin_settings,
-        ignored_flags,
-        ..
-    } = settings;
-    for ignored in ignored_flags {
-        tracing::info!(flag = ignored.flag, "kube2iam flag accepted without effect: {}", ignored.why);
-    }
+    let Settings { network, policy: policy_settings, sts, imds: api, admin: admin_settings, .. } = &settings;
+    IgnoredFlag::announce(&settings.ignored_flags);
+    sts.announce();
+    api.announce();
+    admin_settings.announce(api.app_port);
     let metrics = Arc::new(Metrics::new());
     let upstream = Arc::new(UpstreamImds::new(api.metadata_addr.clone(), UPSTREAM_TIMEOUT));
-    let policy = Arc::new(crate::policy::discover(&policy_settings, upstream.as_ref(), &deps.sts).await?);
-    tracing::info!(
-        base_arn = policy.base.as_ref().map(BaseArn::as_str),
-        default_role = policy.default_role.as_ref().map(RoleArn::as_str),
-        %node,
-        "policy ready"
-    );
-
-    let (sessions, session_tags) = (sts.sessions, sts.session_tags.clone());
-    if let Some(role) = &sts.assume_role_arn {
-        tracing::info!(%role, "pods' roles are assumed with this intermediate role's session (--assume-role-arn)");
-    }
-    if let Some(tagging) = &session_tags {
-        tracing::info!(
-            cluster_name = tagging.cluster_name.as_deref(),
-            "sessions carry the pods' tags (--session-tags)"
-        );
-    }
-    warn_about_overrides(&sts, &api, &admin_settings);
-    let listeners = Listeners::bind(&network, api.app_port, admin_settings.metrics_port).await?;
-    let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);
-
-    let pods = PodStore::new();
-    let namespaces = policy_settings.namespace_restrictions.map(|_| NamespaceStore::new());
-    let service_accounts = policy_settings.service_account_roles.then(ServiceAccountStore::new);
-    let credentials = CredentialCache::new(deps.sts, sts, metrics.clone());
-
+    let policy = Arc::new(crate::policy::discover(policy_settings, upstream.as_ref(), &deps.sts).await?);
+    let listeners = Listeners::bind(network, api.app_port, admin_settings.metrics_port).await?;
     let mut background = JoinSet::new();
-    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-    let keys = AnnotationKeys {
-        role: policy_settings.iam_role_key.clone(),
-        external_id: policy_settings.iam_external_id.clone(),
+
+    let (changes, changed) = mpsc::unbounded_channel();
+    let cache_settings = CacheSettings {
+        keys: AnnotationKeys::of(policy_settings),
+        namespace_rules: NamespaceRules::configured(policy_settings, &policy),
+        service_account_roles: policy_settings.service_account_roles,
+        pod_watch_stale_after: settings.pod_watch_stale_after,
     };
-    if let Some(store) = &service_accounts {
-        let reresolve = Reresolve::new(pods.clone(), changes_tx.clone());
-        let sink = ServiceAccountSink::new(store.clone(), keys.clone(), reresolve);
-        background.spawn(watch_service_accounts(deps.kube.clone(), sink, metrics.clone()));
-    }
-    let sink = PodSink::new(pods.clone(), keys, changes_tx, metrics.clone());
-    let (kube, watched_node) = (deps.kube.clone(), node.clone());
-    let pod_watch = Arc::new(WatchHealth::new(std::time::Instant::now()));
-    let health = pod_watch.clone();
-    background.spawn(async move { watch_pods(kube, &watched_node, sink, health).await });
-    let confirm_every = (pod_watch_stale_after / 3).min(Duration::from_secs(10));
-    background.spawn(crate::cluster::health::confirm_reachable(deps.kube.clone(), pod_watch.clone(), confirm_every));
-    background.spawn(crate::cluster::health::export(pod_watch.clone(), metrics.pod_watch_stale_seconds.clone()));
-    if let (Some(store), Some(format)) = (&namespaces, policy_settings.namespace_restrictions) {
-        let rules = NamespaceRules {
-            annotation: policy_settings.namespace_key.clone(),
-            format,
-            base: policy.base.clone(),
-            account: policy.account.clone(),
-        };
-        let sink = NamespaceSink::new(store.clone(), rules);
-        background.spawn(watch_namespaces(deps.kube.clone(), sink, metrics.clone()));
-    }
-    let mut resolver = Resolver::new(policy, sessions);
-    if let Some(store) = &namespaces {
-        resolver = resolver.with_namespaces(store.clone());
-    }
-    if let Some(store) = &service_accounts {
-        resolver = resolver.with_service_accounts(store.clone());
-    }
-    if let Some(tagging) = session_tags {
-        resolver = resolver.with_session_tags(tagging);
-    }
-    let resolver = Arc::new(resolver);
-    let prefetcher = Prefetcher::new(credentials.clone(), resolver.clone());
-    background.spawn(prefetcher.run(changes_rx));
-    let live_pods = pods.clone();
-    let live_sessions = move || live_pods.read(|index| index.pods().map(|pod| sessions.name(pod)).collect());
-    background.spawn(credentials.clone().refresh_every(REFRESH_SCAN_PERIOD, live_sessions));
+    let caches = Caches::start(&deps.kube, &node, cache_settings, &metrics, changes, &mut background);
+    let resolver = Arc::new(Resolver::configured(
+        policy,
+        sts.sessions,
+        sts.session_tags.clone(),
+        caches.namespaces.clone(),
+        caches.service_accounts.clone(),
+    ));
+    let credentials = CredentialCache::new(deps.sts, sts.clone(), metrics.clone());
+    crate::credentials::keep_ahead(&credentials, resolver.clone(), caches.pods.clone(), changed, &mut background);
 
     // Events on pods: always for pods the rules miss, and with --pod-events for pods that
     // get no credentials.
-    let (events, publisher) = crate::cluster::PodEvents::start(deps.kube.clone(), &node);
+    let (events, publisher) = PodEvents::start(deps.kube.clone(), &node);
     background.spawn(publisher);
-    let imds = ImdsService::new(&api, &node, pods.clone(), resolver, credentials.clone(), upstream, metrics.clone());
+    let imds =
+        ImdsService::new(api, &node, caches.pods.clone(), resolver, credentials.clone(), upstream, metrics.clone());
     let imds = Arc::new(imds.with_events(api.pod_events.then(|| events.clone())));
-    let mut checks: Vec<crate::admin::ReadinessCheck> = Vec::new();
-    let stale_after = pod_watch_stale_after;
-    checks.push((
-        "pod watch failing for longer than --pod-watch-stale-after",
-        Box::new(move || pod_watch.stale_for(std::time::Instant::now()) <= stale_after),
-    ));
+    background.spawn(report_node_exposure(imds.upstream().clone(), metrics.clone()));
+
+    let mut readiness = readiness(&caches);
     let rules = match network.iptables {
         true => {
-            let port = app_addr.port();
-            let cluster = NodeCluster { kube: &deps.kube, node: &node, pods: &pods, events: &events };
-            let (rules, in_place) =
-                crate::netfilter::agent::guard(&network, port, cluster, &metrics, &mut background).await?;
-            checks.push(("netfilter rules not in place", in_place));
+            let cluster = NodeCluster { kube: &deps.kube, node: &node, pods: &caches.pods, events: &events };
+            let port = listeners.app_addr.port();
+            let (rules, state) =
+                crate::netfilter::agent::guard(network, port, cluster, &metrics, &mut background).await?;
+            readiness.require(Condition::new("netfilter rules not in place", state, RulesState::is_in_place));
             Some(rules)
         }
         false => None,
     };
-    let readiness = Arc::new(Readiness {
-        pods: pods.clone(),
-        namespaces: namespaces.clone(),
-        service_accounts: service_accounts.clone(),
-        checks,
-    });
+    let readiness = Arc::new(readiness);
     if let Some(taint) = network.startup_taint.clone() {
-        let (readiness, kube, node) = (readiness.clone(), deps.kube.clone(), node.clone());
-        background.spawn(async move {
-            readiness.ready().await;
-            crate::cluster::taint::remove(kube, &node, &taint).await;
-        });
+        let (ready, kube, node) = (readiness.clone(), deps.kube.clone(), node.clone());
+        background.spawn(async move { crate::cluster::taint::remove(kube, &node, &taint, ready.ready()).await });
     }
-    {
-        let (upstream, metrics) = (imds.upstream().clone(), metrics.clone());
-        background.spawn(async move { crate::imds::upstream::report_node_exposure(&upstream, &metrics).await });
-    }
-    let refusals = metrics.connections_refused.clone();
-    let admin = Arc::new(AdminService {
-        pods,
-        namespaces,
-        service_accounts,
+    let admin = AdminService {
+        pods: caches.pods,
+        namespaces: caches.namespaces,
+        service_accounts: caches.service_accounts,
         credentials,
-        metrics,
+        metrics: metrics.clone(),
         debug: admin_settings.debug,
         readiness,
-    });
-
-    let (stop, servers) = listeners.serve(imds, admin, &api, refusals);
+    };
+    let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);
+    let (stop, servers) = listeners.serve(imds, Arc::new(admin), api, metrics.connections_refused.clone());
     tracing::info!(%app_addr, admin_addr = ?admin_addr, "serving");
     Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, rules })
 }
 
-/// Warns about flags iamlet honours only in part.
-fn warn_about_overrides(sts: &StsSettings, api: &ImdsSettings, admin: &AdminSettings) {
-    if admin.metrics_port.is_none() {
-        tracing::warn!(
-            app_port = api.app_port,
-            "--metrics-port equals --app-port (kube2iam's default): /metrics, /readyz and /debug/store are not \
-             served, since every pod reaches --app-port; /healthz is; give --metrics-port a port of its own \
-             (iamlet's default is 8182) to serve them"
-        );
+/// What the agent waits for before it is ready: each cache synced, and the pod watch current.
+fn readiness(caches: &Caches) -> Readiness {
+    let mut readiness = Readiness::default();
+    readiness.require(Condition::synced("pod cache not synced", caches.pods.synced()));
+    if let Some(store) = &caches.namespaces {
+        readiness.require(Condition::synced("namespace cache not synced", store.synced()));
     }
-    if let Some(requested) = sts.sessions.lowered_from() {
-        tracing::warn!(
-            requested = %humantime::format_duration(requested),
-            used = %humantime::format_duration(sts.sessions.refresh_before()),
-            "--iam-role-session-ttl is lowered: STS caps role-chained sessions (an instance profile's, IRSA's) at 1h \
-             and sessions last twice the TTL; credentials are refreshed with this much left"
-        );
+    if let Some(store) = &caches.service_accounts {
+        readiness.require(Condition::synced("ServiceAccount cache not synced", store.synced()));
     }
-    let allow = &api.allow_route_regexp;
-    match (allow.operator(), allow.keeps_default()) {
-        (None, true) => {}
-        (operator, keeps_default) => {
-            let additions = allow.additions();
-            tracing::info!(
-                allow_route_regexp = operator.unwrap_or_default(),
-                default_list = if keeps_default { "kept" } else { "dropped (--allow-route-regexp-only)" },
-                adds = %if additions.is_empty() { "no well-known path".to_string() } else { additions.join(", ") },
-                "metadata paths relayed to the node's metadata service: the default harmless list and what \
-                 --allow-route-regexp admits, each with or without a trailing slash"
-            );
-        }
-    }
-    let overreach = allow.overreach();
-    if !overreach.is_empty() {
-        tracing::warn!(
-            paths = %overreach.join(", "),
-            "--allow-route-regexp matches paths that iamlet never relays (they identify or empower the node); \
-             they stay refused"
-        );
-    }
+    readiness.require(Condition::new(
+        "pod watch failing for longer than --pod-watch-stale-after",
+        caches.pod_watch_current.clone(),
+        |current| *current,
+    ));
+    readiness
 }
 
 /// The agent's sockets, bound before anything starts so a port conflict fails fast.

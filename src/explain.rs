@@ -17,13 +17,12 @@ use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, ServiceAcco
 use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
 use crate::netfilter::coverage::Routes;
-use crate::netfilter::{InterfaceSetting, NetworkSettings, cni};
+use crate::netfilter::{Choice, NetworkSettings, choice};
 use crate::pod::PodIdentity;
 use crate::policy::{
-    Assignment, Denial, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource,
-    ServiceAccountLookup,
+    Assignment, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource, ServiceAccountLookup,
 };
-use crate::resolve::{CredentialKey, Resolved, Resolver};
+use crate::resolve::{CredentialKey, Resolved, Resolver, Unresolved};
 
 /// What `explain` found, line by line, and its verdict.
 #[derive(Debug)]
@@ -118,7 +117,7 @@ fn service_account_line(pod: &PodIdentity, resolver: &Resolver, keys: &Annotatio
 }
 
 /// The role the pod gets and where it comes from, or why none.
-fn role_line(pod: &PodIdentity, resolved: &Result<Resolved, Denial>) -> String {
+fn role_line(pod: &PodIdentity, resolved: &Result<Resolved, Unresolved>) -> String {
     match resolved {
         Ok(Resolved { assignment, .. }) => {
             let source = match &assignment.source {
@@ -137,7 +136,7 @@ fn role_line(pod: &PodIdentity, resolved: &Result<Resolved, Denial>) -> String {
 /// What the namespace's allow-list says of the pod's role.
 fn namespace_line(
     namespace_key: Option<&str>,
-    resolved: &Result<Resolved, Denial>,
+    resolved: &Result<Resolved, Unresolved>,
     rule: Option<&NamespaceRule>,
 ) -> String {
     match (namespace_key, resolved) {
@@ -179,7 +178,7 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
         .map_err(|e| anyhow::anyhow!("cannot read pod {namespace}/{name}: {e}"))?;
     let sts = AwsSts::from_environment(&settings.sts.client(node.unwrap_or("explain"))).await;
     let policy = &settings.policy;
-    let keys = AnnotationKeys { role: policy.iam_role_key.clone(), external_id: policy.iam_external_id.clone() };
+    let keys = AnnotationKeys::of(policy);
     let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
     let resolver = resolver(settings, client, namespace, service_account, &keys, &sts).await?;
     let namespace_key = policy.namespace_restrictions.map(|_| policy.namespace_key.as_str());
@@ -227,36 +226,34 @@ async fn resolver(
     let upstream = UpstreamImds::new(settings.imds.metadata_addr.clone(), Duration::from_secs(2));
     let caller: Arc<dyn RoleAssumer> = Arc::new(sts.clone());
     let policy = crate::policy::discover(&settings.policy, &upstream, &caller).await?;
-    let namespace_rules = settings.policy.namespace_restrictions.map(|format| NamespaceRules {
-        annotation: settings.policy.namespace_key.clone(),
-        format,
-        base: policy.base.clone(),
-        account: policy.account.clone(),
-    });
-    let mut resolver = Resolver::new(Arc::new(policy), settings.sts.sessions);
-    if let Some(rules) = namespace_rules {
-        let object = Api::<Namespace>::all(client.clone())
-            .get(namespace)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
-        let store = NamespaceStore::new();
-        store.replace_all(rules.rule_of(&object).map(|rule| (namespace.to_string(), rule)));
-        resolver = resolver.with_namespaces(store);
-    }
-    if settings.policy.service_account_roles {
-        let object = Api::<ServiceAccount>::namespaced(client, namespace)
-            .get_metadata_opt(service_account)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read ServiceAccount {namespace}/{service_account}: {e}"))?;
-        let role = object.and_then(|object| service_account_role_of(&object.metadata, keys));
-        let store = ServiceAccountStore::new();
-        store.replace_all(role.map(|role| ((namespace.to_string(), service_account.to_string()), role)));
-        resolver = resolver.with_service_accounts(store);
-    }
-    if let Some(tagging) = settings.sts.session_tags.clone() {
-        resolver = resolver.with_session_tags(tagging);
-    }
-    Ok(resolver)
+    let namespaces = match NamespaceRules::configured(&settings.policy, &policy) {
+        Some(rules) => {
+            let object = Api::<Namespace>::all(client.clone())
+                .get(namespace)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read namespace {namespace}: {e}"))?;
+            let store = NamespaceStore::new();
+            store.replace_all(rules.rule_of(&object).map(|rule| (namespace.to_string(), rule)));
+            Some(store)
+        }
+        None => None,
+    };
+    let service_accounts = match settings.policy.service_account_roles {
+        true => {
+            let object =
+                Api::<ServiceAccount>::namespaced(client, namespace)
+                    .get_metadata_opt(service_account)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot read ServiceAccount {namespace}/{service_account}: {e}"))?;
+            let role = object.and_then(|object| service_account_role_of(&object.metadata, keys));
+            let store = ServiceAccountStore::new();
+            store.replace_all(role.map(|role| ((namespace.to_string(), service_account.to_string()), role)));
+            Some(store)
+        }
+        false => None,
+    };
+    let tagging = settings.sts.session_tags.clone();
+    Ok(Resolver::configured(Arc::new(policy), settings.sts.sessions, tagging, namespaces, service_accounts))
 }
 
 /// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its
@@ -267,12 +264,9 @@ async fn interception(config: &NetworkSettings, node: Option<&str>, pod: &Pod) -
     if Some(pod_node) != node {
         return Some(format!("not checked: run explain on node {pod_node} (kubectl exec into its iamlet pod)"));
     }
-    let interfaces = match &config.host_interface {
-        InterfaceSetting::Given(interfaces) => interfaces.clone(),
-        InterfaceSetting::Auto => match cni::detect(&config.cni_conf_dir, &crate::netfilter::node_links()) {
-            cni::Detection::Found { interfaces, .. } => interfaces,
-            cni::Detection::Waiting(why) => return Some(format!("no interface detected yet: {why}")),
-        },
+    let interfaces = match choice::look(&config.host_interface, &config.cni_conf_dir, &crate::netfilter::node_links()) {
+        Choice::Found { interfaces, .. } => interfaces,
+        Choice::Waiting { why, .. } => return Some(format!("not intercepted yet: {why}")),
     };
     let routes = match Routes::open() {
         Ok(routes) => routes,

@@ -152,6 +152,15 @@ pub struct IgnoredFlag {
     pub why: &'static str,
 }
 
+impl IgnoredFlag {
+    /// One startup line per kube2iam flag accepted without effect, with the reason.
+    pub fn announce(flags: &[IgnoredFlag]) {
+        for ignored in flags {
+            tracing::info!(flag = ignored.flag, "kube2iam flag accepted without effect: {}", ignored.why);
+        }
+    }
+}
+
 /// The validated configuration the agent runs with.
 #[derive(Debug, Clone)]
 pub struct Config {

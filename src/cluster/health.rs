@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
 /// Longer than the watcher's longest back-off between retries (30 s).
 pub const STREAK_GAP: Duration = Duration::from_secs(45);
@@ -66,9 +67,28 @@ impl WatchHealth {
     }
 }
 
+/// Follows the pod watch's health for as long as `tasks` run: confirms the API server answers
+/// often enough that a quiet watch never looks stale (a third of `stale_after`, at most every
+/// 10 s), keeps `gauge` (`iamlet_pod_watch_stale_seconds`) current, and returns a handle
+/// that says whether the view is current, stale for no longer than `stale_after` (a
+/// readiness condition).
+pub fn follow(
+    client: kube::Client,
+    health: Arc<WatchHealth>,
+    stale_after: Duration,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> watch::Receiver<bool> {
+    let confirm_every = (stale_after / 3).min(Duration::from_secs(10));
+    tasks.spawn(confirm_reachable(client, health.clone(), confirm_every));
+    let (current, handle) = watch::channel(true);
+    tasks.spawn(export(health, gauge, stale_after, current));
+    handle
+}
+
 /// Confirms every `period` that the API server answers (`GET /version`, bounded by
 /// `period`), so a quiet but healthy watch never looks stale.
-pub async fn confirm_reachable(client: kube::Client, health: std::sync::Arc<WatchHealth>, period: Duration) {
+async fn confirm_reachable(client: kube::Client, health: std::sync::Arc<WatchHealth>, period: Duration) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -79,12 +99,20 @@ pub async fn confirm_reachable(client: kube::Client, health: std::sync::Arc<Watc
     }
 }
 
-/// Keeps `gauge` (`iamlet_pod_watch_stale_seconds`) at how stale the view is, every second.
-pub async fn export(health: Arc<WatchHealth>, gauge: prometheus_client::metrics::gauge::Gauge) {
+/// Every second, sets `gauge` to how stale the view is and `current` to whether that is
+/// within `stale_after`.
+async fn export(
+    health: Arc<WatchHealth>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    stale_after: Duration,
+    current: watch::Sender<bool>,
+) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticks.tick().await;
-        gauge.set(health.stale_for(Instant::now()).as_secs() as i64);
+        let stale_for = health.stale_for(Instant::now());
+        gauge.set(stale_for.as_secs() as i64);
+        current.send_if_modified(|current| std::mem::replace(current, stale_for <= stale_after) != *current);
     }
 }
 

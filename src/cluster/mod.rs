@@ -4,6 +4,7 @@
 //! [`PodIndex`] is the pure part (plain data, unit-tested by building pods by hand);
 //! [`PodStore`] shares it with requests and lets them wait for a pod; [`watch`] feeds it.
 
+mod caches;
 pub mod client;
 pub mod events;
 pub mod health;
@@ -13,12 +14,15 @@ pub mod placement;
 mod pod;
 mod service_accounts;
 mod store;
+mod synced;
 pub mod taint;
 pub mod watch;
 
+pub use caches::{CacheSettings, Caches};
 pub use events::{PodEvents, Reason};
 pub use index::{Change, PodIndex};
 pub use namespaces::{NamespaceRules, NamespaceStore};
 pub use pod::{AnnotationKeys, identity};
 pub use service_accounts::{ServiceAccountEntry, ServiceAccountStore, role_of as service_account_role_of};
 pub use store::PodStore;
+pub use synced::Synced;

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use super::Synced;
+use crate::policy::{
+    AllowedRoles, BaseArn, KIAM_PERMITTED_ANNOTATION, NamespaceRule, Policy, PolicySettings, RestrictionFormat,
+};
 use k8s_openapi::api::core::v1::Namespace;
-use tokio::sync::watch;
-
-use crate::policy::{AllowedRoles, BaseArn, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RestrictionFormat};
 
 /// How namespace annotations are read.
 #[derive(Debug, Clone)]
@@ -21,6 +22,17 @@ pub struct NamespaceRules {
 }
 
 impl NamespaceRules {
+    /// How the agent reads namespaces, from its flags and the policy discovered at startup:
+    /// `None` without `--namespace-restrictions`.
+    pub fn configured(settings: &PolicySettings, policy: &Policy) -> Option<Self> {
+        settings.namespace_restrictions.map(|format| NamespaceRules {
+            annotation: settings.namespace_key.clone(),
+            format,
+            base: policy.base.clone(),
+            account: policy.account.clone(),
+        })
+    }
+
     /// The rule a namespace object carries: its `--namespace-key` list and kiam's `permitted`
     /// expression together, or `None` when it has neither. Either one malformed makes the
     /// whole rule malformed (the namespace then allows nothing).
@@ -43,16 +55,10 @@ impl NamespaceRules {
 }
 
 /// The compiled rule of every annotated namespace.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct NamespaceStore {
     rules: RwLock<HashMap<String, Arc<NamespaceRule>>>,
-    synced: watch::Sender<bool>,
-}
-
-impl Default for NamespaceStore {
-    fn default() -> Self {
-        Self { rules: RwLock::default(), synced: watch::channel(false).0 }
-    }
+    synced: Synced,
 }
 
 impl NamespaceStore {
@@ -78,16 +84,12 @@ impl NamespaceStore {
     pub fn replace_all(&self, listing: impl IntoIterator<Item = (String, NamespaceRule)>) {
         let fresh = listing.into_iter().map(|(name, rule)| (name, Arc::new(rule))).collect();
         *self.rules.write() = fresh;
-        self.synced.send_replace(true);
+        self.synced.mark();
     }
 
-    pub fn is_synced(&self) -> bool {
-        *self.synced.borrow()
-    }
-
-    /// Resolves once the first listing has been applied.
-    pub async fn synced(&self) {
-        let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
+    /// Whether the first listing has been applied (see [`Synced`]).
+    pub fn synced(&self) -> &Synced {
+        &self.synced
     }
 
     /// Names and rules of all annotated namespaces, sorted, for `/debug/store`.
@@ -121,7 +123,7 @@ mod tests {
 
         let store = NamespaceStore::default();
         store.replace_all([("a".to_string(), Ok(rule))]);
-        assert!(store.is_synced() && store.rule("a").is_some() && store.rule("b").is_none());
+        assert!(store.synced().is_synced() && store.rule("a").is_some() && store.rule("b").is_none());
         store.set("a", None);
         assert!(store.rule("a").is_none());
     }

@@ -13,6 +13,13 @@ pub struct AnnotationKeys {
     pub external_id: String,
 }
 
+impl AnnotationKeys {
+    /// `--iam-role-key` and `--iam-external-id`.
+    pub fn of(settings: &crate::policy::PolicySettings) -> Self {
+        Self { role: settings.iam_role_key.clone(), external_id: settings.iam_external_id.clone() }
+    }
+}
+
 /// The identity of a pod that may be served, or `None` for a pod that never is: one on the
 /// host network (its IP is the node's), one that has finished (Succeeded or Failed, whose IP
 /// may already belong to another pod), or one without a uid.

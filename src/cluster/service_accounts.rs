@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use parking_lot::RwLock;
-use tokio::sync::watch;
 
+use super::Synced;
 use super::pod::AnnotationKeys;
 use crate::policy::{IRSA_ROLE_ANNOTATION, ServiceAccountLookup, ServiceAccountRole};
 
@@ -37,16 +37,10 @@ type Name = (String, String);
 type Roles = HashMap<String, HashMap<String, Arc<ServiceAccountRole>>>;
 
 /// The role of every ServiceAccount that names one.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ServiceAccountStore {
     roles: RwLock<Roles>,
-    synced: watch::Sender<bool>,
-}
-
-impl Default for ServiceAccountStore {
-    fn default() -> Self {
-        Self { roles: RwLock::default(), synced: watch::channel(false).0 }
-    }
+    synced: Synced,
 }
 
 fn lookup<'a>(roles: &'a Roles, namespace: &str, name: &str) -> Option<&'a Arc<ServiceAccountRole>> {
@@ -65,7 +59,7 @@ impl ServiceAccountStore {
     /// What the ServiceAccount `namespace/name` says of its role. Before the first listing
     /// nothing is known, and `None` says so: "no role" would be a wrong answer then.
     pub fn entry(&self, namespace: &str, name: &str) -> Option<ServiceAccountEntry> {
-        if !self.is_synced() {
+        if !self.synced.is_synced() {
             return None;
         }
         Some(ServiceAccountEntry(lookup(&self.roles.read(), namespace, name).cloned()))
@@ -99,7 +93,7 @@ impl ServiceAccountStore {
             fresh.entry(namespace).or_default().insert(name, Arc::new(role));
         }
         let mut roles = self.roles.write();
-        let first = !self.is_synced();
+        let first = !self.synced.is_synced();
         let mut changed: Vec<Name> = names(&fresh)
             .filter(|((ns, name), role)| first || lookup(&roles, ns, name) != Some(*role))
             .map(|(name, _)| name)
@@ -107,17 +101,13 @@ impl ServiceAccountStore {
         changed.extend(names(&roles).filter(|((ns, name), _)| lookup(&fresh, ns, name).is_none()).map(|(n, _)| n));
         *roles = fresh;
         drop(roles);
-        self.synced.send_replace(true);
+        self.synced.mark();
         changed
     }
 
-    pub fn is_synced(&self) -> bool {
-        *self.synced.borrow()
-    }
-
-    /// Resolves once the first listing has been applied.
-    pub async fn synced(&self) {
-        let _ = self.synced.subscribe().wait_for(|synced| *synced).await;
+    /// Whether the first listing has been applied (see [`Synced`]).
+    pub fn synced(&self) -> &Synced {
+        &self.synced
     }
 
     /// Every ServiceAccount that names a role, sorted, for `/debug/store`.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::Synced;
 use super::index::{Change, PodIndex};
 use crate::pod::PodIdentity;
 
@@ -22,13 +23,13 @@ pub struct PodStore {
     index: RwLock<PodIndex>,
     /// Bumped after every change; waiters re-check on each bump.
     generation: watch::Sender<u64>,
-    /// True once the first full listing has been applied.
-    synced: watch::Sender<bool>,
+    /// Whether the first full listing has been applied.
+    synced: Synced,
 }
 
 impl Default for PodStore {
     fn default() -> Self {
-        Self { index: RwLock::default(), generation: watch::channel(0).0, synced: watch::channel(false).0 }
+        Self { index: RwLock::default(), generation: watch::channel(0).0, synced: Synced::default() }
     }
 }
 
@@ -48,7 +49,7 @@ impl PodStore {
     /// Applies a whole listing, then marks the store synced.
     pub fn replace_all(&self, pods: Vec<PodIdentity>) -> Vec<Change> {
         let changes = self.update(|index| index.replace_all(pods));
-        self.synced.send_replace(true);
+        self.synced.mark();
         changes
     }
 
@@ -82,14 +83,9 @@ impl PodStore {
         f(&self.index.read())
     }
 
-    pub fn is_synced(&self) -> bool {
-        *self.synced.borrow()
-    }
-
-    /// Resolves once the first full listing has been applied.
-    pub async fn synced(&self) {
-        let mut rx = self.synced.subscribe();
-        let _ = rx.wait_for(|synced| *synced).await;
+    /// Whether the first full listing has been applied (see [`Synced`]).
+    pub fn synced(&self) -> &Synced {
+        &self.synced
     }
 }
 
@@ -128,10 +124,10 @@ mod tests {
     #[tokio::test]
     async fn synced_after_the_first_listing() {
         let store = PodStore::new();
-        assert!(!store.is_synced());
+        assert!(!store.synced().is_synced());
         store.replace_all(vec![pod("a", "10.0.0.1")]);
-        store.synced().await;
-        assert!(store.is_synced());
+        store.synced().wait().await;
+        assert!(store.synced().is_synced());
         assert_eq!(store.lookup(&"10.0.0.1".parse().unwrap()).unwrap().uid, "a");
     }
 }

@@ -31,9 +31,10 @@ pub fn patch(current: &[Taint], kept: &[Taint]) -> Result<json_patch::Patch, ser
     ]))
 }
 
-/// Removes the taint `key` from `node`, retrying (with back-off, forever) until it is gone;
-/// returns once it is.
-pub async fn remove(client: kube::Client, node: &str, key: &str) {
+/// Once `ready` resolves (the node is protected), removes the taint `key` from `node`,
+/// retrying (with back-off, forever) until it is gone; returns once it is.
+pub async fn remove(client: kube::Client, node: &str, key: &str, ready: impl Future<Output = ()>) {
+    ready.await;
     let nodes = Api::<Node>::all(client);
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -261,7 +261,7 @@ impl WatchSink<ServiceAccountMeta> for ServiceAccountSink {
     }
 
     fn init_done(&mut self) {
-        let first = !self.store.is_synced();
+        let first = !self.store.synced().is_synced();
         let changed = self.store.replace_all(std::mem::take(&mut self.listing));
         if first {
             // Pods seen before the first listing could not be resolved ("not synced"): all of

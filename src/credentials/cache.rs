@@ -43,6 +43,28 @@ pub struct StsSettings {
 }
 
 impl StsSettings {
+    /// Says at startup what the STS flags change from plain AssumeRole: the intermediate
+    /// role, session tags, and a session TTL lowered to fit STS's role-chaining cap.
+    pub fn announce(&self) {
+        if let Some(role) = &self.assume_role_arn {
+            tracing::info!(%role, "pods' roles are assumed with this intermediate role's session (--assume-role-arn)");
+        }
+        if let Some(tagging) = &self.session_tags {
+            tracing::info!(
+                cluster_name = tagging.cluster_name.as_deref(),
+                "sessions carry the pods' tags (--session-tags)"
+            );
+        }
+        if let Some(requested) = self.sessions.lowered_from() {
+            tracing::warn!(
+                requested = %humantime::format_duration(requested),
+                used = %humantime::format_duration(self.sessions.refresh_before()),
+                "--iam-role-session-ttl is lowered: STS caps role-chained sessions (an instance profile's, IRSA's) at \
+                 1h and sessions last twice the TTL; credentials are refreshed with this much left"
+            );
+        }
+    }
+
     /// How the STS client of the agent on `node` is built.
     pub fn client(&self, node: &str) -> StsClientSettings {
         StsClientSettings {

@@ -32,3 +32,30 @@ pub struct ImdsSettings {
     pub limits: crate::http::Limits,
     pub shutdown_grace_period: Duration,
 }
+
+impl ImdsSettings {
+    /// Says at startup what is relayed to the node's metadata service beyond the default
+    /// list (`--allow-route-regexp`), and which never-relayed paths the operator's regexp
+    /// would match: they stay refused.
+    pub fn announce(&self) {
+        let allow = &self.allow_route_regexp;
+        if allow.operator().is_some() || !allow.keeps_default() {
+            let additions = allow.additions();
+            tracing::info!(
+                allow_route_regexp = allow.operator().unwrap_or_default(),
+                default_list = if allow.keeps_default() { "kept" } else { "dropped (--allow-route-regexp-only)" },
+                adds = %if additions.is_empty() { "no well-known path".to_string() } else { additions.join(", ") },
+                "metadata paths relayed to the node's metadata service: the default harmless list and what \
+                 --allow-route-regexp admits, each with or without a trailing slash"
+            );
+        }
+        let overreach = allow.overreach();
+        if !overreach.is_empty() {
+            tracing::warn!(
+                paths = %overreach.join(", "),
+                "--allow-route-regexp matches paths that iamlet never relays (they identify or empower the node); \
+                 they stay refused"
+            );
+        }
+    }
+}

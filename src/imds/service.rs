@@ -16,8 +16,7 @@ use crate::credentials::{CredentialCache, CredentialError};
 use crate::http::{Body, text};
 use crate::metrics::{InFlight, Metrics, RequestLabels, RouteLabels};
 use crate::pod::PodIdentity;
-use crate::policy::Denial;
-use crate::resolve::{Resolved, Resolver};
+use crate::resolve::{Resolved, Resolver, Unresolved};
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
@@ -178,7 +177,12 @@ impl ImdsService {
     }
 
     /// The pod behind `peer`, its role and credential key, or the 404 that says why not.
+    ///
+    /// A request waits at most once, `--backoff-max-elapsed-time` in all, for what it depends
+    /// on: the watch to deliver its pod, then the caches the answer needs (just after start):
+    /// SDKs give up on the metadata service after about a second.
     async fn resolve(&self, peer: IpAddr) -> Result<(Arc<PodIdentity>, Resolved), Response<Body>> {
+        let deadline = tokio::time::Instant::now() + self.pod_wait;
         let Some(pod) = self.pods.wait_for(&peer, self.pod_wait).await else {
             tracing::info!(%peer, node = %self.node, "request from an IP with no known pod");
             return Err(text(
@@ -187,18 +191,19 @@ impl ImdsService {
             ));
         };
         let mut resolved = self.resolver.resolve(&pod);
-        if matches!(resolved, Err(Denial::NotSynced { .. })) {
-            // Just started: the answer waits for the caches it depends on, as for the pod.
-            let _ = tokio::time::timeout(self.pod_wait, self.resolver.synced()).await;
+        if matches!(resolved, Err(Unresolved::NotSynced { .. })) {
+            // Just started: the answer waits for the caches it depends on, in what is left of
+            // the same wait.
+            let _ = tokio::time::timeout_at(deadline, self.resolver.synced()).await;
             resolved = self.resolver.resolve(&pod);
         }
         match resolved {
             Ok(resolved) => Ok((pod, resolved)),
-            Err(denial @ Denial::NotSynced { .. }) => {
-                tracing::info!(namespace = %pod.namespace, pod = %pod.name, reason = %denial, "answer deferred");
-                Err(text(StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {denial}; retry\n")))
+            Err(not_yet @ Unresolved::NotSynced { .. }) => {
+                tracing::info!(namespace = %pod.namespace, pod = %pod.name, reason = %not_yet, "answer deferred");
+                Err(text(StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {not_yet}; retry\n")))
             }
-            Err(denial) => {
+            Err(Unresolved::Denied(denial)) => {
                 tracing::info!(
                     namespace = %pod.namespace, pod = %pod.name, role = pod.role_annotation.as_deref().unwrap_or_default(),
                     service_account = %pod.service_account, reason = %denial, "role denied"

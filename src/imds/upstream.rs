@@ -3,6 +3,7 @@
 //! iamlet talks to it with its own IMDSv2 token (a pod's token is iamlet's, not IMDS's), and
 //! never forwards the pod's headers, so nothing like `X-Forwarded-For` reaches IMDS.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -150,7 +151,7 @@ impl UpstreamImds {
 
 /// Warns once, and sets `iamlet_node_imdsv1_enabled`, when the node's metadata service
 /// answers IMDSv1: then nothing but iamlet's rules stands between a pod and the node's role.
-pub async fn report_node_exposure(upstream: &UpstreamImds, metrics: &crate::metrics::Metrics) {
+pub async fn report_node_exposure(upstream: Arc<UpstreamImds>, metrics: Arc<crate::metrics::Metrics>) {
     match upstream.answers_without_token().await {
         Some(true) => {
             metrics.node_imdsv1_enabled.set(1);

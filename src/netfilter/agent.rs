@@ -16,9 +16,6 @@ use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::{PodEvents, PodStore, Reason};
 use crate::metrics::Metrics;
 
-/// A readiness condition: true once the rules are in place.
-pub type InPlace = Box<dyn Fn() -> bool + Send + Sync>;
-
 /// What the rules need of the cluster: the API server (whether the agent's DaemonSet goes on,
 /// at stop), this node's name, its pods (the coverage check), and where to report the pods
 /// the rules miss.
@@ -31,14 +28,15 @@ pub struct NodeCluster<'a> {
 
 /// Prepares the rules and starts the tasks that own them (see [`start_rules`]), and, under
 /// `--iptables-keep-on-exit=auto`, the lookup of the agent's DaemonSet that decides their
-/// fate on stop. Returns what stop needs, and the readiness condition.
+/// fate on stop. Returns what stop needs, and the rules' state (a readiness condition:
+/// [`RulesState::is_in_place`]).
 pub async fn guard(
     settings: &NetworkSettings,
     port: u16,
     cluster: NodeCluster<'_>,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
-) -> Result<(RulesOnExit, InPlace), IptablesError> {
+) -> Result<(RulesOnExit, watch::Receiver<RulesState>), IptablesError> {
     let NodeCluster { kube, node, pods, events } = cluster;
     let (rules, in_place) = start_rules(settings, port, pods, events, metrics, background).await?;
     let pod = SelfPod::from_env();
@@ -84,7 +82,7 @@ impl RulesOnExit {
 /// Prepares iamlet's rules for each family the agent has an address on (failing fast on a
 /// missing iptables or capability), and starts the tasks that own them: the keeper (detect,
 /// install, repair) and the coverage check, which records a Warning Event on each pod it
-/// finds uncovered. Returns the rules and the readiness check.
+/// finds uncovered. Returns the rules and their state.
 async fn start_rules(
     config: &NetworkSettings,
     port: u16,
@@ -92,7 +90,7 @@ async fn start_rules(
     events: &PodEvents,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
-) -> Result<(NodeRules, InPlace), IptablesError> {
+) -> Result<(NodeRules, watch::Receiver<RulesState>), IptablesError> {
     let targets: Vec<SocketAddr> = config
         .host_ip
         .into_iter()
@@ -147,8 +145,7 @@ async fn start_rules(
         metrics.pods_not_intercepted.clone(),
         config.iptables_sync_period,
     ));
-    let ready = move || matches!(*watching.borrow(), RulesState::InPlace(_));
-    Ok((rules, Box::new(ready)))
+    Ok((rules, watching))
 }
 
 /// Looks up the agent's controller (its DaemonSet) while the pod surely exists, retrying

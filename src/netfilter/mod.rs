@@ -9,6 +9,7 @@
 //! whether they outlive it.
 
 pub mod agent;
+pub mod choice;
 pub mod cni;
 pub mod conntrack;
 pub mod coverage;
@@ -24,6 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub use choice::{Choice, InterfaceSetting};
 pub use interfaces::{InterfaceError, InterfaceMatch, InterfacePattern, node_links};
 pub use iptables::{BackendChoice, Iptables, IptablesError};
 pub use rules::{CHAIN, Family, Table};
@@ -50,13 +52,6 @@ pub struct NetworkSettings {
     pub iptables_backend: BackendChoice,
     /// The taint removed from the node once the rules are in place; `None` when disabled.
     pub startup_taint: Option<String>,
-}
-
-/// `--host-interface`: patterns given by the operator, or detection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InterfaceSetting {
-    Auto,
-    Given(InterfaceMatch),
 }
 
 /// iamlet's rules in one IP family: which iptables program, and where traffic goes.
@@ -227,6 +222,11 @@ pub enum RulesState {
 }
 
 impl RulesState {
+    /// Installed and, at the last check, intact: the node is protected.
+    pub fn is_in_place(&self) -> bool {
+        matches!(self, RulesState::InPlace(_))
+    }
+
     pub fn interfaces(&self) -> Option<&InterfaceMatch> {
         match self {
             RulesState::Waiting(_) => None,
@@ -279,60 +279,30 @@ impl RuleKeeper {
         }
     }
 
-    /// The interfaces to intercept: as given (waiting until something vouches for each
-    /// pattern, see [`InterfaceMatch::unvouched`]), or detected (waiting until there is a CNI).
+    /// The interfaces to intercept ([`choice::look`]), looking again every 2 s until there
+    /// is an answer: meanwhile not ready, with what is awaited said once.
     async fn interfaces(&self) -> InterfaceMatch {
-        match &self.setting {
-            InterfaceSetting::Given(interfaces) => {
-                let mut warned = false;
-                loop {
-                    let links = node_links();
-                    let configured = cni::configured(&self.cni_conf_dir);
-                    let unvouched = interfaces.unvouched(&links, configured.as_ref().map(|(_, _, i)| i));
-                    if unvouched.is_empty() {
-                        if warned {
-                            tracing::info!(interface = %interfaces, "the interfaces --host-interface names are here");
-                        }
-                        return interfaces.clone();
+        let mut waited = false;
+        loop {
+            match choice::look(&self.setting, &self.cni_conf_dir, &node_links()) {
+                Choice::Found { interfaces, detected: Some((cni, from)) } => {
+                    tracing::info!(cni, from, interface = %interfaces, "detected the pod network's interfaces");
+                    return interfaces;
+                }
+                Choice::Found { interfaces, detected: None } => {
+                    if waited {
+                        tracing::info!(interface = %interfaces, "the interfaces --host-interface names are here");
                     }
-                    let absent: Vec<String> = unvouched.iter().map(ToString::to_string).collect();
-                    let why = format!(
-                        "--host-interface={interfaces}: no link matches {} on this node, and the CNI configuration does \
-                         not name it",
-                        absent.join(", ")
-                    );
-                    self.state.send_if_modified(|current| replace(current, RulesState::Waiting(why.clone())));
-                    if !std::mem::replace(&mut warned, true) {
-                        let configuration = match &configured {
-                            Some((cni, from, detected)) => format!("{cni} in {from}, whose pods sit behind {detected}"),
-                            None => format!("none iamlet knows in {}", self.cni_conf_dir.display()),
-                        };
-                        tracing::warn!(
-                            links = %links.join(", "), cni_configuration = %configuration,
-                            "{why}: waiting for it (not ready, the startup taint stays) since pods behind other \
-                             interfaces would reach the node's metadata service. Fix --host-interface if it names the \
-                             wrong CNI. Per CNI: {}",
-                            cni::cni_table()
-                        );
+                    return interfaces;
+                }
+                Choice::Waiting { why, detail } => {
+                    if self.state.send_if_modified(|current| replace(current, RulesState::Waiting(why))) && !waited {
+                        tracing::warn!("{detail}");
                     }
+                    waited = true;
                     tokio::time::sleep(CNI_POLL).await;
                 }
             }
-            InterfaceSetting::Auto => loop {
-                match cni::detect(&self.cni_conf_dir, &node_links()) {
-                    cni::Detection::Found { cni, from, interfaces } => {
-                        tracing::info!(cni, from, interface = %interfaces, "detected the pod network's interfaces");
-                        return interfaces;
-                    }
-                    cni::Detection::Waiting(why) => {
-                        let state = RulesState::Waiting(why.clone());
-                        if self.state.send_if_modified(|current| replace(current, state)) {
-                            tracing::warn!("--host-interface=auto: waiting for the CNI (not ready until then): {why}");
-                        }
-                        tokio::time::sleep(CNI_POLL).await;
-                    }
-                }
-            },
         }
     }
 }

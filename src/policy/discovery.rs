@@ -75,7 +75,6 @@ pub trait NodeMetadata: Sync {
     fn get_text<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<String, BoxError>>;
 }
 
-/// Who iamlet's own credentials belong to.
 /// Why the policy the flags ask for cannot be built: the agent does not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -92,6 +91,7 @@ pub enum PolicyError {
     },
 }
 
+/// Who iamlet's own credentials belong to.
 pub trait CallerAccount: Sync {
     /// The account of the credentials iamlet runs with (STS GetCallerIdentity).
     fn caller_account(&self) -> BoxFuture<'_, Result<String, BoxError>>;
@@ -135,6 +135,11 @@ pub async fn discover(
             Some(role)
         }
     };
+    tracing::info!(
+        base_arn = policy.base.as_ref().map(BaseArn::as_str),
+        default_role = policy.default_role.as_ref().map(super::RoleArn::as_str),
+        "policy ready"
+    );
     Ok(policy)
 }
 

@@ -90,10 +90,6 @@ pub enum Denial {
     BadAnnotation { value: String, reason: String },
     /// The ServiceAccount's role annotation could not be turned into a role ARN.
     BadServiceAccountAnnotation { service_account: String, annotation: String, value: String, reason: String },
-    /// A cache the answer depends on has not been listed yet since the agent started: any
-    /// answer now could be wrong (the default role instead of a ServiceAccount's), so none is
-    /// given. Not final: the request waits for the cache, then is told to retry.
-    NotSynced { cache: &'static str },
     /// Namespace restrictions are on and the namespace does not list the role.
     NotAllowedInNamespace { role: RoleArn, namespace: String },
     /// Namespace restrictions are on and the namespace's annotation is malformed.
@@ -114,7 +110,6 @@ impl fmt::Display for Denial {
             Denial::BadServiceAccountAnnotation { service_account, annotation, value, reason } => {
                 write!(f, "ServiceAccount {service_account}'s {annotation} {value:?} is unusable: {reason}")
             }
-            Denial::NotSynced { cache } => write!(f, "the {cache} cache has not synced yet since iamlet started"),
             Denial::NotAllowedInNamespace { role, namespace } => {
                 write!(f, "role {role} is not allowed in namespace {namespace}")
             }

@@ -25,6 +25,25 @@ pub struct CredentialKey {
     pub tags: Option<SessionTags>,
 }
 
+/// Why the resolver gives a pod no role now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    /// Policy's answer: final until the pod, its namespace or its ServiceAccount changes.
+    #[error("{0}")]
+    Denied(Denial),
+    /// A cache the answer depends on has not been listed yet since the agent started: any
+    /// answer now could be wrong (the default role instead of a ServiceAccount's), so none is
+    /// given. Not final: the request waits for the cache, then is told to retry.
+    #[error("the {cache} cache has not synced yet since iamlet started")]
+    NotSynced { cache: &'static str },
+}
+
+impl From<Denial> for Unresolved {
+    fn from(denial: Denial) -> Self {
+        Unresolved::Denied(denial)
+    }
+}
+
 /// A pod's role, and the key of its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -51,6 +70,19 @@ impl Resolver {
         Self { policy, sessions, namespaces: None, service_accounts: None, tagging: None }
     }
 
+    /// The resolver as the agent's flags configure it: the agent (fed by watches) and
+    /// `iamlet explain` (fed by one read) build it here, so both answer alike. A store is
+    /// given when its flag is on (`--namespace-restrictions`, `--service-account-roles`).
+    pub fn configured(
+        policy: Arc<Policy>,
+        sessions: SessionRules,
+        tagging: Option<SessionTagging>,
+        namespaces: Option<Arc<NamespaceStore>>,
+        service_accounts: Option<Arc<ServiceAccountStore>>,
+    ) -> Self {
+        Self { policy, sessions, namespaces, service_accounts, tagging }
+    }
+
     /// Restricts roles to what each namespace allows (`--namespace-restrictions`).
     pub fn with_namespaces(mut self, store: Arc<NamespaceStore>) -> Self {
         self.namespaces = Some(store);
@@ -71,19 +103,19 @@ impl Resolver {
 
     /// The role `pod` gets and its credential key, or why it gets none. Pure given the
     /// stores' content: a denial is final until the pod, its namespace or its ServiceAccount
-    /// changes, except [`Denial::NotSynced`], which only says "not yet".
-    pub fn resolve(&self, pod: &PodIdentity) -> Result<Resolved, Denial> {
+    /// changes, except [`Unresolved::NotSynced`], which only says "not yet".
+    pub fn resolve(&self, pod: &PodIdentity) -> Result<Resolved, Unresolved> {
         let entry = match (&self.service_accounts, pod.own_role()) {
             (Some(store), None) => Some(
                 store
                     .entry(&pod.namespace, &pod.service_account)
-                    .ok_or(Denial::NotSynced { cache: "ServiceAccount" })?,
+                    .ok_or(Unresolved::NotSynced { cache: "ServiceAccount" })?,
             ),
             _ => None,
         };
         let lookup = entry.as_ref().map_or(ServiceAccountLookup::NotConsulted, ServiceAccountEntry::as_lookup);
-        if self.namespaces.as_ref().is_some_and(|store| !store.is_synced()) {
-            return Err(Denial::NotSynced { cache: "namespace" });
+        if self.namespaces.as_ref().is_some_and(|store| !store.synced().is_synced()) {
+            return Err(Unresolved::NotSynced { cache: "namespace" });
         }
         let rule = self.namespace_rule(&pod.namespace);
         let assignment = self.policy.assign(pod, lookup, rule.as_deref())?;
@@ -96,19 +128,14 @@ impl Resolver {
         Ok(Resolved { assignment, key })
     }
 
-    /// Whether every store the answers depend on has been listed since the agent started.
-    pub fn is_synced(&self) -> bool {
-        self.namespaces.as_ref().is_none_or(|store| store.is_synced())
-            && self.service_accounts.as_ref().is_none_or(|store| store.is_synced())
-    }
-
-    /// Resolves once [`Resolver::is_synced`] holds.
+    /// Resolves once every store the answers depend on has been listed since the agent
+    /// started.
     pub async fn synced(&self) {
         if let Some(store) = &self.namespaces {
-            store.synced().await;
+            store.synced().wait().await;
         }
         if let Some(store) = &self.service_accounts {
-            store.synced().await;
+            store.synced().wait().await;
         }
     }
 
@@ -174,9 +201,12 @@ mod tests {
         let policy = policy(Some(RestrictionFormat::Glob));
         let store = NamespaceStore::new();
         let resolver = Resolver::new(policy.clone(), sessions()).with_namespaces(store.clone());
-        assert_eq!(resolver.resolve(&pod("shop", "web", "app")), Err(Denial::NotSynced { cache: "namespace" }));
+        assert_eq!(resolver.resolve(&pod("shop", "web", "app")), Err(Unresolved::NotSynced { cache: "namespace" }));
         store.replace_all([]);
-        assert!(matches!(resolver.resolve(&pod("shop", "web", "app")), Err(Denial::NotAllowedInNamespace { .. })));
+        assert!(matches!(
+            resolver.resolve(&pod("shop", "web", "app")),
+            Err(Unresolved::Denied(Denial::NotAllowedInNamespace { .. }))
+        ));
         let allowed = AllowedRoles::parse(r#"["app"]"#, RestrictionFormat::Glob, policy.base.as_ref(), None);
         store.set("shop", Some(allowed));
         assert_eq!(resolver.resolve(&pod("shop", "web", "app")).unwrap().assignment.allowed_by.as_deref(), Some("app"));
@@ -192,7 +222,7 @@ mod tests {
         unannotated.service_account = "web-sa".into();
         assert_eq!(
             resolver.resolve(&unannotated),
-            Err(Denial::NotSynced { cache: "ServiceAccount" }),
+            Err(Unresolved::NotSynced { cache: "ServiceAccount" }),
             "before the ServiceAccounts are listed, the default role would be a guess"
         );
         assert_eq!(resolver.resolve(&pod("shop", "web", "own")).unwrap().key.role.name(), "own");
