@@ -13,7 +13,7 @@ use iamlet::imds::render;
 use iamlet::imds::routes::classify;
 use iamlet::pod::PodIdentity;
 use iamlet::policy::{BaseArn, Policy};
-use iamlet::resolve::{Resolver, SessionRules};
+use iamlet::resolve::Resolver;
 
 fn ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, (i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8))
@@ -55,7 +55,7 @@ fn hot_path(c: &mut Criterion) {
         restrictions: None,
         account: None,
     };
-    let resolver = Resolver::new(std::sync::Arc::new(policy), SessionRules::new(Duration::from_secs(1800)));
+    let resolver = Resolver::new(std::sync::Arc::new(policy));
     let identity = pod(1);
     c.bench_function("resolve (bare role name, credential key included)", |b| {
         b.iter(|| black_box(resolver.resolve(black_box(&identity))))

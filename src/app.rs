@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use crate::admin::{AdminService, Condition, Readiness};
 use crate::cli::{Config, IgnoredFlag, Settings};
 use crate::cluster::{AnnotationKeys, CacheSettings, Caches, NamespaceRules, PodEvents};
-use crate::credentials::{AwsSts, CredentialCache, RoleAssumer};
+use crate::credentials::{AwsSts, CredentialCache, Liveness, RoleAssumer};
 use crate::imds::upstream::report_node_exposure;
 use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
 use crate::metrics::{Metrics, RefusalLabels};
@@ -125,13 +125,13 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let caches = Caches::start(&deps.kube, &node, cache_settings, &metrics, changes, &mut background);
     let resolver = Arc::new(Resolver::configured(
         policy,
-        sts.sessions,
         sts.session_tags.clone(),
         caches.namespaces.clone(),
         caches.service_accounts.clone(),
     ));
-    let credentials = CredentialCache::new(deps.sts, sts.clone(), metrics.clone());
-    crate::credentials::keep_ahead(&credentials, resolver.clone(), caches.pods.clone(), changed, &mut background);
+    let liveness = Arc::new(Liveness::default());
+    let credentials = CredentialCache::new(deps.sts, sts.clone(), liveness, metrics.clone());
+    crate::credentials::keep_ahead(&credentials, resolver.clone(), changed, &mut background);
 
     // Events on pods: always for pods the rules miss, and with --pod-events for pods that
     // get no credentials.

@@ -185,7 +185,7 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
     let mut explanation = explain(&pod, &resolver, &keys, namespace_key);
     let mut ok = explanation.verdict.is_ok();
     if check_sts && let Some(key) = explanation.key.clone() {
-        let line = match sts.assume_role(&key, resolver.sessions().duration()).await {
+        let line = match sts.assume_role(&key, settings.sts.iam_role_session_ttl.duration()).await {
             Ok(credentials) => format!(
                 "AssumeRole succeeded; credentials valid until {}",
                 humantime::format_rfc3339_seconds(credentials.expiration)
@@ -253,7 +253,7 @@ async fn resolver(
         false => None,
     };
     let tagging = settings.sts.session_tags.clone();
-    Ok(Resolver::configured(Arc::new(policy), settings.sts.sessions, tagging, namespaces, service_accounts))
+    Ok(Resolver::configured(Arc::new(policy), tagging, namespaces, service_accounts))
 }
 
 /// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its
@@ -298,7 +298,6 @@ mod tests {
 
     use super::*;
     use crate::policy::{BaseArn, Policy, RestrictionFormat};
-    use crate::resolve::SessionRules;
 
     fn keys() -> AnnotationKeys {
         AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
@@ -314,7 +313,7 @@ mod tests {
     }
 
     fn resolver(policy: Policy) -> Resolver {
-        Resolver::new(Arc::new(policy), SessionRules::new(Duration::from_secs(1800)))
+        Resolver::new(Arc::new(policy))
     }
 
     /// The report with each run of spaces made one, so expectations do not depend on the

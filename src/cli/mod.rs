@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(s.policy.iam_role_key, "iam.amazonaws.com/role");
         assert_eq!(s.policy.iam_external_id, "iam.amazonaws.com/external-id");
         assert_eq!(s.policy.namespace_key, "iam.amazonaws.com/allowed-roles");
-        assert_eq!(s.sts.sessions.refresh_before(), Duration::from_secs(1800));
+        assert_eq!(s.sts.iam_role_session_ttl.refresh_before(), Duration::from_secs(1800));
         assert_eq!(s.imds.backoff_max_elapsed_time, Duration::from_secs(2));
         assert_eq!(s.imds.metadata_addr.as_str(), "169.254.169.254");
         assert!(s.policy.namespace_restrictions.is_none());
@@ -345,7 +345,7 @@ mod tests {
         assert!(s.admin.debug);
         assert_eq!(s.policy.iam_role_key, "example.com/role");
         assert_eq!(s.policy.iam_external_id, "example.com/external-id");
-        assert_eq!(s.sts.sessions.refresh_before(), Duration::from_secs(1200));
+        assert_eq!(s.sts.iam_role_session_ttl.refresh_before(), Duration::from_secs(1200));
         assert!(s.network.iptables);
         assert_eq!(s.network.host_interface, InterfaceSetting::Given(InterfaceMatch::parse("cali+").unwrap()));
         assert_eq!(s.policy.namespace_restrictions, Some(RestrictionFormat::Regexp));

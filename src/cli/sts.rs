@@ -100,7 +100,7 @@ impl StsArgs {
         Ok(StsSettings {
             assume_role_arn,
             session_tags,
-            sessions: SessionRules::new(self.iam_role_session_ttl),
+            iam_role_session_ttl: SessionRules::new(self.iam_role_session_ttl),
             iam_role_error_ttl: self.iam_role_error_ttl,
             sts_timeout: self.sts_timeout,
             sts_concurrency: self.sts_concurrency.into(),

@@ -1,4 +1,5 @@
-//! Test doubles for the credential code: a fake STS and the settings tests start from.
+//! Test doubles and fixtures for the credential code, defined once: a fake STS, the settings
+//! and the cache the tests start from, keys, and waiting for STS on paused time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -6,7 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 
-use super::{Credentials, RoleAssumer, StsError, StsSettings};
+use super::{CredentialCache, Credentials, RoleAssumer, StsError, StsSettings};
+use crate::metrics::Metrics;
+use crate::policy::RoleArn;
 use crate::resolve::{CredentialKey, SessionRules};
 
 /// A fake STS: counts calls, can fail, hands out credentials valid for `validity`.
@@ -47,7 +50,7 @@ impl RoleAssumer for FakeSts {
 /// STS settings with 30-minute sessions and these limits.
 pub(crate) fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_concurrency: usize) -> StsSettings {
     StsSettings {
-        sessions: SessionRules::new(Duration::from_secs(1800)),
+        iam_role_session_ttl: SessionRules::new(Duration::from_secs(1800)),
         iam_role_error_ttl,
         sts_timeout,
         sts_concurrency,
@@ -55,4 +58,31 @@ pub(crate) fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_
         session_tags: None,
         assume_role_arn: None,
     }
+}
+
+pub(crate) fn key(session: &str) -> CredentialKey {
+    CredentialKey {
+        role: RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap(),
+        external_id: None,
+        session_name: session.into(),
+        tags: None,
+    }
+}
+
+pub(crate) fn cache(sts: &Arc<FakeSts>, error_ttl: Duration) -> Arc<CredentialCache> {
+    let settings = settings(error_ttl, Duration::from_secs(2), 4);
+    CredentialCache::new(sts.clone(), settings, Arc::default(), Arc::new(Metrics::new()))
+}
+
+/// A pod `uid` on the node under `session`, as the prefetcher reports it.
+pub(crate) fn arrives(cache: &CredentialCache, uid: &str, session: &str) {
+    cache.liveness.arrived(uid, &session.into());
+}
+
+/// Lets background work run until STS has had `calls` calls (virtual time).
+pub(crate) async fn settle(sts: &FakeSts, calls: usize) {
+    while sts.calls() < calls {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }

@@ -8,7 +8,10 @@
 mod cache;
 #[cfg(test)]
 mod fake;
+mod liveness;
 mod prefetch;
+mod refresh;
+mod settings;
 mod sts;
 
 use std::sync::{Arc, OnceLock};
@@ -18,11 +21,13 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::cluster::{Change, PodStore};
+use crate::cluster::Change;
 use crate::resolve::Resolver;
 
-pub use cache::{CredentialCache, CredentialError, StsSettings};
+pub use cache::{CredentialCache, CredentialError};
+pub use liveness::Liveness;
 pub use prefetch::Prefetcher;
+pub use settings::StsSettings;
 pub use sts::{AwsSts, INTERMEDIATE_REFRESH_BEFORE, RoleAssumer, StsClientSettings, StsError, global_endpoint};
 
 /// How often every cached credential is checked for a due refresh.
@@ -30,18 +35,15 @@ const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
 
 /// Keeps `cache` ahead of the pods, in `tasks`: the prefetcher follows `changes` (fetching
 /// a new pod's credentials at once, forgetting a gone pod's), and every 30 s what is due is
-/// refreshed for the pods `pods` holds now.
+/// refreshed, for the sessions the prefetcher keeps alive.
 pub fn keep_ahead(
     cache: &Arc<CredentialCache>,
     resolver: Arc<Resolver>,
-    pods: Arc<PodStore>,
     changes: mpsc::UnboundedReceiver<Change>,
     tasks: &mut JoinSet<()>,
 ) {
-    let sessions = resolver.sessions();
     tasks.spawn(Prefetcher::new(cache.clone(), resolver).run(changes));
-    let live_sessions = move || pods.read(|index| index.pods().map(|pod| sessions.name(pod)).collect());
-    tasks.spawn(cache.clone().refresh_every(REFRESH_SCAN_PERIOD, live_sessions));
+    tasks.spawn(cache.clone().refresh_every(REFRESH_SCAN_PERIOD));
 }
 
 /// Temporary credentials from AssumeRole.

@@ -4,16 +4,17 @@
 //! Forgetting goes by the pod's session (`<namespace>.<pod>`), not by the key prefetched: a
 //! request can make a key the prefetcher never did (the pod was seen before its namespace's
 //! rule, or the rule changed since), and that key must go with the pod too, even when its
-//! fetch is still under way (the cache takes such a key back once the fetch completes).
+//! fetch is still under way. Which sessions are alive is the cache's [`Liveness`], which the
+//! prefetcher tells of every pod arriving and departing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::CredentialCache;
+use super::{CredentialCache, Liveness};
 use crate::cluster::Change;
-use crate::resolve::{CredentialKey, Resolver};
+use crate::resolve::{CredentialKey, Resolver, session_of};
 
 /// Follows pod changes and keeps the cache's keys in step with the pods.
 pub struct Prefetcher {
@@ -21,13 +22,15 @@ pub struct Prefetcher {
     resolver: Arc<Resolver>,
     /// The key each pod (by uid) was prefetched under.
     keys: HashMap<String, CredentialKey>,
-    /// The session of every live pod (by uid), with or without a role.
-    sessions: HashMap<String, String>,
 }
 
 impl Prefetcher {
     pub fn new(cache: Arc<CredentialCache>, resolver: Arc<Resolver>) -> Self {
-        Self { cache, resolver, keys: HashMap::new(), sessions: HashMap::new() }
+        Self { cache, resolver, keys: HashMap::new() }
+    }
+
+    fn liveness(&self) -> &Liveness {
+        &self.cache.liveness
     }
 
     /// Applies changes until the sender is dropped.
@@ -41,10 +44,10 @@ impl Prefetcher {
         match change {
             // Re-announced by the ServiceAccount watch after the pod watch removed it: a
             // departed pod gets no credentials, and no entry here that nothing would remove.
-            Change::Reresolve(pod) if !self.sessions.contains_key(&pod.uid) => {}
+            Change::Reresolve(pod) if !self.liveness().knows(&pod.uid) => {}
             Change::Upserted(pod) | Change::Reresolve(pod) => {
-                let session = self.resolver.sessions().name(&pod);
-                let first_sight = self.sessions.insert(pod.uid.clone(), session.clone()).is_none();
+                let session: Arc<str> = session_of(&pod).into();
+                let first_sight = self.liveness().arrived(&pod.uid, &session).is_none();
                 let key = self.resolver.resolve(&pod).ok().map(|resolved| resolved.key);
                 let old = match &key {
                     Some(key) => self.keys.insert(pod.uid.clone(), key.clone()),
@@ -55,7 +58,7 @@ impl Prefetcher {
                 }
                 // The pod's role changed: what it had before (asked for or prefetched) goes,
                 // unless a pod recreated under the same name shares the session.
-                if !first_sight && !self.shared(&pod.uid, &session) {
+                if !first_sight && !self.liveness().shared(&pod.uid, &session) {
                     self.cache.forget_session(&session, key.as_ref()).await;
                 }
                 if let Some(key) = key {
@@ -64,18 +67,11 @@ impl Prefetcher {
             }
             Change::Removed(pod) => {
                 self.keys.remove(&pod.uid);
-                if let Some(session) = self.sessions.remove(&pod.uid)
-                    && !self.shared(&pod.uid, &session)
-                {
+                if let Some(session) = self.liveness().departed(&pod.uid) {
                     self.cache.forget_session(&session, None).await;
                 }
             }
         }
-    }
-
-    /// Whether another live pod (a StatefulSet's, recreated under the same name) has `session`.
-    fn shared(&self, uid: &str, session: &str) -> bool {
-        self.sessions.iter().any(|(other, s)| other != uid && s == session)
     }
 }
 
@@ -88,17 +84,13 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::pod::PodIdentity;
     use crate::policy::{BaseArn, Policy};
-    use crate::resolve::SessionRules;
 
     fn prefetcher(sts: &Arc<FakeSts>) -> Prefetcher {
-        let cache = CredentialCache::new(
-            sts.clone(),
-            settings(Duration::ZERO, Duration::from_secs(2), 4),
-            Arc::new(Metrics::new()),
-        );
+        let settings = settings(Duration::ZERO, Duration::from_secs(2), 4);
+        let cache = CredentialCache::new(sts.clone(), settings, Arc::default(), Arc::new(Metrics::new()));
         let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
         let policy = Policy { base: Some(base), default_role: None, restrictions: None, account: None };
-        Prefetcher::new(cache, Arc::new(Resolver::new(Arc::new(policy), SessionRules::new(Duration::from_secs(1800)))))
+        Prefetcher::new(cache, Arc::new(Resolver::new(Arc::new(policy))))
     }
 
     fn pod() -> Arc<PodIdentity> {
@@ -122,12 +114,12 @@ mod tests {
         prefetcher.apply(Change::Reresolve(pod())).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(sts.calls(), 1, "no credentials for a departed pod");
-        assert!(prefetcher.sessions.is_empty() && prefetcher.keys.is_empty(), "nothing left of it");
+        assert!(prefetcher.liveness().counts() == (0, 0) && prefetcher.keys.is_empty(), "nothing left of it");
         assert!(prefetcher.cache.snapshot().is_empty());
 
         // While the pod is on the node, a re-announcement is resolved as an update.
         prefetcher.apply(Change::Upserted(pod())).await;
         prefetcher.apply(Change::Reresolve(pod())).await;
-        assert_eq!(prefetcher.sessions.len(), 1);
+        assert_eq!(prefetcher.liveness().counts().0, 1);
     }
 }

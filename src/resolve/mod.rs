@@ -7,7 +7,7 @@ mod tags;
 
 use std::sync::Arc;
 
-pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name};
+pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name, session_of};
 pub use tags::{SessionTag, SessionTagging, SessionTags, valid_tag_value};
 
 use crate::cluster::{NamespaceStore, ServiceAccountEntry, ServiceAccountStore};
@@ -56,7 +56,6 @@ pub struct Resolved {
 #[derive(Debug)]
 pub struct Resolver {
     policy: Arc<Policy>,
-    sessions: SessionRules,
     /// With `--namespace-restrictions`.
     namespaces: Option<Arc<NamespaceStore>>,
     /// With `--service-account-roles`.
@@ -66,8 +65,8 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(policy: Arc<Policy>, sessions: SessionRules) -> Self {
-        Self { policy, sessions, namespaces: None, service_accounts: None, tagging: None }
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self { policy, namespaces: None, service_accounts: None, tagging: None }
     }
 
     /// The resolver as the agent's flags configure it: the agent (fed by watches) and
@@ -75,12 +74,11 @@ impl Resolver {
     /// given when its flag is on (`--namespace-restrictions`, `--service-account-roles`).
     pub fn configured(
         policy: Arc<Policy>,
-        sessions: SessionRules,
         tagging: Option<SessionTagging>,
         namespaces: Option<Arc<NamespaceStore>>,
         service_accounts: Option<Arc<ServiceAccountStore>>,
     ) -> Self {
-        Self { policy, sessions, namespaces, service_accounts, tagging }
+        Self { policy, namespaces, service_accounts, tagging }
     }
 
     /// Restricts roles to what each namespace allows (`--namespace-restrictions`).
@@ -122,7 +120,7 @@ impl Resolver {
         let key = CredentialKey {
             role: assignment.role.clone(),
             external_id: assignment.external_id.as_deref().map(Into::into),
-            session_name: self.sessions.name(pod).into(),
+            session_name: session_of(pod).into(),
             tags: self.tagging.as_ref().map(|tagging| tagging.tags(pod)),
         };
         Ok(Resolved { assignment, key })
@@ -154,15 +152,10 @@ impl Resolver {
     pub fn consults_service_accounts(&self) -> bool {
         self.service_accounts.is_some()
     }
-
-    pub fn sessions(&self) -> SessionRules {
-        self.sessions
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::policy::{AllowedRoles, BaseArn, RestrictionFormat, ServiceAccountRole};
@@ -170,10 +163,6 @@ mod tests {
     fn policy(restrictions: Option<RestrictionFormat>) -> Arc<Policy> {
         let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
         Arc::new(Policy { base: Some(base), default_role: None, restrictions, account: None })
-    }
-
-    fn sessions() -> SessionRules {
-        SessionRules::new(Duration::from_secs(1800))
     }
 
     fn pod(namespace: &str, name: &str, role: &str) -> PodIdentity {
@@ -188,7 +177,7 @@ mod tests {
 
     #[test]
     fn the_key_names_the_pod_and_carries_the_role_and_external_id() {
-        let resolver = Resolver::new(policy(None), sessions());
+        let resolver = Resolver::new(policy(None));
         let resolved = resolver.resolve(&pod("shop", "web-1", "app")).unwrap();
         assert_eq!(resolved.key.role.as_str(), "arn:aws:iam::123456789012:role/app");
         assert_eq!(resolved.key.external_id.as_deref(), Some("ext-1"));
@@ -200,7 +189,7 @@ mod tests {
     fn namespace_rules_come_from_the_store_as_it_is_now() {
         let policy = policy(Some(RestrictionFormat::Glob));
         let store = NamespaceStore::new();
-        let resolver = Resolver::new(policy.clone(), sessions()).with_namespaces(store.clone());
+        let resolver = Resolver::new(policy.clone()).with_namespaces(store.clone());
         assert_eq!(resolver.resolve(&pod("shop", "web", "app")), Err(Unresolved::NotSynced { cache: "namespace" }));
         store.replace_all([]);
         assert!(matches!(
@@ -217,7 +206,7 @@ mod tests {
         let mut policy = (*policy(None)).clone();
         policy.default_role = Some(policy.base.as_ref().unwrap().join("node-default").unwrap());
         let store = ServiceAccountStore::new();
-        let resolver = Resolver::new(Arc::new(policy), sessions()).with_service_accounts(store.clone());
+        let resolver = Resolver::new(Arc::new(policy)).with_service_accounts(store.clone());
         let mut unannotated = pod("shop", "web", "");
         unannotated.service_account = "web-sa".into();
         assert_eq!(
@@ -241,8 +230,8 @@ mod tests {
 
     #[test]
     fn with_session_tags_a_recreated_pod_has_another_key() {
-        let resolver = Resolver::new(policy(None), sessions())
-            .with_session_tags(SessionTagging { cluster_name: Some("prod".into()) });
+        let resolver =
+            Resolver::new(policy(None)).with_session_tags(SessionTagging { cluster_name: Some("prod".into()) });
         let mut first = pod("shop", "web-0", "app");
         first.uid = "uid-1".into();
         let mut recreated = first.clone();
@@ -252,6 +241,6 @@ mod tests {
         assert_ne!(a, b, "the uid tag differs, so the credentials do");
         let tags = a.tags.unwrap();
         assert!(tags.iter().any(|t| t.key == "kubernetes-pod-uid" && t.value == "uid-1"));
-        assert_eq!(Resolver::new(policy(None), sessions()).resolve(&first).unwrap().key.tags, None);
+        assert_eq!(Resolver::new(policy(None)).resolve(&first).unwrap().key.tags, None);
     }
 }

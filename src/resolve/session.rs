@@ -40,11 +40,11 @@ impl SessionRules {
     pub fn lowered_from(&self) -> Option<Duration> {
         (self.iam_role_session_ttl != self.refresh_before).then_some(self.iam_role_session_ttl)
     }
+}
 
-    /// The session name of `pod`'s credentials.
-    pub fn name(&self, pod: &PodIdentity) -> String {
-        session_name(&pod.namespace, &pod.name)
-    }
+/// The session name of `pod`'s credentials (see [`session_name`]).
+pub fn session_of(pod: &PodIdentity) -> String {
+    session_name(&pod.namespace, &pod.name)
 }
 
 /// STS's limit on `RoleSessionName`.

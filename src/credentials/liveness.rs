@@ -1,0 +1,194 @@
+//! Which sessions still have a pod on the node, and which fetches are under way for them: the
+//! one owner of credential liveness. The prefetcher tells it of pods arriving and departing;
+//! the cache asks it before keeping what a fetch brought back and when it refreshes.
+//!
+//! A session is `<namespace>.<pod>`: a StatefulSet's pod recreated under the same name has the
+//! same session as the pod it replaces, so a session departs only with its last pod. A fetch
+//! inserts its result after it completes, so a session that departs while one is under way is
+//! marked, and the fetch takes its result back; a pod that arrives again under the session
+//! before the fetch completes wants it after all, and clears the mark.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+#[derive(Debug, Default)]
+struct State {
+    /// The session of every pod on the node (by uid), with or without a role.
+    pods: HashMap<String, Arc<str>>,
+    /// Fetches under way, by session.
+    in_flight: HashMap<Arc<str>, InFlight>,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    count: usize,
+    /// The session's last pod departed since these fetches began.
+    departed: bool,
+}
+
+/// What the pods on the node keep alive. Cheap to share; every method takes the lock once.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    state: Mutex<State>,
+}
+
+impl Liveness {
+    /// The pod `uid` is on the node under `session` (arriving, or updated). Returns the
+    /// session it had before, if any: `None` on first sight.
+    pub fn arrived(&self, uid: &str, session: &Arc<str>) -> Option<Arc<str>> {
+        let mut state = self.state.lock();
+        if let Some(fetching) = state.in_flight.get_mut(session) {
+            fetching.departed = false;
+        }
+        state.pods.insert(uid.to_string(), session.clone())
+    }
+
+    /// The pod `uid` left the node. Returns its session when no other pod has it: that
+    /// session has departed, and what it kept should go (fetches under way included).
+    pub fn departed(&self, uid: &str) -> Option<Arc<str>> {
+        let mut state = self.state.lock();
+        let session = state.pods.remove(uid)?;
+        if state.pods.values().any(|other| *other == session) {
+            return None;
+        }
+        if let Some(fetching) = state.in_flight.get_mut(&session) {
+            fetching.departed = true;
+        }
+        Some(session)
+    }
+
+    /// Whether the pod `uid` is on the node.
+    pub fn knows(&self, uid: &str) -> bool {
+        self.state.lock().pods.contains_key(uid)
+    }
+
+    /// Whether another pod than `uid` (a StatefulSet's, recreated under the same name) has
+    /// `session`.
+    pub fn shared(&self, uid: &str, session: &str) -> bool {
+        self.state.lock().pods.iter().any(|(other, s)| other != uid && &**s == session)
+    }
+
+    /// Whether a pod on the node has `session`.
+    pub fn is_live(&self, session: &str) -> bool {
+        self.state.lock().pods.values().any(|s| &**s == session)
+    }
+
+    /// Counts a fetch for `session` under way until the returned guard is dropped.
+    pub fn fetching(&self, session: &Arc<str>) -> Fetching<'_> {
+        self.state.lock().in_flight.entry(session.clone()).or_default().count += 1;
+        Fetching { liveness: self, session: session.clone() }
+    }
+
+    /// How many pods the node has, and how many sessions have fetches under way (for tests
+    /// and `/debug/store`).
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        (state.pods.len(), state.in_flight.len())
+    }
+}
+
+/// A fetch under way for a session; the count goes down when dropped.
+pub struct Fetching<'a> {
+    liveness: &'a Liveness,
+    session: Arc<str>,
+}
+
+impl Fetching<'_> {
+    /// Whether the session's last pod departed since this fetch began: its result must not
+    /// stay.
+    pub fn departed(&self) -> bool {
+        self.liveness.state.lock().in_flight.get(&self.session).is_some_and(|f| f.departed)
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut state = self.liveness.state.lock();
+        if let Some(fetching) = state.in_flight.get_mut(&self.session) {
+            fetching.count -= 1;
+            if fetching.count == 0 {
+                state.in_flight.remove(&self.session);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::credentials::fake::{FakeSts, arrives, cache, key};
+
+    fn session(text: &str) -> Arc<str> {
+        text.into()
+    }
+
+    #[test]
+    fn a_session_departs_with_its_last_pod() {
+        let live = Liveness::default();
+        assert_eq!(live.arrived("a", &session("shop.db-0")), None, "first sight");
+        assert_eq!(live.arrived("a", &session("shop.db-0")).as_deref(), Some("shop.db-0"));
+        // The StatefulSet recreates db-0 before the old pod's removal is seen.
+        live.arrived("b", &session("shop.db-0"));
+        assert!(live.shared("a", "shop.db-0"));
+        assert_eq!(live.departed("a"), None, "b still has the session");
+        assert!(live.is_live("shop.db-0"));
+        assert_eq!(live.departed("b").as_deref(), Some("shop.db-0"));
+        assert!(!live.is_live("shop.db-0") && live.departed("b").is_none());
+        assert_eq!(live.counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_fetch_under_way_learns_that_its_session_departed_unless_a_pod_came_back() {
+        let live = Liveness::default();
+        let db = session("shop.db-0");
+        live.arrived("a", &db);
+        let fetch = live.fetching(&db);
+        assert!(!fetch.departed());
+        live.departed("a");
+        assert!(fetch.departed(), "the result must not stay");
+        live.arrived("b", &db);
+        assert!(!fetch.departed(), "a pod under the same session wants it after all");
+        drop(fetch);
+        assert_eq!(live.counts(), (1, 0), "nothing kept for a fetch that ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_under_way_when_its_pod_goes_leaves_nothing_behind() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(500));
+        let cache = cache(&sts, Duration::ZERO);
+        arrives(&cache, "u1", "ns.gone");
+        let asking = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key("ns.gone")).await }
+        });
+        while sts.calls() < 1 {
+            tokio::task::yield_now().await; // until the call is under way
+        }
+        let departed = cache.liveness.departed("u1").expect("its last pod");
+        cache.forget_session(&departed, None).await;
+        assert!(asking.await.unwrap().is_err(), "the departed pod's request gets nothing");
+        assert!(cache.snapshot().is_empty(), "nothing of the departed pod stays to be refreshed");
+        assert_eq!(cache.liveness.counts(), (0, 0));
+
+        // The same session under a new pod (a StatefulSet's), arriving while the fetch of
+        // the old one is under way: what the fetch brings is the new pod's, and stays.
+        arrives(&cache, "u2", "ns.gone");
+        let asking = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key("ns.gone")).await }
+        });
+        while sts.calls() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let departed = cache.liveness.departed("u2").expect("its last pod");
+        cache.forget_session(&departed, None).await;
+        arrives(&cache, "u3", "ns.gone");
+        assert!(asking.await.unwrap().is_ok());
+        assert_eq!(cache.snapshot().len(), 1, "the new pod's credentials are cached");
+        assert_eq!(sts.calls(), 2);
+    }
+}
