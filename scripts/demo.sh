@@ -157,7 +157,8 @@ PY
 step "Installing what the demo needs and building iamlet"
 scripts/install-test-deps.sh
 cargo build --quiet --bin iamlet --example fake_apiserver
-BIN=$PWD/target/debug/iamlet
+TARGET=$(realpath "${CARGO_TARGET_DIR:-target}")
+BIN=$TARGET/debug/iamlet
 CONTAINER=no
 if command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; then
   CONTAINER=yes
@@ -188,7 +189,7 @@ step "Starting moto (STS) and the fake Kubernetes API server on the node"
 # Started with `ip netns exec` itself, not a shell function, so $! is the server's own PID.
 ip netns exec "$NODE" .venv/bin/moto_server -H "$HOST_IP" -p 5000 >"$WORK/moto.log" 2>&1 &
 PIDS+=($!)
-ip netns exec "$NODE" target/debug/examples/fake_apiserver --listen "$HOST_IP:6443" >"$WORK/apiserver.log" 2>&1 &
+ip netns exec "$NODE" "$TARGET/debug/examples/fake_apiserver" --listen "$HOST_IP:6443" >"$WORK/apiserver.log" 2>&1 &
 PIDS+=($!)
 wait_port "$HOST_IP" 5000
 wait_port "$HOST_IP" 6443

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a command as on a freshly booted host, as root: in a private mount namespace where
-# /run is an empty tmpfs (no xtables lock, no network namespaces, no podman state) and
-# podman's image store starts empty. Nothing an earlier run or another program left there
+# /run is an empty tmpfs (no xtables lock, no network namespaces, no podman state) and the
+# image store of scripts/image.sh's podman starts empty. Nothing an earlier run or another program left there
 # can then be assumed: the README's two commands must pass this way, and CI runs them so.
 #
 #   scripts/fresh-host.sh scripts/demo.sh
@@ -24,7 +24,8 @@ fi
 
 storage=$(mktemp -d /var/tmp/iamlet-fresh-host.XXXXXX)
 trap 'rm -rf "$storage"' EXIT
-mkdir -p /var/lib/containers
+podman_root=${IAMLET_PODMAN_ROOT:-/var/lib/iamlet/podman}
+mkdir -p "$podman_root"
 resolv=$(readlink -f /etc/resolv.conf || true)
 case "$resolv" in /run/*) cp "$resolv" "$storage/resolv.conf" ;; *) resolv= ;; esac
 
@@ -32,16 +33,16 @@ status=0
 # The inner script expands its own arguments, inside the new mount namespace.
 # shellcheck disable=SC2016
 unshare --mount --propagation private -- bash -euo pipefail -c '
-  storage=$1 resolv=$2
-  shift 2
+  storage=$1 resolv=$2 podman_root=$3
+  shift 3
   mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-  mkdir -p "$storage/containers"
-  mount --bind "$storage/containers" /var/lib/containers
+  mkdir -p "$storage/podman"
+  mount --bind "$storage/podman" "$podman_root"
   if [ -n "$resolv" ]; then
     mkdir -p "$(dirname "$resolv")"
     cp "$storage/resolv.conf" "$resolv"
   fi
   echo "fresh-host: /run is empty and podman has no images; running $*" >&2
   exec "$@"
-' fresh-host "$storage" "$resolv" "$@" || status=$?
+' fresh-host "$storage" "$resolv" "$podman_root" "$@" || status=$?
 exit "$status"

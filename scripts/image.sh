@@ -31,9 +31,14 @@ SECURITY=$(sed -n 's|^URIs: *\(http[^ ]*/debian-security\)/*$|\1|p' /etc/apt/sou
 SECURITY=${SECURITY:-http://deb.debian.org/debian-security}
 
 # podman as these machines allow: vfs storage (no overlay on this kernel), runc (crun refuses
-# its hybrid cgroups), cgroupfs (no systemd session), explicit ulimits.
+# its hybrid cgroups), cgroupfs (no systemd session), explicit ulimits. Its own store
+# ($IAMLET_PODMAN_ROOT, default /var/lib/iamlet/podman; state in /run/iamlet-podman): a store
+# that a plain `podman` made with another driver refuses vfs ("database configuration
+# mismatch"), and this one is never that.
+PODMAN_ROOT=${IAMLET_PODMAN_ROOT:-/var/lib/iamlet/podman}
 pm() {
-  podman --storage-driver=vfs --runtime=runc --cgroup-manager=cgroupfs "$@"
+  podman --root="$PODMAN_ROOT" --runroot=/run/iamlet-podman --storage-driver=vfs --runtime=runc \
+    --cgroup-manager=cgroupfs "$@"
 }
 
 need() {
@@ -115,7 +120,7 @@ base() {
 }
 
 build() {
-  local binary=${1:-target/debug/iamlet} tag=${2:-localhost/iamlet:test}
+  local binary=${1:-${CARGO_TARGET_DIR:-target}/debug/iamlet} tag=${2:-localhost/iamlet:test}
   base
   [ -x "$binary" ] || { echo "image: no binary at $binary: build it first (cargo build --bin iamlet)" >&2; exit 1; }
   local context

@@ -19,7 +19,7 @@ if [ "$(id -u)" -eq 0 ]; then
   # `cargo test` because they need root; here they run with the rest, the agent as the
   # image's container: the Dockerfile's runtime stage around this very build of iamlet.
   cargo test --workspace --lib --tests --no-run
-  scripts/image.sh build target/debug/iamlet localhost/iamlet:test
+  scripts/image.sh build "${CARGO_TARGET_DIR:-target}/debug/iamlet" localhost/iamlet:test
   IAMLET_IMAGE=localhost/iamlet:test cargo test --workspace --lib --tests -- --include-ignored "${filters[@]}"
 elif [ "${CI:-}" = "true" ]; then
   echo "scripts/test.sh: CI must run as root: the end-to-end tests need network namespaces and iptables" >&2
