@@ -297,19 +297,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::policy::{BaseArn, Policy, RestrictionFormat};
-
-    fn keys() -> AnnotationKeys {
-        AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
-    }
+    use crate::policy::{Policy, RestrictionFormat};
 
     fn policy() -> Policy {
-        Policy {
-            base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
-            default_role: None,
-            restrictions: None,
-            account: None,
-        }
+        crate::policy::test_policy(None)
     }
 
     fn resolver(policy: Policy) -> Resolver {
@@ -359,7 +350,7 @@ mod tests {
         let report = explain(
             &pod(json!({"iam.amazonaws.com/role": "app", "iam.amazonaws.com/external-id": "x-1"})),
             &resolver(policy()),
-            &keys(),
+            &AnnotationKeys::default(),
             None,
         );
         assert!(report.verdict.is_ok());
@@ -381,14 +372,14 @@ mod tests {
 
     #[test]
     fn explains_why_not() {
-        let report = explain(&pod(json!({})), &resolver(policy()), &keys(), None);
+        let report = explain(&pod(json!({})), &resolver(policy()), &AnnotationKeys::default(), None);
         assert!(report.verdict.unwrap_err().contains("no role annotation"));
 
         let restricted = restricted_resolver(json!({"iam.amazonaws.com/allowed-roles": "[\"batch-*\"]"}));
         let report = explain(
             &pod(json!({"iam.amazonaws.com/role": "app"})),
             &restricted,
-            &keys(),
+            &AnnotationKeys::default(),
             Some("iam.amazonaws.com/allowed-roles"),
         );
         assert!(report.verdict.is_err());
@@ -403,7 +394,7 @@ mod tests {
     fn names_kiams_permitted_expression_when_it_is_what_the_namespace_has() {
         let restricted = restricted_resolver(json!({"iam.amazonaws.com/permitted": "batch-.*"}));
         let pod = pod(json!({"iam.amazonaws.com/role": "app"}));
-        let report = explain(&pod, &restricted, &keys(), Some("iam.amazonaws.com/allowed-roles"));
+        let report = explain(&pod, &restricted, &AnnotationKeys::default(), Some("iam.amazonaws.com/allowed-roles"));
         let text = plain(&report);
         assert!(
             text.contains("namespace: the namespace allows only [\"iam.amazonaws.com/permitted: batch-.*\"]"),
@@ -423,7 +414,7 @@ mod tests {
         let resolver = resolver(policy()).with_service_accounts(store);
         let mut unannotated = pod(json!({}));
         unannotated.spec.as_mut().unwrap().service_account_name = Some("web-sa".into());
-        let report = explain(&unannotated, &resolver, &keys(), None);
+        let report = explain(&unannotated, &resolver, &AnnotationKeys::default(), None);
         let text = plain(&report);
         for expected in [
             "annotation: iam.amazonaws.com/role is not set",
@@ -434,11 +425,11 @@ mod tests {
         }
         let mut annotated = unannotated.clone();
         annotated.metadata.annotations = Some([("iam.amazonaws.com/role".to_string(), "own".to_string())].into());
-        let text = plain(&explain(&annotated, &resolver, &keys(), None));
+        let text = plain(&explain(&annotated, &resolver, &AnnotationKeys::default(), None));
         assert!(text.contains("not used: the pod's own annotation comes first"), "{text}");
         assert!(text.contains("role/own (from the pod's annotation)"), "{text}");
         unannotated.spec.as_mut().unwrap().service_account_name = Some("other".into());
-        let report = explain(&unannotated, &resolver, &keys(), None);
+        let report = explain(&unannotated, &resolver, &AnnotationKeys::default(), None);
         assert!(plain(&report).contains("shop/other: names no role"), "{}", report.render());
         assert!(report.verdict.unwrap_err().contains("neither the pod nor its ServiceAccount shop/other"));
     }

@@ -13,6 +13,13 @@ pub struct AnnotationKeys {
     pub external_id: String,
 }
 
+impl Default for AnnotationKeys {
+    /// kube2iam's keys, the defaults of `--iam-role-key` and `--iam-external-id`.
+    fn default() -> Self {
+        Self { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
+    }
+}
+
 impl AnnotationKeys {
     /// `--iam-role-key` and `--iam-external-id`.
     pub fn of(settings: &crate::policy::PolicySettings) -> Self {
@@ -67,10 +74,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn keys() -> AnnotationKeys {
-        AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
-    }
-
     fn pod(value: serde_json::Value) -> Pod {
         serde_json::from_value(value).unwrap()
     }
@@ -87,7 +90,7 @@ mod tests {
                 "status": {"phase": "Running", "podIP": "10.0.0.5",
                            "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}
             })),
-            &keys(),
+            &AnnotationKeys::default(),
         )
         .unwrap();
         assert_eq!(identity.qualified_name(), "shop/web");
@@ -109,15 +112,19 @@ mod tests {
         };
         let terminated = json!({"terminated": {"exitCode": 0}});
         let running = json!({"running": {}});
-        let stopped =
-            identity(&status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": terminated}])), &keys())
-                .unwrap();
+        let stopped = identity(
+            &status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": terminated}])),
+            &AnnotationKeys::default(),
+        )
+        .unwrap();
         assert!(stopped.stopped && !stopped.owns_its_ips());
-        let draining =
-            identity(&status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": running}])), &keys())
-                .unwrap();
+        let draining = identity(
+            &status(json!([{"name": "a", "state": terminated}, {"name": "b", "state": running}])),
+            &AnnotationKeys::default(),
+        )
+        .unwrap();
         assert!(!draining.stopped && draining.owns_its_ips(), "graceful shutdown needs credentials");
-        assert!(identity(&status(json!([])), &keys()).unwrap().owns_its_ips());
+        assert!(identity(&status(json!([])), &AnnotationKeys::default()).unwrap().owns_its_ips());
     }
 
     #[test]
@@ -125,7 +132,7 @@ mod tests {
         let identity = identity(
             &pod(json!({"metadata": {"name": "a", "namespace": "n", "uid": "u"},
                          "status": {"phase": "Pending", "podIP": "10.0.0.9"}})),
-            &keys(),
+            &AnnotationKeys::default(),
         )
         .unwrap();
         assert_eq!(identity.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
@@ -141,7 +148,7 @@ mod tests {
             json!({"metadata": {"name": "a", "namespace": "n", "uid": "u"}, "status": {"phase": "Failed", "podIP": "10.0.0.1"}}),
             json!({"metadata": {"name": "a", "namespace": "n"}, "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
         ] {
-            assert!(identity(&pod(value.clone()), &keys()).is_none(), "{value}");
+            assert!(identity(&pod(value.clone()), &AnnotationKeys::default()).is_none(), "{value}");
         }
     }
 }

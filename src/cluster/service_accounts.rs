@@ -138,10 +138,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn keys() -> AnnotationKeys {
-        AnnotationKeys { role: "iam.amazonaws.com/role".into(), external_id: "iam.amazonaws.com/external-id".into() }
-    }
-
     fn meta(annotations: serde_json::Value) -> ObjectMeta {
         serde_json::from_value(json!({"name": "web", "namespace": "shop", "annotations": annotations})).unwrap()
     }
@@ -149,15 +145,15 @@ mod tests {
     #[test]
     fn the_role_key_comes_before_irsas_annotation() {
         let both = meta(json!({"iam.amazonaws.com/role": " app ", IRSA_ROLE_ANNOTATION: "arn:aws:iam::1:role/irsa"}));
-        let role = role_of(&both, &keys()).unwrap();
+        let role = role_of(&both, &AnnotationKeys::default()).unwrap();
         assert_eq!((role.annotation.as_str(), role.value.as_str()), ("iam.amazonaws.com/role", "app"));
         let irsa = meta(json!({"iam.amazonaws.com/role": " ", IRSA_ROLE_ANNOTATION: "arn:aws:iam::1:role/irsa",
                                "iam.amazonaws.com/external-id": "e-1"}));
-        let role = role_of(&irsa, &keys()).unwrap();
+        let role = role_of(&irsa, &AnnotationKeys::default()).unwrap();
         assert_eq!((role.annotation.as_str(), role.value.as_str()), (IRSA_ROLE_ANNOTATION, "arn:aws:iam::1:role/irsa"));
         assert_eq!(role.external_id.as_deref(), Some("e-1"));
-        assert!(role_of(&meta(json!({"other": "x"})), &keys()).is_none());
-        assert!(role_of(&meta(json!(null)), &keys()).is_none());
+        assert!(role_of(&meta(json!({"other": "x"})), &AnnotationKeys::default()).is_none());
+        assert!(role_of(&meta(json!(null)), &AnnotationKeys::default()).is_none());
     }
 
     #[test]

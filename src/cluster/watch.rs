@@ -294,3 +294,140 @@ pub async fn watch_service_accounts(client: Client, mut sink: ServiceAccountSink
     let stream = watcher(accounts, watcher::Config::default()).default_backoff();
     drive(stream, &mut sink, "serviceaccounts", &metrics, &WatchHealth::new(std::time::Instant::now())).await;
 }
+
+/// The sinks fed watch events directly, as kube's watcher delivers them, with no API server:
+/// listings (`Init`, `InitApply`, `InitDone`) applied whole, updates and deletions, and what
+/// each announces to the prefetcher.
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{RestrictionFormat, ServiceAccountLookup};
+
+    fn pod(name: &str, ip: &str, annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "annotations": annotations},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        }))
+        .unwrap()
+    }
+
+    fn account(name: &str, annotations: serde_json::Value) -> ServiceAccountMeta {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+        }))
+        .unwrap()
+    }
+
+    /// What the sink announced since the last call: `(kind, pod name)`.
+    fn announced(changes: &mut mpsc::UnboundedReceiver<Change>) -> Vec<(&'static str, String)> {
+        std::iter::from_fn(|| changes.try_recv().ok())
+            .map(|change| match change {
+                Change::Upserted(pod) => ("upserted", pod.name.clone()),
+                Change::Removed(pod) => ("removed", pod.name.clone()),
+                Change::Reresolve(pod) => ("reresolve", pod.name.clone()),
+            })
+            .collect()
+    }
+
+    fn pod_sink() -> (PodSink, Arc<PodStore>, mpsc::UnboundedReceiver<Change>) {
+        let (store, (changes, announced)) = (PodStore::new(), mpsc::unbounded_channel());
+        let sink = PodSink::new(store.clone(), AnnotationKeys::default(), changes, Arc::new(Metrics::new()));
+        (sink, store, announced)
+    }
+
+    #[test]
+    fn a_pod_listing_is_applied_whole_and_a_relisting_removes_what_went_while_down() {
+        let (mut sink, store, mut changes) = pod_sink();
+        sink.init();
+        sink.init_apply(pod("web", "10.0.0.1", json!({"iam.amazonaws.com/role": "app"})));
+        sink.init_apply(pod("batch", "10.0.0.2", json!({})));
+        assert!(!store.synced().is_synced() && store.lookup(&"10.0.0.1".parse().unwrap()).is_none(), "not yet");
+        sink.init_done();
+        assert!(store.synced().is_synced());
+        assert_eq!(store.lookup(&"10.0.0.1".parse().unwrap()).unwrap().role_annotation.as_deref(), Some("app"));
+        let mut first = announced(&mut changes);
+        first.sort();
+        assert_eq!(first, [("upserted", "batch".into()), ("upserted", "web".into())]);
+
+        sink.apply(pod("web", "10.0.0.1", json!({"iam.amazonaws.com/role": "admin"})));
+        assert_eq!(announced(&mut changes), [("upserted", "web".into())]);
+        sink.delete(pod("web", "10.0.0.1", json!({})));
+        assert_eq!(announced(&mut changes), [("removed", "web".into())]);
+        assert!(store.lookup(&"10.0.0.1".parse().unwrap()).is_none());
+
+        // The watch was down while batch was deleted: the re-listing says so.
+        sink.init();
+        sink.init_apply(pod("api", "10.0.0.3", json!({})));
+        sink.init_done();
+        let mut relisted = announced(&mut changes);
+        relisted.sort();
+        assert_eq!(relisted, [("removed", "batch".into()), ("upserted", "api".into())]);
+        assert_eq!(store.read(|index| index.len()), 1);
+    }
+
+    #[test]
+    fn a_serviceaccount_role_change_reannounces_its_pods_once_listed_and_never_a_departed_one() {
+        let (mut pods, pod_store, mut changes) = pod_sink();
+        pods.init();
+        pods.init_apply(pod("web", "10.0.0.1", json!({})));
+        pods.init_apply(pod("own", "10.0.0.2", json!({"iam.amazonaws.com/role": "own"})));
+        pods.init_done();
+        announced(&mut changes);
+        let store = ServiceAccountStore::new();
+        let reresolve = Reresolve::new(pod_store.clone(), pods.changes.clone());
+        let mut sink = ServiceAccountSink::new(store.clone(), AnnotationKeys::default(), reresolve);
+
+        sink.init();
+        sink.init_apply(account("web", json!({"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/a"})));
+        sink.init_done();
+        assert!(store.synced().is_synced());
+        // The first listing answers every pod that waited for it: those without a role of their own.
+        assert_eq!(announced(&mut changes), [("reresolve", "web".into())]);
+
+        sink.apply(account("web", json!({"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/a"})));
+        assert!(announced(&mut changes).is_empty(), "nothing changed, nothing announced");
+        sink.apply(account("web", json!({"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/b"})));
+        assert_eq!(announced(&mut changes), [("reresolve", "web".into())]);
+
+        // The pod leaves; its ServiceAccount's later changes announce nothing of it.
+        pods.delete(pod("web", "10.0.0.1", json!({})));
+        assert_eq!(announced(&mut changes), [("removed", "web".into())]);
+        sink.delete(account("web", json!({})));
+        assert!(announced(&mut changes).is_empty(), "no re-announcement of a departed pod");
+        assert!(
+            store.entry("shop", "web").is_some_and(|entry| matches!(entry.as_lookup(), ServiceAccountLookup::NoRole))
+        );
+    }
+
+    #[test]
+    fn namespace_rules_follow_listings_updates_and_deletions() {
+        let store = NamespaceStore::new();
+        let rules = NamespaceRules {
+            annotation: "iam.amazonaws.com/allowed-roles".into(),
+            format: RestrictionFormat::Glob,
+            base: None,
+            account: Some("123456789012".into()),
+        };
+        let namespace = |name: &str, annotations: serde_json::Value| -> Namespace {
+            serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}})).unwrap()
+        };
+        let mut sink = NamespaceSink::new(store.clone(), rules);
+        sink.init();
+        sink.init_apply(namespace("shop", json!({"iam.amazonaws.com/allowed-roles": "[\"app-*\"]"})));
+        sink.init_apply(namespace("plain", json!({})));
+        assert!(!store.synced().is_synced());
+        sink.init_done();
+        assert!(store.synced().is_synced() && store.rule("shop").is_some() && store.rule("plain").is_none());
+        sink.apply(namespace("plain", json!({"iam.amazonaws.com/allowed-roles": "[\"x\"]"})));
+        assert!(store.rule("plain").is_some());
+        sink.delete(namespace("shop", json!({})));
+        assert!(store.rule("shop").is_none());
+        sink.init();
+        sink.init_done();
+        assert!(store.snapshot().is_empty(), "an empty re-listing leaves nothing");
+    }
+}

@@ -83,14 +83,11 @@ mod tests {
     use crate::credentials::fake::{FakeSts, settings};
     use crate::metrics::Metrics;
     use crate::pod::PodIdentity;
-    use crate::policy::{BaseArn, Policy};
 
     fn prefetcher(sts: &Arc<FakeSts>) -> Prefetcher {
         let settings = settings(Duration::ZERO, Duration::from_secs(2), 4);
         let cache = CredentialCache::new(sts.clone(), settings, Arc::default(), Arc::new(Metrics::new()));
-        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
-        let policy = Policy { base: Some(base), default_role: None, restrictions: None, account: None };
-        Prefetcher::new(cache, Arc::new(Resolver::new(Arc::new(policy))))
+        Prefetcher::new(cache, Arc::new(Resolver::new(Arc::new(crate::policy::test_policy(None)))))
     }
 
     fn pod() -> Arc<PodIdentity> {

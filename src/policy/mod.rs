@@ -195,17 +195,20 @@ impl Policy {
     }
 }
 
+/// The policy most tests start from: bare names joined to account 123456789012's roles, no
+/// default role, restrictions as given.
+#[cfg(test)]
+pub(crate) fn test_policy(restrictions: Option<RestrictionFormat>) -> Policy {
+    let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
+    Policy { base: Some(base), default_role: None, restrictions, account: None }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy {
-            base: Some(BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap()),
-            default_role: None,
-            restrictions: None,
-            account: None,
-        }
+        test_policy(None)
     }
 
     fn pod(role: Option<&str>) -> PodIdentity {

@@ -158,11 +158,10 @@ impl Resolver {
 mod tests {
 
     use super::*;
-    use crate::policy::{AllowedRoles, BaseArn, RestrictionFormat, ServiceAccountRole};
+    use crate::policy::{AllowedRoles, RestrictionFormat, ServiceAccountRole};
 
     fn policy(restrictions: Option<RestrictionFormat>) -> Arc<Policy> {
-        let base = BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
-        Arc::new(Policy { base: Some(base), default_role: None, restrictions, account: None })
+        Arc::new(crate::policy::test_policy(restrictions))
     }
 
     fn pod(namespace: &str, name: &str, role: &str) -> PodIdentity {
