@@ -52,7 +52,9 @@ impl Expiry<CredentialKey, Arc<Issued>> for UntilExpiry {
 /// Credentials by (role, external ID, session name).
 pub struct CredentialCache {
     pub(super) entries: Cache<CredentialKey, Arc<Issued>>,
-    failures: Option<Cache<CredentialKey, Arc<StsError>>>,
+    /// Recent AssumeRole failures and when they happened (tokio's clock, so tests can pause
+    /// it); moka's own expiry only bounds how long an entry may linger.
+    failures: Option<Cache<CredentialKey, (Arc<StsError>, tokio::time::Instant)>>,
     /// Keys being refreshed in the background (see `refresh`).
     pub(super) refreshing: Mutex<HashSet<CredentialKey>>,
     /// Which sessions still have a pod, and the fetches under way for them.
@@ -151,7 +153,8 @@ impl CredentialCache {
     }
 
     async fn recent_failure(&self, key: &CredentialKey) -> Option<Arc<StsError>> {
-        self.failures.as_ref()?.get(key).await
+        let (error, at) = self.failures.as_ref()?.get(key).await?;
+        (at.elapsed() < self.settings.iam_role_error_ttl).then_some(error)
     }
 
     /// One AssumeRole call, timed, counted, and bounded by the STS timeout once its turn
@@ -179,7 +182,7 @@ impl CredentialCache {
             Err(error) => {
                 tracing::warn!(role = %key.role, session = %key.session_name, %error, "AssumeRole failed");
                 if let Some(failures) = &self.failures {
-                    failures.insert(key.clone(), Arc::new(error.clone())).await;
+                    failures.insert(key.clone(), (Arc::new(error.clone()), tokio::time::Instant::now())).await;
                 }
                 Err(error)
             }
@@ -190,7 +193,7 @@ impl CredentialCache {
 #[cfg(test)]
 mod tests {
     //! On paused time: the fake STS's delays, the timeouts and the waits below are virtual, so
-    //! the tests neither sleep nor depend on the machine's speed. One exception says why.
+    //! the tests neither sleep nor depend on the machine's speed.
 
     use std::sync::atomic::Ordering;
 
@@ -226,9 +229,7 @@ mod tests {
         assert!(sts.calls() >= 2, "refreshes were attempted");
     }
 
-    /// Real time: the error TTL is moka's own expiry, which follows the real clock, not
-    /// tokio's. 300 ms, once.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failures_are_remembered_for_the_error_ttl() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::ZERO);
         sts.failing.store(true, Ordering::SeqCst);
@@ -238,7 +239,10 @@ mod tests {
         cache.get(&key("ns.pod")).await.unwrap_err();
         assert_eq!(sts.calls(), 1, "the failure is remembered");
         sts.failing.store(false, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(299)).await;
+        cache.get(&key("ns.pod")).await.unwrap_err();
+        assert_eq!(sts.calls(), 1, "still within the error TTL");
+        tokio::time::sleep(Duration::from_millis(1)).await;
         cache.get(&key("ns.pod")).await.unwrap();
         assert_eq!(sts.calls(), 2);
     }
