@@ -17,8 +17,26 @@ use parking_lot::Mutex;
 struct State {
     /// The session of every pod on the node (by uid), with or without a role.
     pods: HashMap<String, Arc<str>>,
+    /// How many of those pods have each session: asked on every refresh of every key.
+    sessions: HashMap<Arc<str>, usize>,
     /// Fetches under way, by session.
     in_flight: HashMap<Arc<str>, InFlight>,
+}
+
+impl State {
+    /// One pod less has `session`; whether others still have it.
+    fn leave(&mut self, session: &Arc<str>) -> bool {
+        match self.sessions.get_mut(session) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                true
+            }
+            _ => {
+                self.sessions.remove(session);
+                false
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -42,7 +60,12 @@ impl Liveness {
         if let Some(fetching) = state.in_flight.get_mut(session) {
             fetching.departed = false;
         }
-        state.pods.insert(uid.to_string(), session.clone())
+        let before = state.pods.insert(uid.to_string(), session.clone());
+        *state.sessions.entry(session.clone()).or_default() += 1;
+        if let Some(before) = &before {
+            state.leave(before);
+        }
+        before
     }
 
     /// The pod `uid` left the node. Returns its session when no other pod has it: that
@@ -50,7 +73,7 @@ impl Liveness {
     pub fn departed(&self, uid: &str) -> Option<Arc<str>> {
         let mut state = self.state.lock();
         let session = state.pods.remove(uid)?;
-        if state.pods.values().any(|other| *other == session) {
+        if state.leave(&session) {
             return None;
         }
         if let Some(fetching) = state.in_flight.get_mut(&session) {
@@ -67,12 +90,14 @@ impl Liveness {
     /// Whether another pod than `uid` (a StatefulSet's, recreated under the same name) has
     /// `session`.
     pub fn shared(&self, uid: &str, session: &str) -> bool {
-        self.state.lock().pods.iter().any(|(other, s)| other != uid && &**s == session)
+        let state = self.state.lock();
+        let own = state.pods.get(uid).is_some_and(|s| &**s == session);
+        state.sessions.get(session).is_some_and(|count| *count > usize::from(own))
     }
 
     /// Whether a pod on the node has `session`.
     pub fn is_live(&self, session: &str) -> bool {
-        self.state.lock().pods.values().any(|s| &**s == session)
+        self.state.lock().sessions.contains_key(session)
     }
 
     /// Counts a fetch for `session` under way until the returned guard is dropped.
