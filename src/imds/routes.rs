@@ -5,13 +5,16 @@
 //! collapse to one (`meta-data//iam/` is `meta-data/iam/`, as IMDS reads it). Then three
 //! rules, in this order, whatever `--allow-route-regexp` says:
 //!
-//! 1. Paths are canonical or refused: a path with a dot segment (`.`, `..`), a backslash or a
-//!    percent-escape could be normalised by the real IMDS into one the rules below refused.
+//! 1. Paths are canonical or refused: a path with a dot segment (`.`, `..`), a backslash, a
+//!    percent-escape, a `;` or any character metadata paths are not made of could be
+//!    normalised by the real IMDS into one the rules below refused.
 //! 2. The credential routes are iamlet's, under **every** version prefix (`/latest`,
 //!    `/2016-09-02`, `/1.0`...): IMDS answers `iam/security-credentials/` under each of them,
-//!    so relaying any one would hand out the node's role.
-//! 3. What identifies or empowers the node is never relayed, under any prefix and in any
-//!    letter case: `meta-data/identity-credentials/`, `user-data`, the signed identity
+//!    so relaying any one would hand out the node's role. Found anywhere else in a path (no
+//!    version, a doubled one), they are refused.
+//! 3. What identifies or empowers the node is never relayed, wherever it starts in the path
+//!    (under any prefix, none, or several), in any letter case, a segment's trailing dots
+//!    ignored: `meta-data/identity-credentials/`, `user-data`, the signed identity
 //!    documents (`dynamic/instance-identity/{pkcs7,signature,rsa2048}`, enough to log in to
 //!    Vault's AWS auth as the node), the node's instance profile (`meta-data/iam/info`), and
 //!    the real IMDS's `api/token`.
@@ -73,9 +76,11 @@ const WELL_KNOWN_EXTRAS: &[&str] = &[
     "/latest/meta-data/tags/instance/",
 ];
 
-/// Paths iamlet never relays (rule 3), as examples under `/latest`: for the startup warning
-/// about an allow-list that would match them.
+/// Paths iamlet never relays (rule 3), as examples under `/latest` and without a version: for
+/// the startup warning about an allow-list that would match them.
 pub const NEVER_RELAYED: &[&str] = &[
+    "/user-data",
+    "/meta-data/iam/security-credentials/",
     "/latest/user-data",
     "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
     "/latest/meta-data/iam/info",
@@ -233,39 +238,53 @@ pub fn classify<'a>(path: &'a str, allow: &AllowList) -> Route<'a> {
     if path == "/healthz" {
         return Route::Health;
     }
-    // Whatever the first segment is (a version, in IMDS), rules 2 and 3 apply to the rest, in
-    // any letter case, so no case variant slips through.
-    if let Some((_, rest)) = path[1..].split_once('/') {
+    // Rules 2 and 3 wherever a segment starts, in any letter case: after the first segment
+    // (a version, in IMDS) the credential routes are iamlet's; anywhere else (no version, a
+    // doubled one, a made-up prefix) they, and the node's secrets, are refused, so no prefix
+    // an allow-list admits can carry them to the node's metadata service.
+    let starts = std::iter::once(1).chain(path.match_indices('/').map(|(i, _)| i + 1).skip(1));
+    for (position, start) in starts.enumerate() {
+        let rest = &path[start..];
         if let Some(after) = strip_prefix_ignore_case(rest, CREDENTIALS) {
-            return match after {
-                "" | "/" => Route::RoleName,
-                _ => match after[1..].strip_suffix('/').unwrap_or(&after[1..]) {
-                    name if after.starts_with('/') && !name.contains('/') => Route::Credentials(name),
-                    _ => Route::NotAllowed,
-                },
-            };
+            if position == 1 {
+                return match after {
+                    "" | "/" => Route::RoleName,
+                    _ => match after[1..].strip_suffix('/').unwrap_or(&after[1..]) {
+                        name if after.starts_with('/') && !name.contains('/') => Route::Credentials(name),
+                        _ => Route::NotAllowed,
+                    },
+                };
+            }
+            if after.is_empty() || after.starts_with('/') {
+                return Route::Sensitive;
+            }
         }
-        if is_sensitive(rest.strip_suffix('/').unwrap_or(rest)) {
+        if is_sensitive(rest) {
             return Route::Sensitive;
         }
     }
     if allow.is_match(path) { Route::Proxy } else { Route::NotAllowed }
 }
 
-/// Rule 3, on the path after its version segment, without a trailing slash, in any case.
+/// Rule 3, on a path from one of its segments on, in any letter case, with or without a
+/// trailing slash, and a segment's trailing dots ignored (`user-data.` is `user-data` to
+/// servers that trim them).
 fn is_sensitive(rest: &str) -> bool {
-    const EXACT: &[&str] = &["meta-data/iam/info", "api/token"];
-    const TREES: &[&str] = &[
-        "user-data",
-        "meta-data/identity-credentials",
-        "dynamic/instance-identity/pkcs7",
-        "dynamic/instance-identity/signature",
-        "dynamic/instance-identity/rsa2048",
+    const EXACT: &[&[&str]] = &[&["meta-data", "iam", "info"], &["api", "token"]];
+    const TREES: &[&[&str]] = &[
+        &["user-data"],
+        &["meta-data", "identity-credentials"],
+        &["dynamic", "instance-identity", "pkcs7"],
+        &["dynamic", "instance-identity", "signature"],
+        &["dynamic", "instance-identity", "rsa2048"],
     ];
-    EXACT.iter().any(|exact| rest.eq_ignore_ascii_case(exact))
-        || TREES
-            .iter()
-            .any(|tree| strip_prefix_ignore_case(rest, tree).is_some_and(|r| r.is_empty() || r.starts_with('/')))
+    let segments: Vec<&str> =
+        rest.strip_suffix('/').unwrap_or(rest).split('/').map(|segment| segment.trim_end_matches('.')).collect();
+    let starts_with = |tree: &[&str]| {
+        segments.len() >= tree.len() && tree.iter().zip(&segments).all(|(want, got)| got.eq_ignore_ascii_case(want))
+    };
+    EXACT.iter().any(|exact| segments.len() == exact.len() && starts_with(exact))
+        || TREES.iter().any(|tree| starts_with(tree))
 }
 
 /// `text` without `prefix`, compared in any ASCII letter case.
@@ -277,12 +296,14 @@ fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> 
 /// The longest path served, in bytes: IMDS paths are short, and a long one is an attack.
 const MAX_PATH: usize = 1024;
 
-/// Absolute, no empty or dot segments (a trailing slash is fine), printable ASCII, no escapes.
+/// Absolute, no empty or dot segments (a trailing slash is fine), and only the characters
+/// metadata paths are made of (letters, digits, `-._:+=@`: tag keys included): no escape, no
+/// backslash, no `;` parameter or other character a server might read differently.
 fn is_canonical(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else { return false };
     let body = rest.strip_suffix('/').unwrap_or(rest);
     path.len() <= MAX_PATH
-        && path.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\')
+        && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-._:+=@".contains(&b))
         && (rest.is_empty() || body.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."))
 }
 
@@ -344,6 +365,43 @@ mod tests {
         }
         assert_eq!(classify("/2016-09-02/api/token", &everything), Route::Sensitive, "only iamlet issues tokens");
         assert_eq!(classify("/latest/user-dataX", &everything), Route::Proxy, "a prefix is not the tree");
+    }
+
+    /// Found by attacking as a pod with `--allow-route-regexp=.*`: the rules used to apply
+    /// only after the first segment, so a path without a version (or with two) reached the
+    /// node's metadata service.
+    #[test]
+    fn no_prefix_a_doubled_one_or_a_near_miss_carries_a_secret_past_a_broad_allow_list() {
+        let everything = AllowList::new(".*", false).unwrap();
+        for path in [
+            "/meta-data/iam/security-credentials/node-role",
+            "/meta-data/iam/security-credentials/",
+            "/meta-data/iam/security-credentials",
+            "/user-data",
+            "/USER-DATA/",
+            "/meta-data/iam/info",
+            "/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+            "/dynamic/instance-identity/pkcs7",
+            "/api/token",
+            "/latest/latest/user-data",
+            "/latest/latest/meta-data/iam/security-credentials/node-role",
+            "/x/y/z/dynamic/instance-identity/signature",
+            "/latest/user-data.",
+            "/latest/meta-data/iam/info./",
+            "/latest/meta-data./identity-credentials/",
+        ] {
+            assert_eq!(routed(path, &everything), Route::Sensitive, "{path}");
+        }
+        for path in
+            ["/latest/user-data;x", "/latest/meta-data;/iam;/info", "/2016-09-02/api/token~", "/latest/user-data&"]
+        {
+            assert_eq!(routed(path, &everything), Route::Malformed, "{path}");
+        }
+        // What merely contains such a name is not refused: the credential route of the pod's
+        // own role, a tag, a longer name.
+        assert_eq!(route("/latest/meta-data/iam/security-credentials/user-data"), Route::Credentials("user-data"));
+        assert_eq!(routed("/latest/meta-data/tags/instance/user-data-owner", &everything), Route::Proxy);
+        assert_eq!(routed("/latest/meta-data/tags/instance/Team+Name=a@b:c", &everything), Route::Proxy);
     }
 
     #[test]
@@ -452,7 +510,8 @@ mod tests {
         assert_eq!(classify("/latest/meta-data/tags/instance/Name", &broad), Route::Proxy);
         assert_eq!(classify("/latest/user-data", &broad), Route::Sensitive);
         assert_eq!(classify("/latest/meta-data/iam/security-credentials/", &broad), Route::RoleName);
-        assert_eq!(broad.overreach().len(), NEVER_RELAYED.len() - 1, "all but the dated token path");
+        assert_eq!(broad.overreach().len(), NEVER_RELAYED.len() - 3, "all but the dated and unversioned paths");
+        assert_eq!(AllowList::new(".*", false).unwrap().overreach().len(), NEVER_RELAYED.len());
         assert!(broad.additions().contains(&"/latest/meta-data/tags/instance/"), "{:?}", broad.additions());
         assert_eq!(broad.operator(), Some("/latest/.*"));
         assert!(AllowList::default().overreach().is_empty(), "the default asks for nothing sensitive");

@@ -102,8 +102,13 @@ fn answer(seen: &Mutex<Vec<Seen>>, tokens: Tokens, request: Request<Incoming>) -
         return reply(StatusCode::UNAUTHORIZED, "");
     }
     // Like IMDS, the same tree under every version (`latest`, dated ones, `1.0`), and every
-    // entry, leaf or listing, answered with or without a trailing slash.
-    let versioned = path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(_, rest)| format!("/latest/{rest}"));
+    // entry, leaf or listing, answered with or without a trailing slash. Worse than IMDS, to
+    // catch what a relay must never pass: without a version too.
+    let unversioned = ["/meta-data", "/user-data", "/dynamic", "/api"].iter().any(|top| path.starts_with(top));
+    let versioned = match unversioned {
+        true => Some(format!("/latest{path}")),
+        false => path.strip_prefix('/').and_then(|p| p.split_once('/')).map(|(_, rest)| format!("/latest/{rest}")),
+    };
     let versioned = versioned.as_deref().unwrap_or(&path);
     match versioned.strip_suffix('/').unwrap_or(versioned) {
         "/latest/meta-data" => {
