@@ -278,13 +278,15 @@ fn is_sensitive(rest: &str) -> bool {
         &["dynamic", "instance-identity", "signature"],
         &["dynamic", "instance-identity", "rsa2048"],
     ];
-    let segments: Vec<&str> =
-        rest.strip_suffix('/').unwrap_or(rest).split('/').map(|segment| segment.trim_end_matches('.')).collect();
-    let starts_with = |tree: &[&str]| {
-        segments.len() >= tree.len() && tree.iter().zip(&segments).all(|(want, got)| got.eq_ignore_ascii_case(want))
+    // Compared segment by segment as they are split, allocating nothing: this runs for every
+    // segment start of every request's path.
+    let body = rest.strip_suffix('/').unwrap_or(rest);
+    let matches = |tree: &[&str], whole: bool| {
+        let mut segments = body.split('/').map(|segment| segment.trim_end_matches('.'));
+        tree.iter().all(|want| segments.next().is_some_and(|got| got.eq_ignore_ascii_case(want)))
+            && (!whole || segments.next().is_none())
     };
-    EXACT.iter().any(|exact| segments.len() == exact.len() && starts_with(exact))
-        || TREES.iter().any(|tree| starts_with(tree))
+    EXACT.iter().any(|exact| matches(exact, true)) || TREES.iter().any(|tree| matches(tree, false))
 }
 
 /// `text` without `prefix`, compared in any ASCII letter case.
