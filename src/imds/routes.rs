@@ -121,12 +121,17 @@ impl AllowList {
     /// a leaf as `instance-type` and as `instance-type/`, and a listing as `placement/` and
     /// as `placement`.
     pub fn is_match(&self, path: &str) -> bool {
+        let lists = || [&self.default, &self.operator].into_iter().flatten();
+        if lists().any(|list| list.is_match(path)) {
+            return true;
+        }
+        // Only a path not admitted as sent pays for its other form.
         let toggled = match path.strip_suffix('/') {
-            Some(bare) if !bare.is_empty() => Cow::Borrowed(bare),
-            Some(_) => Cow::Borrowed(path),
+            Some("") => return false,
+            Some(bare) => Cow::Borrowed(bare),
             None => Cow::Owned(format!("{path}/")),
         };
-        [&self.default, &self.operator].into_iter().flatten().any(|list| list.is_match(path) || list.is_match(&toggled))
+        lists().any(|list| list.is_match(&toggled))
     }
 
     /// The never-relayed paths the operator's regexp would match: they stay refused, and the
