@@ -39,9 +39,10 @@ LABEL org.opencontainers.image.title="iamlet" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 # Debian's iptables package ships iptables-nft and iptables-legacy (and ip6tables-*, and
-# their -restore programs, which install iamlet's rules atomically).
+# their -restore programs, which install iamlet's rules atomically); nftables' `nft` installs
+# the pod port binding (the bridge family and sets, which iptables cannot express).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables=1.8.9-2 conntrack=1:1.4.7-1+b2 ca-certificates=20250419~deb12u2 \
+    && apt-get install -y --no-install-recommends iptables=1.8.9-2 nftables=1.0.6-2+deb12u2 conntrack=1:1.4.7-1+b2 ca-certificates=20250419~deb12u2 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=binary /out/iamlet /usr/local/bin/iamlet
 # No USER: iptables needs uid 0. The DaemonSet drops every capability but NET_ADMIN and

@@ -84,16 +84,17 @@ start_iamlet() {
     # paths made ready as kubelet makes them; the demo's CNI configuration directory where
     # the DaemonSet mounts the node's.
     local flags
-    mapfile -t flags < <(scripts/image.sh run-flags --host-path="/etc/cni/net.d=$WORK/cni")
+    mapfile -t flags < <(scripts/image.sh run-flags --host-path="/etc/cni/net.d=$WORK/cni" \
+      --host-path="/var/lib/cni/results=$WORK/cni-results")
     [ "${#flags[@]}" -gt 0 ] || { echo "demo: no podman flags from the DaemonSet (see above)" >&2; exit 1; }
     local envs=()
     for pair in "${env[@]}"; do envs+=(--env "$pair"); done
     scripts/image.sh podman run --rm --pull=never --name iamlet-demo --network "ns:/run/netns/$NODE" \
       --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "${flags[@]}" "${envs[@]}" localhost/iamlet:demo \
-      "${args[@]}" --cni-conf-dir=/etc/cni/net.d >"$WORK/iamlet.log" 2>&1 &
+      "${args[@]}" --cni-conf-dir=/etc/cni/net.d --cni-results-dir=/var/lib/cni/results >"$WORK/iamlet.log" 2>&1 &
   else
     ip netns exec "$NODE" env -i PATH="$PATH" "${env[@]}" "$BIN" "${args[@]}" --cni-conf-dir="$WORK/cni" \
-      >"$WORK/iamlet.log" 2>&1 &
+      --cni-results-dir="$WORK/cni-results" >"$WORK/iamlet.log" 2>&1 &
   fi
   IAMLET=$!
   PIDS+=("$IAMLET")
@@ -174,15 +175,29 @@ ip -n "$NODE" link set eth0 up
 ip -n "$NODE" link add cni0 type bridge
 ip -n "$NODE" addr add 10.42.0.1/24 dev cni0
 ip -n "$NODE" link set cni0 up
+# What libcni keeps after each pod's CNI ADD (containerd and CRI-O write it to
+# /var/lib/cni/results): the host veth, the pod's MAC and address. iamlet binds each pod's
+# address to its port from it (--bind-pod-ports).
+mkdir -p "$WORK/cni-results"
+mac() { ip -n "$1" -o link show "$2" | sed -n 's|.*link/ether \([0-9a-f:]*\).*|\1|p'; }
 n=0
-for pod in "$POD_APP:10.42.0.10" "$POD_PLAIN:10.42.0.11" "$POD_IRSA:10.42.0.12"; do
-  ns=${pod%%:*} ip=${pod##*:} n=$((n + 1))
+for pod in "$POD_APP:10.42.0.10:web" "$POD_PLAIN:10.42.0.11:batch" "$POD_IRSA:10.42.0.12:reports"; do
+  IFS=: read -r ns ip name <<<"$pod"
+  n=$((n + 1))
   ip -n "$NODE" link add "veth$n" type veth peer name eth0 netns "$ns"
   ip -n "$NODE" link set "veth$n" master cni0 up
   ip -n "$ns" addr add "$ip/24" dev eth0
   ip -n "$ns" link set eth0 up
   ip -n "$ns" route add default via 10.42.0.1
-  echo "$ns: $ip on the node's cni0"
+  cat >"$WORK/cni-results/cbr0-demo$n-eth0" <<EOF
+{"kind":"cniCacheV1","containerId":"demo$n","ifName":"eth0","networkName":"cbr0",
+ "cniArgs":[["K8S_POD_NAMESPACE","shop"],["K8S_POD_NAME","$name"]],
+ "result":{"cniVersion":"1.0.0","interfaces":[{"name":"cni0","mac":"$(mac "$NODE" cni0)"},
+   {"name":"veth$n","mac":"$(mac "$NODE" "veth$n")"},
+   {"name":"eth0","mac":"$(mac "$ns" eth0)","sandbox":"/var/run/netns/$ns"}],
+   "ips":[{"interface":2,"address":"$ip/24","gateway":"10.42.0.1"}]}}
+EOF
+  echo "$ns: $ip on the node's cni0 (port veth$n, MAC $(mac "$ns" eth0))"
 done
 
 step "Starting moto (STS) and the fake Kubernetes API server on the node"
@@ -214,6 +229,8 @@ start_iamlet
 sed 's/^/  iamlet | /' "$WORK/iamlet.log"
 echo "iamlet's rules in the node's nat and filter tables (the DNAT, and the backstop refusing what is not redirected):"
 our_rules | sed 's/^/  /'
+echo "iamlet's pod port binding (nftables, from the CNI's records): each pod's address is accepted only from its own port and MAC:"
+ip netns exec "$NODE" nft list set bridge iamlet bound4 | sed -n '/elements/,/}/p' | sed 's/^[[:space:]]*/  /'
 for _ in $(seq 1 50); do [ "$(node_taints)" = "[]" ] && break; sleep 0.1; done
 echo "node taints once iamlet is ready: $(node_taints)"
 

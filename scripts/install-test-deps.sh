@@ -12,6 +12,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
+command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 command -v objcopy >/dev/null 2>&1 || need_apt+=(binutils)
 # The image (scripts/image.sh): podman with runc (crun refuses these kernels' hybrid
 # cgroups), and debootstrap for the base. Only as root: the end-to-end tests run it.

@@ -24,6 +24,7 @@ use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::netfilter::agent::{NodeCluster, RulesOnExit};
 use crate::netfilter::{NetworkSettings, RulesState};
+use crate::ports::Ports;
 use crate::resolve::Resolver;
 use crate::shutdown::Stopped;
 
@@ -139,13 +140,16 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     background.spawn(publisher);
     let imds =
         ImdsService::new(api, &node, caches.pods.clone(), resolver, credentials.clone(), upstream, metrics.clone());
-    let imds = Arc::new(imds.with_events(api.pod_events.then(|| events.clone())));
+    // What each request's pod is checked against once the pod port binding is on.
+    let ports = Ports::default();
+    let imds = Arc::new(imds.with_events(api.pod_events.then(|| events.clone())).with_ports(ports.clone()));
     background.spawn(report_node_exposure(imds.upstream().clone(), metrics.clone()));
 
     let mut readiness = readiness(&caches);
     let rules = match network.iptables {
         true => {
-            let cluster = NodeCluster { kube: &deps.kube, node: &node, pods: &caches.pods, events: &events };
+            let cluster =
+                NodeCluster { kube: &deps.kube, node: &node, pods: &caches.pods, events: &events, ports: &ports };
             let port = listeners.app_addr.port();
             let (rules, state) =
                 crate::netfilter::agent::guard(network, port, cluster, &metrics, &mut background).await?;

@@ -28,7 +28,8 @@
 //! | [`explain`] | `iamlet explain <namespace>/<pod>`: the role a pod gets and why |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |
 //! | [`metrics`] | the Prometheus metrics every module records into |
-//! | [`netfilter`] | the DNAT and its backstop: install, check and repair, keep or remove on exit; CNI detection, connection reset, the coverage check |
+//! | [`ports`] | which port on the node each pod address belongs to, from the CNI's records (libcni's result cache) |
+//! | [`netfilter`] | the DNAT and its backstop: install, check and repair, keep or remove on exit; the pod port binding (nftables); CNI detection, connection reset, the coverage check |
 //! | [`shutdown`] | signals: the first drains, a second aborts |
 //! | [`http`] | the HTTP serving loop both ports share, with its limits and graceful drain |
 //!
@@ -49,6 +50,7 @@ pub mod metrics;
 pub mod netfilter;
 pub mod pod;
 pub mod policy;
+pub mod ports;
 pub mod resolve;
 pub mod shutdown;
 

@@ -29,6 +29,12 @@ pub struct WatchLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpoofLabels {
+    /// What the dropped frame forged: `ether` (a bound pod's MAC), `arp`, `ipv4`, `ipv6`.
+    pub family: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub reason: &'static str,
 }
@@ -58,6 +64,8 @@ pub struct Metrics {
     pub iptables_repairs: Counter,
     pub iptables_errors: Counter,
     pub pods_not_intercepted: Gauge,
+    pub spoofed_packets: Family<SpoofLabels, Counter>,
+    pub pods_unbound: Gauge,
     pub node_imdsv1_enabled: Gauge,
     pub pod_watch_stale_seconds: Gauge,
     pub connections_refused: Family<RefusalLabels, Counter>,
@@ -83,6 +91,8 @@ impl Metrics {
         let iptables_repairs = Counter::default();
         let iptables_errors = Counter::default();
         let pods_not_intercepted = Gauge::default();
+        let spoofed_packets = Family::<SpoofLabels, Counter>::default();
+        let pods_unbound = Gauge::default();
         let node_imdsv1_enabled = Gauge::default();
         let pod_watch_stale_seconds = Gauge::default();
         let connections_refused = Family::<RefusalLabels, Counter>::default();
@@ -117,6 +127,16 @@ impl Metrics {
             pods_not_intercepted.clone(),
         );
         registry.register(
+            "spoofed_packets",
+            "Frames the kernel dropped because they claimed a pod's address or MAC from another port, or reached for the metadata address from an unbound one, by what they forged",
+            spoofed_packets.clone(),
+        );
+        registry.register(
+            "pods_unbound",
+            "Pods of this node whose port iamlet does not know (no CNI record): refused while --bind-pod-ports is on",
+            pods_unbound.clone(),
+        );
+        registry.register(
             "node_imdsv1_enabled",
             "1 when the node's metadata service answers without a token (IMDSv1), so pods reach the node's credentials whenever iamlet's rules are absent",
             node_imdsv1_enabled.clone(),
@@ -138,6 +158,9 @@ impl Metrics {
             sts_calls.get_or_create(&StsLabels { result }).inc_by(0);
         }
         watch_errors.get_or_create(&WatchLabels { watch: "pods" }).inc_by(0);
+        for family in ["ether", "arp", "ipv4", "ipv6"] {
+            spoofed_packets.get_or_create(&SpoofLabels { family }).inc_by(0);
+        }
         for refusal in [crate::http::Refusal::Total, crate::http::Refusal::PerIp] {
             connections_refused.get_or_create(&RefusalLabels::from(refusal)).inc_by(0);
         }
@@ -155,6 +178,8 @@ impl Metrics {
             iptables_repairs,
             iptables_errors,
             pods_not_intercepted,
+            spoofed_packets,
+            pods_unbound,
             node_imdsv1_enabled,
             pod_watch_stale_seconds,
             connections_refused,

@@ -378,6 +378,16 @@ mod tests {
     }
 
     #[test]
+    fn pod_port_binding_is_on_by_default_and_reads_libcnis_cache() {
+        use crate::netfilter::binding::BindPodPorts;
+        let binding = settings(&[]).network.binding;
+        assert_eq!(binding.bind_pod_ports, BindPodPorts::Auto);
+        assert_eq!(binding.cni_results_dir, PathBuf::from("/var/lib/cni/results"));
+        assert_eq!(settings(&["--bind-pod-ports=false"]).network.binding.bind_pod_ports, BindPodPorts::Never);
+        assert_eq!(settings(&["--bind-pod-ports"]).network.binding.bind_pod_ports, BindPodPorts::Always);
+    }
+
+    #[test]
     fn go_style_booleans_are_accepted_on_every_boolean_flag() {
         let s = settings(&["--iptables=true", "--host-ip=10.0.0.5", "--namespace-restrictions"]);
         assert!(s.network.iptables);
@@ -416,6 +426,7 @@ mod tests {
             (&["--host-interface=!eth0,eni+"], "--host-interface"),
             (&["--startup-taint=not a key"], "--startup-taint"),
             (&["--iptables-keep-on-exit=maybe"], "--iptables-keep-on-exit"),
+            (&["--bind-pod-ports=sometimes"], "--bind-pod-ports"),
             (&["--app-port=0"], "--app-port"),
             (&["--max-connections=10", "--max-connections-per-ip=20"], "--max-connections-per-ip"),
             (&["--cluster-name=prod"], "--cluster-name"),

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use super::FlagError;
 use super::values::{parse_duration, parse_taint_key};
 use crate::cluster::taint::DEFAULT_STARTUP_TAINT;
+use crate::netfilter::binding::{BindPodPorts, BindingSettings};
 use crate::netfilter::lifecycle::KeepOnExit;
 use crate::netfilter::{BackendChoice, InterfaceMatch, InterfaceSetting, NetworkSettings};
 
@@ -57,6 +58,26 @@ pub struct NetworkArgs {
     /// iptables backend: `auto` (the one kube-proxy uses on this node), `nft` or `legacy`.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub iptables_backend: BackendArg,
+
+    /// Bind each pod's addresses to its own port on the node (in the kernel), so a pod that
+    /// forges another's address gets nothing: `auto` binds wherever the CNI's records can be
+    /// read (off, with a warning, elsewhere); `true` binds and refuses pods without a record;
+    /// `false` knows pods by address alone, as kube2iam does.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "auto",
+        default_missing_value = "true",
+        value_parser = BindPodPorts::parse,
+        env = "IAMLET_BIND_POD_PORTS"
+    )]
+    pub bind_pod_ports: BindPodPorts,
+
+    /// libcni's result cache (written by containerd and CRI-O for every pod), mounted
+    /// read-only: where `--bind-pod-ports` learns each pod's port, MAC and addresses.
+    #[arg(long, default_value = "/var/lib/cni/results", env = "IAMLET_CNI_RESULTS_DIR")]
+    pub cni_results_dir: PathBuf,
 
     /// Taint removed from this node once iamlet's rules are in place and it is ready, so
     /// nodes registered with it run no pod before they are protected; empty disables.
@@ -120,6 +141,7 @@ impl NetworkArgs {
             iptables_keep_on_exit: self.iptables_keep_on_exit,
             iptables_backend: self.iptables_backend.into(),
             startup_taint,
+            binding: BindingSettings { bind_pod_ports: self.bind_pod_ports, cni_results_dir: self.cni_results_dir },
         })
     }
 }

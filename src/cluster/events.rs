@@ -43,6 +43,9 @@ pub enum Reason {
     /// The pod's traffic arrives on an interface `--host-interface` does not match: it
     /// reaches the node's metadata service directly.
     NotIntercepted,
+    /// `--bind-pod-ports` is on and iamlet knows no port for the pod (or the CNI's record
+    /// names another pod at its address): refused, so no other pod can pass for it.
+    Unbound,
 }
 
 impl Reason {
@@ -51,6 +54,7 @@ impl Reason {
         match self {
             Reason::RoleDenied | Reason::AssumeRoleFailed => "ServeCredentials",
             Reason::NotIntercepted => "InterceptMetadataTraffic",
+            Reason::Unbound => "BindPodPort",
         }
     }
 
@@ -59,6 +63,7 @@ impl Reason {
             Reason::RoleDenied => "IAMRoleDenied",
             Reason::AssumeRoleFailed => "IAMAssumeRoleFailed",
             Reason::NotIntercepted => "IAMNotIntercepted",
+            Reason::Unbound => "IAMPodUnbound",
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::credentials::{CredentialCache, CredentialError};
 use crate::http::{Body, text};
 use crate::metrics::{InFlight, Metrics, RequestLabels, RouteLabels};
 use crate::pod::PodIdentity;
+use crate::ports::{Ports, Verdict};
 use crate::resolve::{Resolved, Resolver, Unresolved};
 
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -36,6 +37,8 @@ pub struct ImdsService {
     metrics: Arc<Metrics>,
     /// Events on pods that get no credentials (`--pod-events`).
     events: Option<PodEvents>,
+    /// Which port each pod address belongs to (`--bind-pod-ports`; off until decided).
+    ports: Ports,
 }
 
 impl ImdsService {
@@ -61,12 +64,19 @@ impl ImdsService {
             node: node.to_string(),
             metrics,
             events: None,
+            ports: Ports::default(),
         }
     }
 
     /// Records why pods get no credentials as Events on them (`--pod-events`).
     pub fn with_events(self, events: Option<PodEvents>) -> Self {
         Self { events, ..self }
+    }
+
+    /// Checks each request's pod against the pod port binding: a pod whose port is unknown,
+    /// or whose address the CNI gave another pod, is refused.
+    pub fn with_ports(self, ports: Ports) -> Self {
+        Self { ports, ..self }
     }
 
     /// The node's metadata service this one relays to.
@@ -190,6 +200,11 @@ impl ImdsService {
                 format!("not found: no pod with IP {peer} is known on node {}\n", self.node),
             ));
         };
+        if let Verdict::Unbound(why) = self.ports.verdict(&pod, &peer) {
+            // Its Warning Event comes from the binding's own report, whether or not it asks.
+            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, %peer, %why, "refused: the pod's port is not bound");
+            return Err(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n")));
+        }
         let mut resolved = self.resolver.resolve(&pod);
         if matches!(resolved, Err(Unresolved::NotSynced { .. })) {
             // Just started: the answer waits for the caches it depends on, in what is left of

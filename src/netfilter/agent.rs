@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::binding::BindingPlan;
 use super::coverage::{Probe, Uncovered};
 use super::interfaces::InterfaceMatch;
 use super::lifecycle::{self, Decision, KeepOnExit};
@@ -15,6 +16,7 @@ use super::{IptablesError, NetworkSettings, NodeRules, RuleKeeper, RulesState};
 use crate::cluster::placement::{Controller, SelfPod};
 use crate::cluster::{PodEvents, PodStore, Reason};
 use crate::metrics::Metrics;
+use crate::ports::Ports;
 
 /// What the rules need of the cluster: the API server (whether the agent's DaemonSet goes on,
 /// at stop), this node's name, its pods (the coverage check), and where to report the pods
@@ -24,6 +26,8 @@ pub struct NodeCluster<'a> {
     pub node: &'a str,
     pub pods: &'a Arc<PodStore>,
     pub events: &'a PodEvents,
+    /// What the metadata API checks each request's pod against (`--bind-pod-ports`).
+    pub ports: &'a Ports,
 }
 
 /// Prepares the rules and starts the tasks that own them (see [`start_rules`]), and, under
@@ -37,8 +41,16 @@ pub async fn guard(
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
 ) -> Result<(RulesOnExit, watch::Receiver<RulesState>), IptablesError> {
-    let NodeCluster { kube, node, pods, events } = cluster;
-    let (rules, in_place) = start_rules(settings, port, pods, events, metrics, background).await?;
+    let NodeCluster { kube, node, pods, events, ports } = cluster;
+    let binding = BindingPlan {
+        settings: settings.binding.clone(),
+        pods: pods.clone(),
+        events: events.clone(),
+        ports: ports.clone(),
+        metrics: metrics.clone(),
+        sync_period: settings.iptables_sync_period,
+    };
+    let (rules, in_place) = start_rules(settings, port, binding, metrics, background).await?;
     let pod = SelfPod::from_env();
     let controller = Arc::new(OnceLock::new());
     if let Some(pod) = pod.clone() {
@@ -71,10 +83,15 @@ impl RulesOnExit {
         };
         let decision = lifecycle::decide(self.keep, || placement.expect("asked under auto"));
         tracing::info!("{decision}");
-        if let Decision::Remove(_) = decision
-            && let Err(error) = self.rules.remove().await
-        {
-            tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
+        if let Decision::Remove(_) = decision {
+            if let Err(error) = self.rules.remove().await {
+                tracing::error!(%error, "could not remove iamlet's rules: run `iamlet cleanup` on this node");
+            }
+            match super::binding::remove(&super::binding::Nft::default()).await {
+                Ok(true) => tracing::info!("removed iamlet's pod port binding"),
+                Ok(false) => {}
+                Err(error) => tracing::debug!(%error, "no pod port binding removed"),
+            }
         }
     }
 }
@@ -86,8 +103,7 @@ impl RulesOnExit {
 async fn start_rules(
     config: &NetworkSettings,
     port: u16,
-    pods: &Arc<PodStore>,
-    events: &PodEvents,
+    binding: BindingPlan,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
 ) -> Result<(NodeRules, watch::Receiver<RulesState>), IptablesError> {
@@ -107,9 +123,11 @@ async fn start_rules(
             sync_period: config.iptables_sync_period,
             metrics: metrics.clone(),
             state,
+            binding: binding.clone(),
         }
         .run(),
     );
+    let BindingPlan { pods, events, .. } = binding;
     let probes = {
         let pods = pods.clone();
         move || {

@@ -40,7 +40,7 @@ impl Iptables {
     pub async fn table(&self, table: &str, args: &[String]) -> Result<String, IptablesError> {
         let mut argv = vec!["-w".to_string(), "-t".into(), table.into()];
         argv.extend_from_slice(args);
-        self.exec(&self.program, &argv, None).await
+        run(&self.program, &argv, None).await
     }
 
     /// Like [`Iptables::table`], but a failure is `Ok(false)` (for `-C` checks); a missing
@@ -58,47 +58,49 @@ impl Iptables {
     pub async fn restore(&self, input: &str) -> Result<(), IptablesError> {
         let program = format!("{}-restore", self.program);
         let argv = ["-w".to_string(), "--noflush".into()];
-        self.exec(&program, &argv, Some(input)).await.map(drop)
+        run(&program, &argv, Some(input)).await.map(drop)
     }
+}
 
-    async fn exec(&self, program: &str, args: &[String], input: Option<&str>) -> Result<String, IptablesError> {
-        use tokio::io::AsyncWriteExt as _;
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => IptablesError::Missing { program: program.to_string() },
-                _ => IptablesError::Failed { command: program.to_string(), stderr: e.to_string() },
-            })?;
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            let written = stdin.write_all(input.as_bytes()).await;
-            drop(stdin);
-            written.map_err(|e| IptablesError::Failed { command: program.to_string(), stderr: e.to_string() })?;
-        }
-        let output = child
-            .wait_with_output()
-            .await
-            .map_err(|e| IptablesError::Failed { command: program.to_string(), stderr: e.to_string() })?;
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        if output.status.success() {
-            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-        }
-        if stderr.contains("Permission denied")
-            || stderr.contains("must be root")
-            || stderr.contains("Operation not permitted")
-        {
-            return Err(IptablesError::Permission { program: program.to_string(), stderr });
-        }
-        let command = match input {
-            Some(input) => format!("{program} {} <<{input}", args.join(" ")),
-            None => format!("{program} {}", args.join(" ")),
-        };
-        Err(IptablesError::Failed { command, stderr })
+/// Runs `program args` (with `input` on stdin); returns stdout. A missing program, a refusal
+/// for want of a capability and any other failure are told apart (nft shares this).
+pub(crate) async fn run(program: &str, args: &[String], input: Option<&str>) -> Result<String, IptablesError> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => IptablesError::Missing { program: program.to_string() },
+            _ => IptablesError::Failed { command: program.to_string(), stderr: e.to_string() },
+        })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        let written = stdin.write_all(input.as_bytes()).await;
+        drop(stdin);
+        written.map_err(|e| IptablesError::Failed { command: program.to_string(), stderr: e.to_string() })?;
     }
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| IptablesError::Failed { command: program.to_string(), stderr: e.to_string() })?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    if output.status.success() {
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    if stderr.contains("Permission denied")
+        || stderr.contains("must be root")
+        || stderr.contains("Operation not permitted")
+    {
+        return Err(IptablesError::Permission { program: program.to_string(), stderr });
+    }
+    let command = match input {
+        Some(input) => format!("{program} {} <<{input}", args.join(" ")),
+        None => format!("{program} {}", args.join(" ")),
+    };
+    Err(IptablesError::Failed { command, stderr })
 }
 
 /// The programs of a backend for a family, most specific first.

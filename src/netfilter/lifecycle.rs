@@ -27,12 +27,22 @@ pub enum KeepOnExit {
 impl KeepOnExit {
     /// `auto`, or a Go-style boolean (`true`, `false`, `1`, `0`, `t`, `f`).
     pub fn parse(text: &str) -> Result<Self, String> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(KeepOnExit::Auto),
-            "true" | "t" | "1" => Ok(KeepOnExit::Always),
-            "false" | "f" | "0" => Ok(KeepOnExit::Never),
-            _ => Err(format!("{text:?} is not auto, true or false")),
-        }
+        Ok(match auto_or_bool(text)? {
+            None => KeepOnExit::Auto,
+            Some(true) => KeepOnExit::Always,
+            Some(false) => KeepOnExit::Never,
+        })
+    }
+}
+
+/// `auto` (`None`), or a Go-style boolean (`true`, `false`, `1`, `0`, `t`, `f`), as the
+/// kube2iam-era flags take them.
+pub fn auto_or_bool(text: &str) -> Result<Option<bool>, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(None),
+        "true" | "t" | "1" => Ok(Some(true)),
+        "false" | "f" | "0" => Ok(Some(false)),
+        _ => Err(format!("{text:?} is not auto, true or false")),
     }
 }
 

@@ -9,6 +9,7 @@
 //! whether they outlive it.
 
 pub mod agent;
+pub mod binding;
 pub mod choice;
 pub mod cni;
 pub mod conntrack;
@@ -52,6 +53,8 @@ pub struct NetworkSettings {
     pub iptables_backend: BackendChoice,
     /// The taint removed from the node once the rules are in place; `None` when disabled.
     pub startup_taint: Option<String>,
+    /// `--bind-pod-ports` and where the CNI's records are.
+    pub binding: binding::BindingSettings,
 }
 
 /// iamlet's rules in one IP family: which iptables program, and where traffic goes.
@@ -245,17 +248,50 @@ pub struct RuleKeeper {
     pub sync_period: Duration,
     pub metrics: Arc<Metrics>,
     pub state: watch::Sender<RulesState>,
+    /// The pod port binding, decided once the interfaces are known.
+    pub binding: binding::BindingPlan,
 }
 
 impl RuleKeeper {
     pub async fn run(self) {
         let interfaces = self.interfaces().await;
+        let nft = binding::Nft::default();
+        let binder = self.binding.decide(&interfaces, &nft).await.map(Arc::new);
+        // The binding's own task: dropped (and aborted) with this one.
+        let mut follower = tokio::task::JoinSet::new();
+        match &binder {
+            Some(binder) => drop(follower.spawn(binder.clone().follow())),
+            // A predecessor's binding would refuse pods this agent no longer binds.
+            None => match binding::remove(&nft).await {
+                Ok(true) => tracing::info!("removed a previous agent's pod port binding"),
+                Ok(false) => {}
+                Err(error) => tracing::debug!(%error, "no pod port binding to remove"),
+            },
+        }
         let mut conntrack_warned = false;
         let mut ticks = tokio::time::interval(self.sync_period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut installed = false;
         loop {
             ticks.tick().await;
+            // The binding first: no request is redirected to iamlet before pods are bound.
+            if let Some(binder) = &binder {
+                let bound = match installed {
+                    false => binder.install().await.map(|()| false),
+                    true => binder.reconcile().await,
+                };
+                match bound {
+                    Ok(repaired) => {
+                        self.metrics.iptables_repairs.inc_by(u64::from(repaired));
+                    }
+                    Err(error) => {
+                        self.metrics.iptables_errors.inc();
+                        tracing::error!(%error, "cannot install or check the pod port binding");
+                        self.state.send_if_modified(|state| replace(state, RulesState::Failing(interfaces.clone())));
+                        continue;
+                    }
+                }
+            }
             let outcome = match installed {
                 false => self.rules.install(&interfaces).await.map(|()| 1),
                 true => self.rules.reconcile(&interfaces).await.inspect(|repaired| {
@@ -335,5 +371,10 @@ pub async fn cleanup() -> Result<Vec<String>, IptablesError> {
     if report.is_empty() {
         return Err(IptablesError::Missing { program: "iptables".into() });
     }
+    report.push(match binding::remove(&binding::Nft::default()).await {
+        Ok(true) => "nft (bridge, inet): removed iamlet's pod port binding".into(),
+        Ok(false) => "nft (bridge, inet): no pod port binding to remove".into(),
+        Err(error) => format!("nft (bridge, inet): skipped ({error})"),
+    });
     Ok(report)
 }

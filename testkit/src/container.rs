@@ -37,14 +37,24 @@ pub fn daemonset_flags(host_paths: &[(&str, &Path)]) -> Vec<String> {
 /// The directory the agent reads the CNI configuration from, by default (and where the
 /// DaemonSet mounts the node's).
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// Where the DaemonSet mounts libcni's result cache (`--cni-results-dir`'s default).
+pub const CNI_RESULTS_DIR: &str = "/var/lib/cni/results";
+
+/// The flags naming a directory the DaemonSet mounts from the node, and where it mounts it.
+const MOUNTED: [(&str, &str); 2] = [("--cni-conf-dir=", CNI_CONF_DIR), ("--cni-results-dir=", CNI_RESULTS_DIR)];
 
 /// `podman run` of `image` as the DaemonSet runs it, on `network` (`host`, or
-/// `ns:/run/netns/<node>`), named `name`, with `env` and `args`. A `--cni-conf-dir` among the
-/// args is what the DaemonSet's CNI mount shows the agent: it is mounted there, and the flag
-/// points at the mount.
+/// `ns:/run/netns/<node>`), named `name`, with `env` and `args`. A `--cni-conf-dir` or
+/// `--cni-results-dir` among the args is what the DaemonSet's mount shows the agent: it is
+/// mounted there, and the flag points at the mount.
 pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, String)], args: &[String]) -> Command {
-    let given_cni = args.iter().find_map(|a| a.strip_prefix("--cni-conf-dir=")).map(PathBuf::from);
-    let host_paths: Vec<(&str, &Path)> = given_cni.iter().map(|dir| (CNI_CONF_DIR, dir.as_path())).collect();
+    let given: Vec<(&str, PathBuf)> = MOUNTED
+        .iter()
+        .filter_map(|(flag, inside)| {
+            args.iter().find_map(|a| a.strip_prefix(flag)).map(|dir| (*inside, PathBuf::from(dir)))
+        })
+        .collect();
+    let host_paths: Vec<(&str, &Path)> = given.iter().map(|(inside, dir)| (*inside, dir.as_path())).collect();
     let mut command = podman();
     command.args(["run", "--rm", "--pull=never", "--name", name]);
     command.arg(format!("--network={network}"));
@@ -54,8 +64,8 @@ pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, Strin
         command.arg(format!("--env={key}={value}"));
     }
     command.arg(image);
-    command.args(args.iter().map(|a| match a.strip_prefix("--cni-conf-dir=") {
-        Some(_) => format!("--cni-conf-dir={CNI_CONF_DIR}"),
+    command.args(args.iter().map(|a| match MOUNTED.iter().find(|(flag, _)| a.starts_with(flag)) {
+        Some((flag, inside)) => format!("{flag}{inside}"),
         None => a.clone(),
     }));
     command

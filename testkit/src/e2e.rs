@@ -57,6 +57,7 @@ impl E2e {
     pub fn flags(&self, extra: &[&str]) -> AgentFlags {
         AgentFlags::new(&self.api.url, HOST_IP)
             .flag(format!("--cni-conf-dir={}", self.cni_conf.path().display()))
+            .flag(format!("--cni-results-dir={}", self.topology.cni_results.path().display()))
             .flag("--iptables")
             .flag("--iptables-sync-period=1s")
             .with(extra)
@@ -95,7 +96,8 @@ impl E2e {
         agent
     }
 
-    /// A pod namespace attached to the node, and the pod object in the API server.
+    /// A pod namespace attached to the node, the CNI's record of it (as libcni writes it),
+    /// and the pod object in the API server.
     pub fn add_pod(&mut self, link: &str, attach: Attach, ip: &str, role: Option<&str>) -> usize {
         self.topology.add_pod(link, attach, ip, None);
         let name = format!("pod-{link}");
@@ -103,8 +105,14 @@ impl E2e {
         if let Some(role) = role {
             object = object.role(role);
         }
-        self.api.create_pod(object.build());
-        self.topology.pods.len() - 1
+        // The CNI's record comes first, as on a node: the address reaches the API server after.
+        let index = self.topology.pods.len() - 1;
+        let uid = format!("uid-e2e-{index}-{name}");
+        self.topology.record_pod(index, link, attach, ("e2e", &name, &uid));
+        let mut object = object.build();
+        object["metadata"]["uid"] = json!(uid);
+        self.api.create_pod(object);
+        index
     }
 
     pub fn pod_ns(&self, index: usize) -> &Netns {
@@ -221,4 +229,34 @@ pub async fn metadata_answers(pod: &Netns) -> bool {
             .is_some()
     })
     .await
+}
+
+/// What an attacker pod holding only `CAP_NET_RAW` gets when it passes for `victim`
+/// (`(ip, mac)`) on a bridge: `tests/clients/spoof_attack.py` in `--mode arp` (the node's
+/// neighbour entry) or `mac` (the bridge's forwarding entry), TCP over a raw socket to the
+/// metadata address for `path`. `{"answered": false}`, or the HTTP response it read.
+pub fn spoof_attack(attacker: &Netns, mode: &str, victim: (&str, &str), gateway: (&str, &str), path: &str) -> Value {
+    let python = venv_bin("python");
+    let script = crate::repo_root().join("tests/clients/spoof_attack.py");
+    let output = Command::new("ip")
+        .args(["netns", "exec", &attacker.name, "setpriv", "--bounding-set=-all,+net_raw", "--inh-caps=-all"])
+        .args([python.to_str().unwrap(), script.to_str().unwrap(), "--mode", mode])
+        .args([
+            "--victim-ip",
+            victim.0,
+            "--victim-mac",
+            victim.1,
+            "--gateway-ip",
+            gateway.0,
+            "--gateway-mac",
+            gateway.1,
+        ])
+        .args(["--path", path])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+        panic!("the attacker printed {stdout:?}; stderr {}", String::from_utf8_lossy(&output.stderr))
+    })
 }

@@ -165,6 +165,9 @@ pub struct Topology {
     /// service answers (start one with [`Netns::listen`] on `169.254.169.254:80`).
     pub ec2: Netns,
     pub pods: Vec<PodNet>,
+    /// libcni's result cache as containerd keeps it (`/var/lib/cni/results`): one record per
+    /// pod, written by [`Topology::record_pod`] as the CNI's ADD would.
+    pub cni_results: tempfile::TempDir,
     prefix: String,
 }
 
@@ -194,7 +197,7 @@ impl Topology {
         node.ip("addr add 10.42.0.1/24 dev cni0");
         node.ip("addr add fd42::1/64 dev cni0 nodad");
         node.ip("link set cni0 up");
-        Self { node, ec2, pods: Vec::new(), prefix }
+        Self { node, ec2, pods: Vec::new(), cni_results: tempfile::tempdir().unwrap(), prefix }
     }
 
     /// Adds a pod behind the node-side interface `link`, with `ip` (and `ipv6` on a bridge).
@@ -227,6 +230,50 @@ impl Topology {
         }
         self.pods.push(PodNet { ns, ip: ip.to_string(), ipv6: ipv6.map(str::to_string) });
         self.pods.last().unwrap()
+    }
+}
+
+/// The MAC of `device` in `ns`.
+pub fn mac_of(ns: &Netns, device: &str) -> String {
+    let link = ns.ok("ip", &["-o", "link", "show", device]);
+    let after = link.split("link/ether ").nth(1).unwrap_or_else(|| panic!("{device} has no MAC: {link}"));
+    after.split_whitespace().next().unwrap().to_string()
+}
+
+impl Topology {
+    /// Writes what libcni keeps after the CNI's ADD for the pod at `index` behind `link`
+    /// (`namespace/name`, `uid`): the bridge plugin's result on a bridge (the bridge, the host
+    /// veth, the pod's `eth0` with its MAC and sandbox), the routed plugins' (host veth, then
+    /// the pod's side) on a point-to-point link. Returns the record's path.
+    pub fn record_pod(&self, index: usize, link: &str, attach: Attach, pod: (&str, &str, &str)) -> std::path::PathBuf {
+        let net = &self.pods[index];
+        let (namespace, name, uid) = pod;
+        let container = format!("{:064x}", 0xc0ffee_u128 + index as u128);
+        let sandbox = format!("/var/run/netns/{}", net.ns.name);
+        let pod_side = serde_json::json!({"name": "eth0", "mac": mac_of(&net.ns, "eth0"), "sandbox": sandbox});
+        let host_side = serde_json::json!({"name": link, "mac": mac_of(&self.node, link)});
+        let mut ips = vec![];
+        let (network, interfaces, index_of_pod) = match attach {
+            Attach::Bridge => {
+                let bridge = serde_json::json!({"name": "cni0", "mac": mac_of(&self.node, "cni0")});
+                ("cbr0", serde_json::json!([bridge, host_side, pod_side]), 2)
+            }
+            Attach::PointToPoint => ("k8s-pod-network", serde_json::json!([host_side, pod_side]), 1),
+        };
+        ips.push(serde_json::json!({"interface": index_of_pod, "address": format!("{}/32", net.ip)}));
+        if let Some(v6) = &net.ipv6 {
+            ips.push(serde_json::json!({"interface": index_of_pod, "address": format!("{v6}/64")}));
+        }
+        let record = serde_json::json!({
+            "kind": "cniCacheV1", "containerId": container, "config": "e30=", "ifName": "eth0",
+            "networkName": network,
+            "cniArgs": [["IgnoreUnknown", "1"], ["K8S_POD_NAMESPACE", namespace], ["K8S_POD_NAME", name],
+                        ["K8S_POD_INFRA_CONTAINER_ID", container], ["K8S_POD_UID", uid]],
+            "result": {"cniVersion": "1.0.0", "interfaces": interfaces, "ips": ips, "dns": {}},
+        });
+        let path = self.cni_results.path().join(format!("{network}-{container}-eth0"));
+        std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+        path
     }
 }
 

@@ -29,3 +29,4 @@ mod properties;
 mod e2e_fail_closed;
 mod e2e_image;
 mod e2e_netns;
+mod e2e_spoofing;

