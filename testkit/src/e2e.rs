@@ -129,6 +129,13 @@ impl E2e {
         count_ours(&self.node().table_rules(family, "filter"), "FORWARD")
     }
 
+    /// iamlet's pod port binding on a bridge: the `(port, MAC, address)` elements of its
+    /// `bridge iamlet` table, or `None` when there is no such table.
+    pub fn our_binding(&self) -> Option<String> {
+        let output = self.node().exec("nft", &["list", "set", "bridge", "iamlet", "bound4"]);
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// The Node's taints as the API server has them.
     pub fn taint_keys(&self) -> Vec<String> {
         let node = self.api.node("node-a").unwrap();
@@ -234,8 +241,16 @@ pub async fn metadata_answers(pod: &Netns) -> bool {
 /// What an attacker pod holding only `CAP_NET_RAW` gets when it passes for `victim`
 /// (`(ip, mac)`) on a bridge: `tests/clients/spoof_attack.py` in `--mode arp` (the node's
 /// neighbour entry) or `mac` (the bridge's forwarding entry), TCP over a raw socket to the
-/// metadata address for `path`. `{"answered": false}`, or the HTTP response it read.
-pub fn spoof_attack(attacker: &Netns, mode: &str, victim: (&str, &str), gateway: (&str, &str), path: &str) -> Value {
+/// `target` (`ip:port`: the metadata address, or the agent's own) for `path`; `syn` only
+/// forges one SYN. `{"answered": false}`, the HTTP response it read, or `{"sport": N}`.
+pub fn spoof_attack(
+    attacker: &Netns,
+    mode: &str,
+    victim: (&str, &str),
+    gateway: (&str, &str),
+    path: &str,
+    target: &str,
+) -> Value {
     let python = venv_bin("python");
     let script = crate::repo_root().join("tests/clients/spoof_attack.py");
     let output = Command::new("ip")
@@ -251,7 +266,7 @@ pub fn spoof_attack(attacker: &Netns, mode: &str, victim: (&str, &str), gateway:
             "--gateway-mac",
             gateway.1,
         ])
-        .args(["--path", path])
+        .args(["--path", path, "--target", target])
         .env_clear()
         .output()
         .unwrap();

@@ -206,6 +206,9 @@ impl Topology {
         let node = &self.node;
         node.ip(&format!("link add {link} type veth peer name eth0 netns {}", ns.name));
         node.ip(&format!("link set {link} up"));
+        // No router advertises here: without this the pod solicits one every few seconds
+        // for ever, frames the bridge learns from at moments no test chose.
+        ns.sysctl("net.ipv6.conf.eth0.router_solicitations=0");
         ns.ip("link set eth0 up");
         match attach {
             Attach::Bridge => {

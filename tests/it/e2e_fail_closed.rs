@@ -59,6 +59,7 @@ async fn a_restart_keeps_the_rules_and_refuses_pods_an_uninstall_removes_everyth
         agent.log()
     );
     assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((1, 1), (1, 1)), "kept while replaced");
+    assert!(e2e.our_binding().is_some(), "the pod port binding too");
     assert_refused(&e2e, app, "between the agent and its successor").await;
 
     // The successor finds the rules in place and leaves exactly one set.
@@ -78,6 +79,7 @@ async fn a_restart_keeps_the_rules_and_refuses_pods_an_uninstall_removes_everyth
     );
     assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((0, 0), (0, 0)));
     assert!(!iamlet_chains_anywhere(&e2e), "no chain left in nat or filter");
+    assert_eq!(e2e.our_binding(), None, "nor the pod port binding");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

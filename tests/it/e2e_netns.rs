@@ -106,12 +106,16 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
     let app = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("e2e-app"));
     let node = e2e.node();
 
-    // A crash (kill -9) leaves the rules; each restart still leaves exactly one set.
+    // A crash (kill -9) leaves the rules, and the pod port binding; each restart still leaves
+    // exactly one set.
     let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+    let binding = e2e.our_binding().expect("the pod port binding is installed");
+    assert!(binding.contains("\"veth1\" . ") && binding.contains(". 10.42.0.10"), "{binding}");
     for restart in 1..=2 {
         agent.signal(Signal::SIGKILL);
         agent.exit(Duration::from_secs(10)).await;
         assert_eq!(e2e.our_rules("v4"), (1, 1), "a killed agent cannot clean up");
+        assert_eq!(e2e.our_binding().as_ref(), Some(&binding), "nor its binding");
         agent = e2e.start_agent(&["--host-interface=cni0"]).await;
         assert_eq!(e2e.our_rules("v4"), (1, 1), "restart {restart} leaves one set: {}", node.nat_rules("v4"));
     }
@@ -124,6 +128,18 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
     node.ok("iptables-nft", &[&["-w", "-t", "nat"][..], &jump_args].concat());
     wait_for_rules(&e2e, (1, 1)).await;
     assert!(metadata_answers(e2e.pod_ns(app)).await, "the repaired rules work");
+    // Someone empties the binding's set, then deletes its table: repaired too.
+    node.ok("nft", &["flush", "set", "bridge", "iamlet", "bound4"]);
+    iamlet_testkit::eventually(10, "the binding's set to be refilled", async || {
+        e2e.our_binding().is_some_and(|b| b.contains(". 10.42.0.10"))
+    })
+    .await;
+    node.ok("nft", &["delete", "table", "bridge", "iamlet"]);
+    iamlet_testkit::eventually(10, "the binding's table to be reinstalled", async || {
+        e2e.our_binding().is_some_and(|b| b.contains(". 10.42.0.10"))
+    })
+    .await;
+    assert!(metadata_answers(e2e.pod_ns(app)).await, "the repaired binding lets the pod through");
     let admin = agent.admin;
     let metrics =
         node.run(move || async move {
@@ -135,14 +151,16 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
         .find(|l| l.starts_with("iamlet_iptables_repairs_total"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap();
-    assert!(repairs >= 2.0, "{metrics}");
+    assert!(repairs >= 4.0, "two of the rules, two of the binding: {metrics}");
 
     // kill -9, then `iamlet cleanup` removes the leftovers.
     agent.signal(Signal::SIGKILL);
     agent.exit(Duration::from_secs(10)).await;
     let report = node.ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert!(report.contains("iptables-nft (IPv4): removed iamlet's rules"), "{report}");
+    assert!(report.contains("removed iamlet's pod port binding"), "{report}");
     assert_eq!(e2e.our_rules("v4"), (0, 0));
+    assert_eq!(e2e.our_binding(), None);
     let again = node.ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert!(again.contains("nothing to remove"), "cleanup is idempotent: {again}");
 
@@ -151,9 +169,11 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
     assert_eq!(e2e.our_rules("v4"), (1, 1), "kept on exit");
+    assert!(e2e.our_binding().is_some(), "the binding too");
     assert!(!metadata_answers(e2e.pod_ns(app)).await, "pods fail closed while the agent is away");
     node.ok(iamlet_testkit::agent::binary(), &["cleanup"]);
     assert_eq!(e2e.our_rules("v4"), (0, 0));
+    assert_eq!(e2e.our_binding(), None);
 
     assert_eq!((host_nat_rules(), host_nat_rules_v6()), host_before, "the host's own tables are never touched");
 }

@@ -30,6 +30,29 @@ fn neighbour_of(node: &Netns, ip: &str) -> String {
     node.ok("ip", &["neigh", "show", ip, "dev", "cni0"])
 }
 
+/// The bridge port the bridge forwards frames for `mac` to.
+fn forwarding_port(node: &Netns, mac: &str) -> Option<String> {
+    let table = node.ok("bridge", &["fdb", "show", "br", "cni0"]);
+    let line = table.lines().find(|line| line.starts_with(mac) && !line.contains("permanent"))?;
+    line.split_whitespace().skip_while(|word| *word != "dev").nth(1).map(str::to_string)
+}
+
+/// Whether a SYN the attacker forges from `source` to `target` (`ip:port`) got past the
+/// node's first hook: the node's connection tracking (after the binding's hook, before the
+/// DNAT) has it. Blind (no answer comes back to the attacker), so it shows what the kernel
+/// lets through, not what an attacker can read.
+fn forged_syn_tracked(e2e: &E2e, attacker: &Netns, source: (&str, &str), gateway: (&str, &str), target: &str) -> bool {
+    let sent = spoof_attack(attacker, "syn", source, gateway, VICTIM_ROLE, target);
+    let sport = sent["sport"].as_u64().unwrap_or_else(|| panic!("{sent}")).to_string();
+    let tracked = e2e.node().exec("conntrack", &["-L", "-p", "tcp", "-s", source.0, "--sport", &sport]);
+    String::from_utf8_lossy(&tracked.stdout).contains(&format!("sport={sport}"))
+}
+
+/// The attacks: each mode against the metadata address, and the ARP attack against the
+/// agent's own address (`host-ip:8181`), which no DNAT stands in front of.
+const ATTACKS: [(&str, &str); 3] =
+    [("arp", "169.254.169.254:80"), ("mac", "169.254.169.254:80"), ("arp", "10.254.0.1:8181")];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
 async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
@@ -37,9 +60,11 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
     let victim = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("victim-role"));
     let attacker = e2e.add_pod("veth2", Attach::Bridge, "10.42.0.11", Some("attacker-role"));
     let victim_mac = mac_of(e2e.pod_ns(victim), "eth0");
+    let attacker_mac = mac_of(e2e.pod_ns(attacker), "eth0");
     let gateway_mac = mac_of(e2e.node(), "cni0");
-    let attack = |e2e: &E2e, mode: &str| {
-        spoof_attack(e2e.pod_ns(attacker), mode, ("10.42.0.10", &victim_mac), ("10.42.0.1", &gateway_mac), VICTIM_ROLE)
+    let attack = |e2e: &E2e, mode: &str, target: &str| {
+        let (victim, gateway) = (("10.42.0.10", victim_mac.as_str()), ("10.42.0.1", gateway_mac.as_str()));
+        spoof_attack(e2e.pod_ns(attacker), mode, victim, gateway, VICTIM_ROLE, target)
     };
 
     // Without the binding, as with kube2iam: both attacks get the victim's very credentials.
@@ -47,30 +72,50 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
     let (status, document) = victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
     assert_eq!(status, 200, "{document}");
     let victims_key = access_key(&document);
-    for mode in ["arp", "mac"] {
+    for (mode, target) in ATTACKS {
         victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
-        let got = attack(&e2e, mode);
-        assert_eq!(got["answered"], true, "{mode}: the attack works without the binding: {got}\n{}", agent.log());
+        let got = attack(&e2e, mode, target);
+        assert_eq!(got["answered"], true, "{mode} {target}: works without the binding: {got}\n{}", agent.log());
         let response = got["response"].as_str().unwrap();
-        assert!(response.starts_with("HTTP/1.0 200"), "{mode}: {response}");
-        assert_eq!(access_key(response), victims_key, "{mode}: the victim's own credentials");
+        assert!(response.starts_with("HTTP/1.0 200"), "{mode} {target}: {response}");
+        assert_eq!(access_key(response), victims_key, "{mode} {target}: the victim's own credentials");
+        let taken = match mode {
+            "arp" => neighbour_of(e2e.node(), "10.42.0.10").contains(&attacker_mac),
+            _ => forwarding_port(e2e.node(), &victim_mac).as_deref() == Some("veth2"),
+        };
+        assert!(taken, "{mode}: the forged claim took the node's entry for the victim");
     }
-    assert!(neighbour_of(e2e.node(), "10.42.0.10").contains("lladdr"), "the node learnt the forged claim");
+    // Blind: a forged source to the agent's own address, and an unbound address to the
+    // metadata address, both reach the node.
+    let gateway = ("10.42.0.1", gateway_mac.as_str());
+    let forged = [
+        (("10.42.0.10", attacker_mac.as_str()), "10.254.0.1:8181"),
+        (("10.42.0.99", attacker_mac.as_str()), "169.254.169.254:80"),
+    ];
+    for (source, target) in forged {
+        assert!(forged_syn_tracked(&e2e, e2e.pod_ns(attacker), source, gateway, target), "{source:?} -> {target}");
+    }
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
 
     // With it (the default): neither attack gets an answer, the node's neighbour entry for the
     // victim keeps the victim's MAC, and the victim is served its own role throughout.
     let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
-    for mode in ["arp", "mac"] {
+    for (mode, target) in ATTACKS {
         victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
-        let got = attack(&e2e, mode);
-        assert_eq!(got["answered"], false, "{mode}: {got}\n{}", agent.log());
+        let got = attack(&e2e, mode, target);
+        assert_eq!(got["answered"], false, "{mode} {target}: {got}\n{}", agent.log());
         let neighbour = neighbour_of(e2e.node(), "10.42.0.10");
         assert!(neighbour.contains(&victim_mac), "{mode}: the node's entry still names the victim: {neighbour}");
+        let port = forwarding_port(e2e.node(), &victim_mac);
+        assert_eq!(port.as_deref(), Some("veth1"), "{mode}: the bridge still sends the victim's frames to its port");
         let (status, document) = pod_request(e2e.pod_ns(victim), VICTIM_ROLE, Duration::from_secs(5)).await.unwrap();
         assert_eq!(status, 200, "{mode}: {document}");
         assert!(!access_key(&document).is_empty(), "{document}");
+    }
+    for (source, target) in forged {
+        let tracked = forged_syn_tracked(&e2e, e2e.pod_ns(attacker), source, gateway, target);
+        assert!(!tracked, "{source:?} -> {target}: dropped at the first hook");
     }
     let (status, _) = pod_request(
         e2e.pod_ns(attacker),
@@ -86,6 +131,78 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
             agent.metric(&selector).await.is_some_and(|n| n > 0.0)
         })
         .await;
+    }
+    assert_eq!(agent.metric("iamlet_pods_unbound").await, Some(0.0));
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn on_a_routed_veth_a_forged_source_is_dropped_before_it_reaches_iamlet() {
+    let mut e2e = E2e::new("spoofcali");
+    let victim = e2e.add_pod("cali1a2b", Attach::PointToPoint, "10.43.0.10", Some("victim-role"));
+    let attacker = e2e.add_pod("cali3c4d", Attach::PointToPoint, "10.43.0.11", Some("attacker-role"));
+    // Calico's wiring: the pod's gateway 169.254.1.1 is answered (proxy ARP) by the host veth.
+    let gateway_mac = mac_of(e2e.node(), "cali3c4d");
+    let attacker_mac = mac_of(e2e.pod_ns(attacker), "eth0");
+    // A SYN from the victim's address on the attacker's link.
+    let forged_syn_tracked = |e2e: &E2e| {
+        let gateway = ("169.254.1.1", gateway_mac.as_str());
+        let source = ("10.43.0.10", attacker_mac.as_str());
+        forged_syn_tracked(e2e, e2e.pod_ns(attacker), source, gateway, "169.254.169.254:80")
+    };
+
+    let mut agent = e2e.start_agent(&["--host-interface=cali+", "--bind-pod-ports=false"]).await;
+    assert!(forged_syn_tracked(&e2e), "without the binding the forged SYN reaches the DNAT");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
+
+    let mut agent = e2e.start_agent(&["--host-interface=cali+"]).await;
+    assert!(!forged_syn_tracked(&e2e), "dropped at the first hook\n{}", agent.log());
+    iamlet_testkit::eventually(10, "the forged SYN to be counted", async || {
+        agent.metric("iamlet_spoofed_packets_total{family=\"ipv4\"}").await.is_some_and(|n| n > 0.0)
+    })
+    .await;
+    let (status, document) = pod_request(e2e.pod_ns(victim), VICTIM_ROLE, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status, 200, "the victim is served on its own link: {document}");
+    let own = "/latest/meta-data/iam/security-credentials/attacker-role";
+    let (status, _) = pod_request(e2e.pod_ns(attacker), own, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(status, 200, "the attacker is served as itself");
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
+async fn an_address_given_to_a_new_pod_on_another_port_is_bound_to_the_new_port_only() {
+    let mut e2e = E2e::new("spoofchurn");
+    let old = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some("old-role"));
+    let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
+    let old_path = "/latest/meta-data/iam/security-credentials/old-role";
+    assert_eq!(pod_request(e2e.pod_ns(old), old_path, Duration::from_secs(5)).await.unwrap().0, 200);
+
+    // The pod is deleted: the runtime's CNI DEL releases its address and libcni drops its
+    // record; its sandbox lingers (a slow teardown), still holding the address.
+    let records = std::fs::read_dir(e2e.topology.cni_results.path()).unwrap();
+    for record in records.map(|entry| entry.unwrap().path()) {
+        if std::fs::read_to_string(&record).unwrap().contains("\"pod-veth1\"") {
+            std::fs::remove_file(record).unwrap();
+        }
+    }
+    e2e.api.delete_pod("e2e", "pod-veth1");
+    // IPAM hands the address to a new pod, on another port.
+    let new = e2e.add_pod("veth3", Attach::Bridge, "10.42.0.10", Some("new-role"));
+    let new_path = "/latest/meta-data/iam/security-credentials/new-role";
+    iamlet_testkit::eventually(10, "the new pod to be served", async || {
+        matches!(pod_request(e2e.pod_ns(new), new_path, Duration::from_secs(2)).await, Ok((200, _)))
+    })
+    .await;
+    let binding = e2e.our_binding().unwrap();
+    assert!(binding.contains("\"veth3\" . ") && !binding.contains("\"veth1\" . "), "{binding}");
+    for path in [old_path, new_path] {
+        let answer = pod_request(e2e.pod_ns(old), path, Duration::from_secs(2)).await;
+        assert!(answer.is_err(), "the old port gets nothing for {path}: {answer:?}");
     }
     assert_eq!(agent.metric("iamlet_pods_unbound").await, Some(0.0));
     agent.signal(Signal::SIGTERM);
