@@ -99,20 +99,46 @@ impl E2e {
     /// A pod namespace attached to the node, the CNI's record of it (as libcni writes it),
     /// and the pod object in the API server.
     pub fn add_pod(&mut self, link: &str, attach: Attach, ip: &str, role: Option<&str>) -> usize {
-        self.topology.add_pod(link, attach, ip, None);
-        let name = format!("pod-{link}");
-        let mut object = pod("e2e", &name).ip(ip);
+        self.add_dual_stack_pod(link, attach, (ip, None), role)
+    }
+
+    /// [`E2e::add_pod`] with an IPv6 address too (on a bridge).
+    pub fn add_dual_stack_pod(
+        &mut self,
+        link: &str,
+        attach: Attach,
+        ips: (&str, Option<&str>),
+        role: Option<&str>,
+    ) -> usize {
+        // The CNI's record comes first, as on a node: the address reaches the API server after.
+        let index = self.add_pod_network(link, attach, ips);
+        self.create_pod_object(index, role);
+        index
+    }
+
+    /// What the runtime and the CNI do for a new pod `pod-<link>`: its network namespace
+    /// behind `link`, and libcni's record of it. The API server does not know it yet.
+    pub fn add_pod_network(&mut self, link: &str, attach: Attach, ips: (&str, Option<&str>)) -> usize {
+        self.topology.add_pod(link, attach, ips.0, ips.1);
+        let index = self.topology.pods.len() - 1;
+        let (name, uid) = pod_name(link, index);
+        self.topology.record_pod(index, link, attach, ("e2e", &name, &uid));
+        index
+    }
+
+    /// The pod object of the pod at `index` (`pod-<link>`, in namespace `e2e`), with `role`.
+    pub fn create_pod_object(&mut self, index: usize, role: Option<&str>) {
+        let net = &self.topology.pods[index];
+        let link = net.link.clone();
+        let all: Vec<&str> = [Some(net.ip.as_str()), net.ipv6.as_deref()].into_iter().flatten().collect();
+        let (name, uid) = pod_name(&link, index);
+        let mut object = pod("e2e", &name).ips(&all);
         if let Some(role) = role {
             object = object.role(role);
         }
-        // The CNI's record comes first, as on a node: the address reaches the API server after.
-        let index = self.topology.pods.len() - 1;
-        let uid = format!("uid-e2e-{index}-{name}");
-        self.topology.record_pod(index, link, attach, ("e2e", &name, &uid));
         let mut object = object.build();
         object["metadata"]["uid"] = json!(uid);
         self.api.create_pod(object);
-        index
     }
 
     pub fn pod_ns(&self, index: usize) -> &Netns {
@@ -146,6 +172,13 @@ impl E2e {
             .filter_map(|t| t["key"].as_str().map(String::from))
             .collect()
     }
+}
+
+/// The name and uid of the pod behind `link`.
+fn pod_name(link: &str, index: usize) -> (String, String) {
+    let name = format!("pod-{link}");
+    let uid = format!("uid-e2e-{index}-{name}");
+    (name, uid)
 }
 
 fn count_ours(listing: &str, base: &str) -> (usize, usize) {

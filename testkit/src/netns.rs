@@ -151,6 +151,8 @@ pub enum Attach {
 /// A pod's network namespace and addresses.
 pub struct PodNet {
     pub ns: Netns,
+    /// The node-side end of its link.
+    pub link: String,
     pub ip: String,
     pub ipv6: Option<String>,
 }
@@ -231,7 +233,7 @@ impl Topology {
                 ns.ip("route add default via 169.254.1.1 dev eth0");
             }
         }
-        self.pods.push(PodNet { ns, ip: ip.to_string(), ipv6: ipv6.map(str::to_string) });
+        self.pods.push(PodNet { ns, link: link.to_string(), ip: ip.to_string(), ipv6: ipv6.map(str::to_string) });
         self.pods.last().unwrap()
     }
 }

