@@ -16,10 +16,14 @@
 //! 7. exhaustion: slow-header connections, a flood from unknown IPs and one pod opening
 //!    connections in a loop, while a known pod keeps asking: its latency, refusals, RSS;
 //! 8. churn: three cycles of 1,000 pods created, given credentials and deleted: RSS after each,
-//!    at once and settled, against the settled baseline (what stays above it is the leak signal).
+//!    at once and settled, against the settled baseline (what stays above it is the leak signal);
+//! 9. the pod port binding (as root): credential latency from a pod on a `cni0` bridge through
+//!    the real DNAT with `--bind-pod-ports` off and on, side by side, and the time from a pod's
+//!    CNI record to its binding in the kernel, pod by pod up to 110.
 //!
 //! It prints a table and writes target/bench/load.json. `--quick` shortens every phase;
-//! `--churn-only` runs a 110-pod node through the churn phase alone.
+//! `--churn-only` runs a 110-pod node through the churn phase alone; `--binding-only` the
+//! binding phase alone.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +34,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use iamlet_testkit::agent::{self, AgentCommand, AgentProcess};
 use iamlet_testkit::apiserver::{self, FakeApiServer};
+use iamlet_testkit::e2e::E2e;
 use iamlet_testkit::imds::FakeImds;
+use iamlet_testkit::netns::Attach;
 use iamlet_testkit::pod_client::{Connection, tcp_from, try_get};
 use iamlet_testkit::sts_proxy::StsProxy;
 use iamlet_testkit::{AgentFlags, free_port};
@@ -310,6 +316,11 @@ fn main() {
         runtime.block_on(churn_only());
         return;
     }
+    if std::env::args().any(|a| a == "--binding-only") {
+        let report = runtime.block_on(binding(&durations));
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+        return;
+    }
     runtime.block_on(bench(durations));
 }
 
@@ -340,6 +351,7 @@ async fn bench(d: Durations) {
     report["restart_gap"] = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
     report["image"] = image(&fakes, d.restarts).await;
     report["scale"] = scale((rss, anon, ready)).await;
+    report["binding"] = binding(&d).await;
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/load.json", serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("\nwritten: target/bench/load.json");
@@ -693,6 +705,130 @@ async fn scale(full_node: (f64, f64, Duration)) -> Value {
            "anon_110_pods_mib": anon_110, "anon_5000_pods_mib": anon,
            "ready_110_pods_ms": ms(ready_110), "ready_5000_pods_ms": ms(ready),
            "prefetch_5000_pods_s": prefetch.as_secs_f64()})
+}
+
+/// The pod port binding's cost and speed, as root in network namespaces (skipped otherwise):
+/// a node with pods on `cni0`, the agent with `--iptables`; a pod's credential requests
+/// through 169.254.169.254 (the DNAT, and the binding's sets in the bridge's path), binding off
+/// then on; then the time from a CNI record's write to its element in the kernel's set (seen
+/// by `nft monitor`), for 110 pods one after another.
+async fn binding(d: &Durations) -> Value {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("\npod port binding: skipped (needs root and network namespaces)");
+        return json!({"skipped": "not root"});
+    }
+    let mut e2e = E2e::new("bench");
+    let pod = e2e.add_pod("veth1", Attach::Bridge, "10.42.0.10", Some(ROLE));
+    let metadata: SocketAddr = "169.254.169.254:80".parse().unwrap();
+    println!(
+        "\n| {:<44} | {:>9} | {:>7} | {:>7} | {:>7} | {:>6} | {:>5} |",
+        "pod port binding, from a pod on cni0", "req/s", "p50 ms", "p99 ms", "p99.9ms", "errors", "/off"
+    );
+    let mut rows = serde_json::Map::new();
+    for keepalive in [false, true] {
+        let mut off: Option<LoadResult> = None;
+        for setting in ["false", "true"] {
+            let mut agent = e2e
+                .start_agent(&["--host-interface=cni0", &format!("--bind-pod-ports={setting}"), "--log-level=warn"])
+                .await;
+            let load = Load {
+                target: metadata,
+                path: CREDS_PATH,
+                sources: Arc::new(vec!["10.42.0.10".parse().unwrap()]),
+                connections: 8,
+                keepalive,
+                imdsv2: false,
+                rate: None,
+                duration: d.load,
+            };
+            let result = e2e.pod_ns(pod).run(move || run_load(load)).await;
+            let name = format!(
+                "binding {}, {}",
+                if setting == "true" { "on" } else { "off" },
+                if keepalive { "keep-alive" } else { "new connection per request" }
+            );
+            println!("{}", row(&name, &result, off.as_ref()));
+            rows.insert(name, result.json());
+            if setting == "false" {
+                off = Some(result);
+            }
+            agent.signal(nix::sys::signal::Signal::SIGTERM);
+            agent.exit(Duration::from_secs(20)).await;
+        }
+    }
+
+    // The time from a pod's record to its binding, the node filling up to 110 pods.
+    let agent = e2e.start_agent(&["--host-interface=cni0", "--bind-pod-ports=true", "--log-level=warn"]).await;
+    let mut monitor = Command::new("ip")
+        .args(["netns", "exec", &e2e.node().name, "nft", "monitor", "new", "elements"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nft monitor");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<(Instant, String)>();
+    let stdout = monitor.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    // `nft monitor` has subscribed once it reports an element of a probe table's.
+    let node = e2e.node();
+    node.ok("nft", &["add table bridge iamlet_bench_probe { set probe { type ipv4_addr; }; }"]);
+    let mut probe = 0u8;
+    'subscribed: loop {
+        probe = probe.wrapping_add(1);
+        node.ok("nft", &["add", "element", "bridge", "iamlet_bench_probe", "probe", &format!("{{ 192.0.2.{probe} }}")]);
+        while let Ok((_, line)) = lines.recv_timeout(Duration::from_millis(100)) {
+            if line.contains("iamlet_bench_probe") {
+                break 'subscribed;
+            }
+        }
+    }
+    node.ok("nft", &["delete", "table", "bridge", "iamlet_bench_probe"]);
+    let mut bound = histogram();
+    for i in 0..NODE_PODS {
+        let ip = format!("10.42.1.{}", i + 2);
+        let mac = format!("0a:58:0a:2a:01:{:02x}", i + 2);
+        let uid = format!("bench-uid-{i}");
+        let written = Instant::now();
+        iamlet_testkit::netns::CniRecord {
+            container: format!("{:064x}", 0xbe9c4_u128 + i as u128),
+            bridge: Some("0a:58:0a:2a:00:01".into()),
+            host: (format!("bveth{i}"), "0a:58:00:00:00:01".into()),
+            pod_mac: mac,
+            sandbox: format!("/var/run/netns/bench-{i}"),
+            ips: &[&ip],
+            pod: ("bench", &format!("bound-{i}"), &uid),
+        }
+        .write(e2e.topology.cni_results.path());
+        let needle = (format!(". {ip} "), format!(". {ip},"));
+        loop {
+            let (at, line) = lines.recv_timeout(Duration::from_secs(10)).expect("the element within 10 s");
+            if line.contains("bound4") && (line.contains(&needle.0) || line.contains(&needle.1)) {
+                bound.saturating_record(at.saturating_duration_since(written).as_micros().max(1) as u64);
+                break;
+            }
+        }
+    }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    drop(agent);
+    let (median, p99, max) = (
+        bound.value_at_quantile(0.5) as f64 / 1000.0,
+        bound.value_at_quantile(0.99) as f64 / 1000.0,
+        bound.max() as f64 / 1000.0,
+    );
+    println!(
+        "a pod's CNI record to its binding in the kernel, 1 to {NODE_PODS} pods on the node: median {median:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+    );
+    rows.insert(
+        "record_to_binding".into(),
+        json!({"pods": NODE_PODS, "median_ms": median, "p99_ms": p99, "max_ms": max}),
+    );
+    Value::Object(rows)
 }
 
 fn ms(d: Duration) -> f64 {

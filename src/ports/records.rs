@@ -96,8 +96,8 @@ fn inotify_stream(dir: &Path) -> std::io::Result<Events> {
     let inotify = Inotify::init()?;
     inotify.watches().add(
         dir,
+        // Not CREATE: a file just created is still empty (libcni writes, then closes).
         WatchMask::CLOSE_WRITE
-            | WatchMask::CREATE
             | WatchMask::DELETE
             | WatchMask::MOVED_TO
             | WatchMask::MOVED_FROM

@@ -252,23 +252,54 @@ impl Topology {
     /// the pod's side) on a point-to-point link. Returns the record's path.
     pub fn record_pod(&self, index: usize, link: &str, attach: Attach, pod: (&str, &str, &str)) -> std::path::PathBuf {
         let net = &self.pods[index];
-        let (namespace, name, uid) = pod;
-        let container = format!("{:064x}", 0xc0ffee_u128 + index as u128);
-        let sandbox = format!("/var/run/netns/{}", net.ns.name);
-        let pod_side = serde_json::json!({"name": "eth0", "mac": mac_of(&net.ns, "eth0"), "sandbox": sandbox});
-        let host_side = serde_json::json!({"name": link, "mac": mac_of(&self.node, link)});
-        let mut ips = vec![];
-        let (network, interfaces, index_of_pod) = match attach {
-            Attach::Bridge => {
-                let bridge = serde_json::json!({"name": "cni0", "mac": mac_of(&self.node, "cni0")});
-                ("cbr0", serde_json::json!([bridge, host_side, pod_side]), 2)
-            }
-            Attach::PointToPoint => ("k8s-pod-network", serde_json::json!([host_side, pod_side]), 1),
+        let ips: Vec<&str> = [Some(net.ip.as_str()), net.ipv6.as_deref()].into_iter().flatten().collect();
+        let record = CniRecord {
+            container: format!("{:064x}", 0xc0ffee_u128 + index as u128),
+            bridge: (attach == Attach::Bridge).then(|| mac_of(&self.node, "cni0")),
+            host: (link.to_string(), mac_of(&self.node, link)),
+            pod_mac: mac_of(&net.ns, "eth0"),
+            sandbox: format!("/var/run/netns/{}", net.ns.name),
+            ips: &ips,
+            pod,
         };
-        ips.push(serde_json::json!({"interface": index_of_pod, "address": format!("{}/32", net.ip)}));
-        if let Some(v6) = &net.ipv6 {
-            ips.push(serde_json::json!({"interface": index_of_pod, "address": format!("{v6}/64")}));
-        }
+        record.write(self.cni_results.path())
+    }
+}
+
+/// One entry of libcni's result cache, as containerd writes it after the CNI's ADD: the bridge
+/// plugin's result when `bridge` (its MAC) is given (the bridge, the host veth, the pod's
+/// `eth0`), else the routed plugins' (host veth, then the pod's side).
+pub struct CniRecord<'a> {
+    pub container: String,
+    pub bridge: Option<String>,
+    /// The host side of the pod's link, and its MAC.
+    pub host: (String, String),
+    pub pod_mac: String,
+    pub sandbox: String,
+    pub ips: &'a [&'a str],
+    /// namespace, name, uid.
+    pub pod: (&'a str, &'a str, &'a str),
+}
+
+impl CniRecord<'_> {
+    /// Writes it into `dir` under libcni's name for it; returns the path.
+    pub fn write(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let (namespace, name, uid) = self.pod;
+        let pod_side = serde_json::json!({"name": "eth0", "mac": self.pod_mac, "sandbox": self.sandbox});
+        let host_side = serde_json::json!({"name": self.host.0, "mac": self.host.1});
+        let (network, interfaces, pod_index) = match &self.bridge {
+            Some(mac) => ("cbr0", serde_json::json!([{"name": "cni0", "mac": mac}, host_side, pod_side]), 2),
+            None => ("k8s-pod-network", serde_json::json!([host_side, pod_side]), 1),
+        };
+        let ips: Vec<serde_json::Value> = self
+            .ips
+            .iter()
+            .map(|ip| {
+                let prefix = if ip.contains(':') { 64 } else { 32 };
+                serde_json::json!({"interface": pod_index, "address": format!("{ip}/{prefix}")})
+            })
+            .collect();
+        let container = &self.container;
         let record = serde_json::json!({
             "kind": "cniCacheV1", "containerId": container, "config": "e30=", "ifName": "eth0",
             "networkName": network,
@@ -276,7 +307,7 @@ impl Topology {
                         ["K8S_POD_INFRA_CONTAINER_ID", container], ["K8S_POD_UID", uid]],
             "result": {"cniVersion": "1.0.0", "interfaces": interfaces, "ips": ips, "dns": {}},
         });
-        let path = self.cni_results.path().join(format!("{network}-{container}-eth0"));
+        let path = dir.join(format!("{network}-{container}-eth0"));
         std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
         path
     }
