@@ -468,37 +468,38 @@ async fn soak(agent: &AgentProcess, duration: Duration) -> Value {
 }
 
 /// STS calls so far against the distinct (role, pod) keys: one each is the cache working.
-/// A key called more than once is named, with how each of its calls ended, so that an excess
-/// can be told apart (a failed call retried after `--iam-role-error-ttl`, or a key dropped and
-/// assumed again).
+/// A key called more than once is named, with how each of its calls ended (STS's status, or
+/// abandoned by the agent at `--sts-timeout`), so that an excess can be told apart: a failed
+/// call retried after `--iam-role-error-ttl`, or a key dropped and assumed again.
 fn sts_calls(sts: &StsProxy, keys: usize, requests: u64) -> Value {
+    use iamlet_testkit::sts_proxy::OUTCOME;
     let calls = sts.assume_role_calls();
-    let mut by_key: std::collections::BTreeMap<(String, String), Vec<bool>> = Default::default();
+    let mut by_key: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
     for call in &calls {
         let key = (
             call.get("RoleArn").cloned().unwrap_or_default(),
             call.get("RoleSessionName").cloned().unwrap_or_default(),
         );
-        by_key.entry(key).or_default().push(call.contains_key(iamlet_testkit::sts_proxy::ISSUED));
+        by_key.entry(key).or_default().push(call.get(OUTCOME).cloned().unwrap_or_default());
     }
-    let failed = calls.iter().filter(|c| !c.contains_key(iamlet_testkit::sts_proxy::ISSUED)).count();
+    let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+    for call in &calls {
+        *outcomes.entry(call.get(OUTCOME).cloned().unwrap_or_default()).or_default() += 1;
+    }
     let repeated: Vec<Value> = by_key
         .iter()
-        .filter(|(_, outcomes)| outcomes.len() > 1)
-        .map(|((role, session), outcomes)| {
-            let ended: Vec<&str> = outcomes.iter().map(|ok| if *ok { "issued" } else { "failed" }).collect();
-            json!({"role": role, "session": session, "calls": ended})
-        })
+        .filter(|(_, ended)| ended.len() > 1)
+        .map(|((role, session), ended)| json!({"role": role, "session": session, "calls": ended}))
         .collect();
     println!(
-        "STS AssumeRole calls: {} for {keys} distinct (role, pod) keys ({} keys seen), over {requests} requests; {failed} failed",
+        "STS AssumeRole calls: {} for {keys} distinct (role, pod) keys ({} keys seen), over {requests} requests; outcomes {outcomes:?}",
         calls.len(),
         by_key.len()
     );
     for entry in &repeated {
         println!("  called more than once: {} {} -> {}", entry["role"], entry["session"], entry["calls"]);
     }
-    json!({"calls": calls.len(), "distinct_keys": keys, "keys_seen": by_key.len(), "failed": failed, "repeated": repeated})
+    json!({"calls": calls.len(), "distinct_keys": keys, "keys_seen": by_key.len(), "outcomes": outcomes, "repeated": repeated})
 }
 
 /// Hostile load against the agent's default limits, while the pod at `pod_ip(0)` asks for its

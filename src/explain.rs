@@ -16,12 +16,14 @@ use crate::cli::Settings;
 use crate::cluster::{AnnotationKeys, NamespaceRules, NamespaceStore, ServiceAccountStore, service_account_role_of};
 use crate::credentials::{AwsSts, RoleAssumer};
 use crate::imds::UpstreamImds;
+use crate::netfilter::binding::BindPodPorts;
 use crate::netfilter::coverage::Routes;
 use crate::netfilter::{Choice, NetworkSettings, choice};
 use crate::pod::PodIdentity;
 use crate::policy::{
     Assignment, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource, ServiceAccountLookup,
 };
+use crate::ports::Verdict;
 use crate::resolve::{CredentialKey, Resolved, Resolver, Unresolved};
 
 /// What `explain` found, line by line, and its verdict.
@@ -200,6 +202,9 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
     if let Some(line) = interception(&settings.network, node, &pod).await {
         explanation.lines.push(("interface", line));
     }
+    if let Some(line) = port_binding(&settings.network, node, &pod) {
+        explanation.lines.push(("port", line));
+    }
     explanation.lines.push((
         "verdict",
         match &explanation.verdict {
@@ -284,6 +289,43 @@ async fn interception(config: &NetworkSettings, node: Option<&str>, pod: &Pod) -
                 "{ip} via {link}: NOT covered by --host-interface {interfaces}: this pod reaches the node's metadata service directly"
             ),
             Err(error) => format!("{ip}: {error}"),
+        };
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    (!lines.is_empty()).then(|| lines.join("; "))
+}
+
+/// Which port the CNI's records bind each of the pod's addresses to (`--bind-pod-ports`), as
+/// the agent on the pod's node would check it.
+fn port_binding(config: &NetworkSettings, node: Option<&str>, pod: &Pod) -> Option<String> {
+    let binding = &config.binding;
+    if binding.bind_pod_ports == BindPodPorts::Never || !config.iptables {
+        return None;
+    }
+    let pod_node = pod.spec.as_ref()?.node_name.as_deref()?;
+    if Some(pod_node) != node {
+        return Some(format!("not checked: run explain on node {pod_node} (kubectl exec into its iamlet pod)"));
+    }
+    let read = match crate::ports::records::read(&binding.cni_results_dir) {
+        Ok(read) => read,
+        Err(error) => return Some(format!("not checked: {}: {error}", binding.cni_results_dir.display())),
+    };
+    let meta = &pod.metadata;
+    let (namespace, name, uid) = (
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or(""),
+        meta.uid.as_deref().unwrap_or(""),
+    );
+    let status = pod.status.as_ref();
+    let ips = status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|ip| ip.ip.clone());
+    let mut lines = Vec::new();
+    for ip in ips.chain(status.and_then(|s| s.pod_ip.clone())).filter_map(|ip| ip.parse::<std::net::IpAddr>().ok()) {
+        let line = match (read.index.verdict(&ip, namespace, name, uid), read.index.owner(&ip)) {
+            (Verdict::Bound, Some(owner)) => format!("{ip} bound to port {} by the CNI's record", owner.port),
+            (Verdict::Bound, None) => format!("{ip} bound"),
+            (Verdict::Unbound(why), _) => format!("{ip} NOT bound, so refused: {why}"),
         };
         if !lines.contains(&line) {
             lines.push(line);

@@ -301,6 +301,9 @@ impl RuleKeeper {
             match outcome {
                 Ok(changed) => {
                     installed = true;
+                    if let Some(binder) = &binder {
+                        binder.settled().await;
+                    }
                     if changed > 0 {
                         self.rules.forget_unredirected(&mut conntrack_warned).await;
                     }

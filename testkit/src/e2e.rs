@@ -275,7 +275,9 @@ pub async fn metadata_answers(pod: &Netns) -> bool {
 /// (`(ip, mac)`) on a bridge: `tests/clients/spoof_attack.py` in `--mode arp` (the node's
 /// neighbour entry) or `mac` (the bridge's forwarding entry), TCP over a raw socket to the
 /// `target` (`ip:port`: the metadata address, or the agent's own) for `path`; `syn` only
-/// forges one SYN. `{"answered": false}`, the HTTP response it read, or `{"sport": N}`.
+/// forges one SYN. With `vlan_tags`, the frames carry priority tags (VLAN 0), which a bridge
+/// that is not VLAN-aware strips on the way to the node. `{"answered": false}`, the HTTP
+/// response it read, or `{"sport": N}`.
 pub fn spoof_attack(
     attacker: &Netns,
     mode: &str,
@@ -283,6 +285,7 @@ pub fn spoof_attack(
     gateway: (&str, &str),
     path: &str,
     target: &str,
+    vlan_tags: usize,
 ) -> Value {
     let python = venv_bin("python");
     let script = crate::repo_root().join("tests/clients/spoof_attack.py");
@@ -299,7 +302,7 @@ pub fn spoof_attack(
             "--gateway-mac",
             gateway.1,
         ])
-        .args(["--path", path, "--target", target])
+        .args(["--path", path, "--target", target, "--vlan-tags", &vlan_tags.to_string()])
         .env_clear()
         .output()
         .unwrap();

@@ -1,6 +1,6 @@
 //! A recording proxy in front of moto: counts AssumeRole calls, keeps their parameters
-//! (ExternalId, RoleSessionName, DurationSeconds, Tags.member.N.*), who signed each one and
-//! what it issued, and can make STS fail or slow on demand.
+//! (ExternalId, RoleSessionName, DurationSeconds, Tags.member.N.*), who signed each one, how
+//! it ended and what it issued, and can make STS fail or slow on demand.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +25,11 @@ pub type Call = BTreeMap<String, String>;
 pub const SIGNED_BY: &str = "_SignedBy";
 /// The access key ID an AssumeRole call issued, when it succeeded.
 pub const ISSUED: &str = "_Issued";
+/// How a call ended: STS's HTTP status, [`ABANDONED`] while it has not (the caller gave up
+/// and closed the connection first), or `503 (injected)`.
+pub const OUTCOME: &str = "_Outcome";
+/// A call's [`OUTCOME`] until STS answers it.
+pub const ABANDONED: &str = "abandoned by the caller";
 
 #[derive(Default)]
 struct State {
@@ -106,6 +111,7 @@ async fn forward(
     if let Some(key) = authorization.and_then(signing_key) {
         form.insert(SIGNED_BY.into(), key.to_string());
     }
+    form.insert(OUTCOME.into(), ABANDONED.into());
     let index = {
         let mut calls = state.calls.lock().unwrap();
         calls.push(form);
@@ -116,6 +122,7 @@ async fn forward(
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if state.failing.load(Ordering::SeqCst) {
+        state.calls.lock().unwrap()[index].insert(OUTCOME.into(), "503 (injected)".into());
         let xml = "<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code>\
                    <Message>injected outage</Message></Error><RequestId>test</RequestId></ErrorResponse>";
         return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Full::new(Bytes::from(xml))).unwrap();
@@ -130,6 +137,7 @@ async fn forward(
     let response = client.request(forwarded.body(Full::new(body)).unwrap()).await.expect("moto answers");
     let (mut parts, body) = response.into_parts();
     let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    state.calls.lock().unwrap()[index].insert(OUTCOME.into(), parts.status.as_u16().to_string());
     let role = state.calls.lock().unwrap()[index].get("RoleArn").cloned().unwrap_or_default();
     let lifetime = state.short_sessions.lock().unwrap().get(&role).copied();
     let text = String::from_utf8_lossy(&body).into_owned();

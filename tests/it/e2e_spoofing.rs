@@ -42,17 +42,23 @@ fn forwarding_port(node: &Netns, mac: &str) -> Option<String> {
 /// DNAT) has it. Blind (no answer comes back to the attacker), so it shows what the kernel
 /// lets through, not what an attacker can read.
 fn forged_syn_tracked(e2e: &E2e, attacker: &Netns, source: (&str, &str), gateway: (&str, &str), target: &str) -> bool {
-    let sent = spoof_attack(attacker, "syn", source, gateway, VICTIM_ROLE, target);
+    let sent = spoof_attack(attacker, "syn", source, gateway, VICTIM_ROLE, target, 0);
     let sport = sent["sport"].as_u64().unwrap_or_else(|| panic!("{sent}")).to_string();
     let family = if source.0.contains(':') { "ipv6" } else { "ipv4" };
     let tracked = e2e.node().exec("conntrack", &["-L", "-f", family, "-p", "tcp", "-s", source.0, "--sport", &sport]);
     String::from_utf8_lossy(&tracked.stdout).contains(&format!("sport={sport}"))
 }
 
-/// The attacks: each mode against the metadata address, and the ARP attack against the
-/// agent's own address (`host-ip:8181`), which no DNAT stands in front of.
-const ATTACKS: [(&str, &str); 3] =
-    [("arp", "169.254.169.254:80"), ("mac", "169.254.169.254:80"), ("arp", "10.254.0.1:8181")];
+/// The attacks: each mode against the metadata address, the ARP attack against the agent's
+/// own address (`host-ip:8181`), which no DNAT stands in front of, and the ARP attack in
+/// priority tags (VLAN 0: one on the claims, two on the TCP frames), which hide ARP and IP
+/// from rules that do not look inside tags while the node's stack strips them.
+const ATTACKS: [(&str, &str, usize); 4] = [
+    ("arp", "169.254.169.254:80", 0),
+    ("mac", "169.254.169.254:80", 0),
+    ("arp", "10.254.0.1:8181", 0),
+    ("arp", "169.254.169.254:80", 2),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root and network namespaces: scripts/test.sh runs it as root"]
@@ -63,9 +69,9 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
     let victim_mac = mac_of(e2e.pod_ns(victim), "eth0");
     let attacker_mac = mac_of(e2e.pod_ns(attacker), "eth0");
     let gateway_mac = mac_of(e2e.node(), "cni0");
-    let attack = |e2e: &E2e, mode: &str, target: &str| {
+    let attack = |e2e: &E2e, mode: &str, target: &str, tags: usize| {
         let (victim, gateway) = (("10.42.0.10", victim_mac.as_str()), ("10.42.0.1", gateway_mac.as_str()));
-        spoof_attack(e2e.pod_ns(attacker), mode, victim, gateway, VICTIM_ROLE, target)
+        spoof_attack(e2e.pod_ns(attacker), mode, victim, gateway, VICTIM_ROLE, target, tags)
     };
 
     // Without the binding, as with kube2iam: both attacks get the victim's very credentials.
@@ -73,9 +79,9 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
     let (status, document) = victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
     assert_eq!(status, 200, "{document}");
     let victims_key = access_key(&document);
-    for (mode, target) in ATTACKS {
+    for (mode, target, tags) in ATTACKS {
         victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
-        let got = attack(&e2e, mode, target);
+        let got = attack(&e2e, mode, target, tags);
         assert_eq!(got["answered"], true, "{mode} {target}: works without the binding: {got}\n{}", agent.log());
         let response = got["response"].as_str().unwrap();
         assert!(response.starts_with("HTTP/1.0 200"), "{mode} {target}: {response}");
@@ -102,9 +108,9 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
     // With it (the default): neither attack gets an answer, the node's neighbour entry for the
     // victim keeps the victim's MAC, and the victim is served its own role throughout.
     let mut agent = e2e.start_agent(&["--host-interface=cni0"]).await;
-    for (mode, target) in ATTACKS {
+    for (mode, target, tags) in ATTACKS {
         victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
-        let got = attack(&e2e, mode, target);
+        let got = attack(&e2e, mode, target, tags);
         assert_eq!(got["answered"], false, "{mode} {target}: {got}\n{}", agent.log());
         let neighbour = neighbour_of(e2e.node(), "10.42.0.10");
         assert!(neighbour.contains(&victim_mac), "{mode}: the node's entry still names the victim: {neighbour}");
@@ -228,6 +234,12 @@ async fn an_address_given_to_a_new_pod_on_another_port_is_bound_to_the_new_port_
         e2e.api.events().iter().any(|e| e["reason"] == "IAMPodUnbound" && e["regarding"]["name"] == "pod-veth1")
     })
     .await;
+    // `iamlet explain` on the node says which port the new pod is bound to.
+    let args = e2e.flags(&["--host-interface=cni0"]).args();
+    let mut explain = vec!["explain", "e2e/pod-veth3"];
+    explain.extend(args.iter().map(String::as_str));
+    let report = e2e.node().ok(iamlet_testkit::agent::binary(), &explain);
+    assert!(report.contains("10.42.0.10 bound to port veth3 by the CNI's record"), "{report}");
     assert_eq!(agent.metric("iamlet_pods_unbound").await, Some(1.0));
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0), "{}", agent.log());
@@ -253,19 +265,24 @@ async fn an_ipv6_neighbour_advertisement_claiming_a_pods_address_gets_nothing() 
     let attacker_mac = mac_of(e2e.pod_ns(attacker), "eth0");
     let gateway_mac = mac_of(e2e.node(), "cni0");
     let ipv6 = format!("--host-ipv6={}", iamlet_testkit::netns::HOST_IPV6);
-    let attack = |e2e: &E2e| {
+    let attack = |e2e: &E2e, tags: usize| {
         let (victim, gateway) = (("fd42::10", victim_mac.as_str()), ("fd42::1", gateway_mac.as_str()));
-        spoof_attack(e2e.pod_ns(attacker), "na", victim, gateway, VICTIM_ROLE, "[fd00:ec2::254]:80")
+        spoof_attack(e2e.pod_ns(attacker), "na", victim, gateway, VICTIM_ROLE, "[fd00:ec2::254]:80", tags)
     };
     let neighbour = |e2e: &E2e| e2e.node().ok("ip", &["-6", "neigh", "show", "fd42::10", "dev", "cni0"]);
 
     let mut agent = e2e.start_agent(&["--host-interface=cni0", &ipv6, "--bind-pod-ports=false"]).await;
-    let (status, document) = request_v6(e2e.pod_ns(victim), VICTIM_ROLE).await.unwrap();
-    assert_eq!(status, 200, "{document}");
-    let got = attack(&e2e);
-    assert_eq!(got["answered"], true, "works without the binding: {got}\n{}", agent.log());
-    assert_eq!(access_key(got["response"].as_str().unwrap()), access_key(&document), "the victim's credentials");
-    assert!(neighbour(&e2e).contains(&attacker_mac), "the advertisement took the node's entry: {}", neighbour(&e2e));
+    // Plain, then in priority tags (one on the advertisement, two on the TCP frames).
+    for tags in [0, 2] {
+        e2e.node().ok("ip", &["-6", "neigh", "flush", "dev", "cni0"]);
+        let (status, document) = request_v6(e2e.pod_ns(victim), VICTIM_ROLE).await.unwrap();
+        assert_eq!(status, 200, "{document}");
+        let got = attack(&e2e, tags);
+        assert_eq!(got["answered"], true, "{tags} tags: works without the binding: {got}\n{}", agent.log());
+        assert_eq!(access_key(got["response"].as_str().unwrap()), access_key(&document), "the victim's credentials");
+        let entry = neighbour(&e2e);
+        assert!(entry.contains(&attacker_mac), "{tags} tags: the advertisement took the node's entry: {entry}");
+    }
     // Blind: a forged source to the agent's own address, an unbound one to the metadata address.
     let gateway = ("fd42::1", gateway_mac.as_str());
     let forged = [
@@ -279,12 +296,15 @@ async fn an_ipv6_neighbour_advertisement_claiming_a_pods_address_gets_nothing() 
     assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
 
     let mut agent = e2e.start_agent(&["--host-interface=cni0", &ipv6]).await;
-    e2e.node().ok("ip", &["-6", "neigh", "flush", "dev", "cni0"]);
-    let (status, document) = request_v6(e2e.pod_ns(victim), VICTIM_ROLE).await.unwrap();
-    assert_eq!(status, 200, "the victim is served through [fd00:ec2::254]: {document}");
-    let got = attack(&e2e);
-    assert_eq!(got["answered"], false, "{got}\n{}", agent.log());
-    assert!(neighbour(&e2e).contains(&victim_mac), "the node's entry still names the victim: {}", neighbour(&e2e));
+    for tags in [0, 2] {
+        e2e.node().ok("ip", &["-6", "neigh", "flush", "dev", "cni0"]);
+        let (status, document) = request_v6(e2e.pod_ns(victim), VICTIM_ROLE).await.unwrap();
+        assert_eq!(status, 200, "the victim is served through [fd00:ec2::254]: {document}");
+        let got = attack(&e2e, tags);
+        assert_eq!(got["answered"], false, "{tags} tags: {got}\n{}", agent.log());
+        let entry = neighbour(&e2e);
+        assert!(entry.contains(&victim_mac), "{tags} tags: the node's entry still names the victim: {entry}");
+    }
     let (status, _) = request_v6(e2e.pod_ns(victim), VICTIM_ROLE).await.unwrap();
     assert_eq!(status, 200);
     for (source, target) in forged {

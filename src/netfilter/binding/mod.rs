@@ -27,7 +27,7 @@ pub use nft::{Nft, NftError};
 use ruleset::{Elements, Layout};
 
 use super::interfaces::InterfaceMatch;
-use crate::cluster::{PodEvents, PodStore, Reason};
+use crate::cluster::{PodEvents, PodStore, Reason, Synced};
 use crate::metrics::{Metrics, SpoofLabels};
 use crate::ports::{PortIndex, Ports, Verdict, records};
 
@@ -77,10 +77,9 @@ pub struct BindingPlan {
 }
 
 impl BindingPlan {
-    /// Whether to bind on this node, once the pod cache has synced: `Never` says so with the
-    /// risk; `Auto` binds if the records directory can be read and, when the node already
-    /// runs pods, records at least one of them (a runtime that leaves no record would
-    /// otherwise have every pod refused).
+    /// Whether to bind on this node: `Never` says so with the risk; `Auto` binds if nftables
+    /// can be used and the records directory can be read (and, once the pod cache has synced,
+    /// gives up if the node runs pods of which none has a record: see [`Binder::follow`]).
     pub async fn decide(&self, interfaces: &InterfaceMatch, nft: &Nft) -> Option<Binder> {
         let dir = &self.settings.cni_results_dir;
         let off = |why: String| {
@@ -93,27 +92,12 @@ impl BindingPlan {
                 if let Err(error) = nft.usable().await {
                     return off(format!("nftables cannot be used ({error})"));
                 }
-                self.pods.synced().wait().await;
-                match records::read(dir) {
-                    Err(error) => {
-                        return off(format!(
-                            "the CNI's records in {} cannot be read ({error}): mount libcni's result cache \
-                             (--cni-results-dir), or set --bind-pod-ports=false to say this is meant",
-                            dir.display()
-                        ));
-                    }
-                    Ok(read) => {
-                        let pods: Vec<_> = self.pods.read(|index| index.pods().cloned().collect());
-                        let recorded = pods.iter().any(|pod| pod.ips.iter().any(|ip| read.index.owner(ip).is_some()));
-                        if !pods.is_empty() && !recorded {
-                            return off(format!(
-                                "none of this node's {} pods has a record in {}: the container runtime here leaves \
-                                 none (containerd and CRI-O do)",
-                                pods.len(),
-                                dir.display()
-                            ));
-                        }
-                    }
+                if let Err(error) = std::fs::read_dir(dir) {
+                    return off(format!(
+                        "the CNI's records in {} cannot be read ({error}): mount libcni's result cache \
+                         (--cni-results-dir), or set --bind-pod-ports=false to say this is meant",
+                        dir.display()
+                    ));
                 }
             }
             BindPodPorts::Always => {}
@@ -134,7 +118,13 @@ impl BindingPlan {
             routed = %layout.routed.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             "binding each pod's addresses to its own port"
         );
-        Some(Binder { nft: nft.clone(), plan: self.clone(), layout, applied: Mutex::new(Applied::default()) })
+        Some(Binder {
+            nft: nft.clone(),
+            plan: self.clone(),
+            layout,
+            applied: Mutex::new(Applied::default()),
+            settled: Synced::default(),
+        })
     }
 }
 
@@ -145,6 +135,8 @@ fn is_bridge(name: &str) -> bool {
 
 #[derive(Default)]
 struct Applied {
+    /// `auto` gave up after the start ([`Binder::follow`]): nothing is installed any more.
+    retired: bool,
     /// What the sets hold, once installed.
     elements: Option<Elements>,
     /// Each kernel counter's packets at the last look, by (family, counter).
@@ -159,6 +151,8 @@ pub struct Binder {
     plan: BindingPlan,
     layout: Layout,
     applied: Mutex<Applied>,
+    /// Whether binding stays on: at once, or under `auto` once the pod cache has synced.
+    settled: Synced,
 }
 
 impl Binder {
@@ -166,6 +160,9 @@ impl Binder {
     /// metadata API checks requests against them.
     pub async fn install(&self) -> Result<(), NftError> {
         let mut applied = self.applied.lock().await;
+        if applied.retired {
+            return Ok(());
+        }
         let index = self.read(&mut applied);
         let elements = Elements::of(index.ports(), self.bridge_ports());
         self.nft.apply(&ruleset::install(&self.layout, &elements)).await?;
@@ -178,6 +175,9 @@ impl Binder {
     /// Reads the records again and refills the sets if they changed (once installed).
     pub async fn refresh(&self) -> Result<(), NftError> {
         let mut applied = self.applied.lock().await;
+        if applied.retired {
+            return Ok(());
+        }
         let index = self.read(&mut applied);
         let Some(current) = &applied.elements else { return Ok(()) };
         let elements = Elements::of(index.ports(), self.bridge_ports());
@@ -276,19 +276,86 @@ impl Binder {
 
     /// Follows the records: refills the sets on every change (inotify, and every sync
     /// period), and keeps `iamlet_pods_unbound` and the pods' Warning Events current.
+    ///
+    /// Under `auto`, once the pod cache has synced: if the node runs pods and none of them has
+    /// a record, the container runtime here leaves none, and binding would refuse every pod;
+    /// the binding is then removed, with a warning saying why.
     pub async fn follow(self: Arc<Self>) {
         let (tx, mut changed) = mpsc::channel(1);
         let dir = self.plan.settings.cni_results_dir.clone();
+        let links = tokio::spawn(watch_links(tx.clone()));
         let watcher = tokio::spawn(records::watch(dir, self.plan.sync_period, tx));
         let mut unbound = std::collections::BTreeSet::new();
-        while changed.recv().await.is_some() {
-            if let Err(error) = self.refresh().await {
-                self.plan.metrics.iptables_errors.inc();
-                tracing::error!(%error, "cannot update the pod port binding");
+        let mut checked = self.plan.settings.bind_pod_ports != BindPodPorts::Auto;
+        if checked {
+            self.settled.mark();
+        }
+        let synced = self.plan.pods.synced().wait();
+        tokio::pin!(synced);
+        loop {
+            tokio::select! {
+                _ = &mut synced, if !checked => {
+                    checked = true;
+                    let retire = self.runtime_leaves_no_record();
+                    if let Some(why) = &retire {
+                        self.retire(why).await;
+                    }
+                    self.settled.mark();
+                    if retire.is_some() {
+                        break;
+                    }
+                }
+                change = changed.recv() => {
+                    if change.is_none() {
+                        break;
+                    }
+                    if let Err(error) = self.refresh().await {
+                        self.plan.metrics.iptables_errors.inc();
+                        tracing::error!(%error, "cannot update the pod port binding");
+                    }
+                    unbound = self.report_unbound(unbound);
+                }
             }
-            unbound = self.report_unbound(unbound);
         }
         watcher.abort();
+        links.abort();
+    }
+
+    /// Resolves once it is settled whether binding stays on (under `auto`, once the pod cache
+    /// has synced): the rules are reported in place only then, so no pod is dropped by a
+    /// binding about to be removed once the node says it is ready.
+    pub async fn settled(&self) {
+        self.settled.wait().await;
+    }
+
+    /// Why the runtime seems to leave no record: the node runs pods, none of them recorded.
+    fn runtime_leaves_no_record(&self) -> Option<String> {
+        let dir = &self.plan.settings.cni_results_dir;
+        let index = records::read(dir).map(|read| read.index).unwrap_or_default();
+        let pods: Vec<_> = self.plan.pods.read(|pods| pods.pods().cloned().collect());
+        let recorded = pods.iter().any(|pod| pod.ips.iter().any(|ip| index.owner(ip).is_some()));
+        (!pods.is_empty() && !recorded).then(|| {
+            format!(
+                "none of this node's {} pods has a record in {}: the container runtime here leaves none \
+                 (containerd and CRI-O do)",
+                pods.len(),
+                dir.display()
+            )
+        })
+    }
+
+    /// Turns the binding off for good (`auto` found it cannot work here): the tables go, and
+    /// requests are no longer checked against records.
+    async fn retire(&self, why: &str) {
+        let mut applied = self.applied.lock().await;
+        applied.retired = true;
+        applied.elements = None;
+        tracing::warn!("pod ports are not bound: {why}; {RISK}");
+        if let Err(error) = remove(&self.nft).await {
+            tracing::error!(%error, "cannot remove the pod port binding");
+        }
+        self.plan.ports.publish(None);
+        self.plan.metrics.pods_unbound.set(0);
     }
 
     /// Counts the pods refused for want of a port, and reports each once (again only after it
@@ -311,6 +378,26 @@ impl Binder {
         self.plan.metrics.pods_unbound.set(now.len() as i64);
         now
     }
+}
+
+/// Sends `()` on `changed` for every link the node adds, changes or removes (a new pod's veth
+/// joining a bridge): the pod bridges' ports are read again at once, not at the next sync.
+async fn watch_links(changed: mpsc::Sender<()>) {
+    use futures::StreamExt;
+    let (connection, _, mut messages) = match rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link]) {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::warn!(%error, "cannot follow the node's links: bridge ports are read every sync period");
+            return;
+        }
+    };
+    let connection = tokio::spawn(connection);
+    while messages.next().await.is_some() {
+        if changed.send(()).await.is_err() {
+            break;
+        }
+    }
+    connection.abort();
 }
 
 /// Removes iamlet's binding tables from both families. Returns whether any was there.

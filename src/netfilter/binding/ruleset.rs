@@ -1,18 +1,17 @@
 //! The binding's kernel rules, as nftables text: pure, so what is installed is tested without
 //! a kernel.
 //!
-//! Two tables named `iamlet`, each with a base chain at prerouting, priority -300 (before
-//! conntrack and before any DNAT), that sends the pod interfaces' traffic to a `check` chain:
+//! Two tables named `iamlet`, each with a base chain at prerouting, priority -300 (before the
+//! bridge learns a MAC, before conntrack and before any DNAT):
 //!
 //! - **`bridge iamlet`**, for pods on a bridge (`cni0`, `weave`, `kube-bridge`). The bridge
-//!   family sees each frame with the port it came in on, before the bridge learns its source
-//!   MAC. The check applies to the frames of the bridge's ports (the `bridge_ports` set, from
-//!   sysfs: `meta ibrname` needs a kernel module many nodes lack), so other bridges on the node
-//!   (a VM's, Docker's) are left alone. A frame is dropped when it claims a bound pod's MAC from another port (which would
-//!   teach the bridge to send that pod's frames to the attacker), an ARP claim or IPv4 source
-//!   that is a bound pod's address from anything but that pod's (port, MAC), an IPv6 neighbour
-//!   advertisement or source that is a bound pod's address likewise, or any traffic for the
-//!   metadata address whose (port, MAC, address) is not a bound pod's.
+//!   family sees each frame with the port it came in on. On every bridge port, a frame is
+//!   dropped when it claims a bound pod's identity from anything but that pod's port: its MAC
+//!   (which would teach the bridge to send the pod's frames to the attacker), its address in
+//!   ARP, as an IPv4 or IPv6 source, or as a neighbour advertisement's target. On the pod
+//!   bridges' own ports (the `bridge_ports` set, read from sysfs: `meta ibrname` needs a
+//!   kernel module many nodes lack), VLAN-tagged frames are dropped too, and traffic for the
+//!   metadata address from any (port, MAC, address) that is not a bound pod's.
 //! - **`inet iamlet`**, for pods on routed per-pod links (`cali+`, `eni+`, `vlan+`): a bound
 //!   pod's address is accepted only from its own link, and the metadata address only from a
 //!   (link, address) that is bound.
@@ -241,18 +240,37 @@ fn bridge_table() -> String {
         let _ = writeln!(t, "  set {set} {{ {kind}; }}");
     }
     counters(&mut t, &["spoofed_ether", "spoofed_arp", "spoofed_ipv4", "spoofed_ipv6"]);
-    let _ = writeln!(t, "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;");
-    let _ = writeln!(t, "    iifname @bridge_ports jump check\n  }}");
-    let (v4, v6) = (Family::V4.metadata_ip(), Family::V6.metadata_ip());
+    // A VLAN tag (802.1Q, or 802.1ad outside it) hides ARP and IP from the rules below, and a
+    // bridge that is not VLAN-aware hands a priority-tagged frame (VLAN 0) to the node's
+    // stack untagged: pods on a pod bridge send no tagged frames, so none gets through.
     let _ = writeln!(
         t,
-        "  chain check {{
+        "  chain prerouting {{
+    type filter hook prerouting priority -300; policy accept;
+    iifname @bridge_ports ether type {{ 8021q, 8021ad }} counter name spoofed_ether drop
+    jump identity
+    iifname @bridge_ports jump unbound
+  }}"
+    );
+    let (v4, v6) = (Family::V4.metadata_ip(), Family::V6.metadata_ip());
+    // A bound pod's identity, claimed from anywhere else on any bridge: never legitimate, so
+    // checked on every port, a new one the sets do not list yet included.
+    let _ = writeln!(
+        t,
+        "  chain identity {{
     ether saddr @macs iifname . ether saddr != @port_macs counter name spoofed_ether drop
     arp saddr ip @ips4 iifname . arp saddr ether . arp saddr ip != @bound4 counter name spoofed_arp drop
     ip saddr @ips4 iifname . ether saddr . ip saddr != @bound4 counter name spoofed_ipv4 drop
-    ip daddr {v4} tcp dport 80 iifname . ether saddr . ip saddr != @bound4 counter name spoofed_ipv4 drop
     icmpv6 type nd-neighbor-advert @th,64,128 @nd_targets iifname . ether saddr . @th,64,128 != @nd_bound counter name spoofed_ipv6 drop
     ip6 saddr @ips6 iifname . ether saddr . ip6 saddr != @bound6 counter name spoofed_ipv6 drop
+  }}"
+    );
+    // The metadata address from anything but a bound pod: on the pod bridges' ports only
+    // (another bridge's guests, a VM's or Docker's, are none of iamlet's business).
+    let _ = writeln!(
+        t,
+        "  chain unbound {{
+    ip daddr {v4} tcp dport 80 iifname . ether saddr . ip saddr != @bound4 counter name spoofed_ipv4 drop
     ip6 daddr {v6} tcp dport 80 iifname . ether saddr . ip6 saddr != @bound6 counter name spoofed_ipv6 drop
   }}"
     );
@@ -294,7 +312,7 @@ fn inet_table(layout: &Layout) -> String {
 /// How many rules each table's chains hold once installed: the drift check compares.
 pub fn rule_count(family: &str, layout: &Layout) -> usize {
     match family {
-        "bridge" => 8,
+        "bridge" => 10,
         _ => layout.routed.len() + 4,
     }
 }
@@ -322,7 +340,8 @@ mod tests {
         assert_eq!(both.routed.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["cali+"]);
         assert_eq!(both.families(), ["bridge", "inet"]);
         let text = install(&both, &Elements::default());
-        assert!(text.contains("iifname @bridge_ports jump check"), "{text}");
+        assert!(text.contains("jump identity\n    iifname @bridge_ports jump unbound"), "{text}");
+        assert!(text.contains("iifname @bridge_ports ether type { 8021q, 8021ad } counter"), "{text}");
         assert!(text.contains("iifname \"cali*\" jump check"), "{text}");
         let negated = install(&layout("!eth0", &[]), &Elements::default());
         assert!(negated.contains("iifname != \"eth0\" jump check"), "{negated}");
