@@ -346,6 +346,7 @@ async fn bench(d: Durations) {
     report["cold_start"] = cold_start(&fakes.api, &agent, d.cold_pods).await;
     report["soak"] = soak(&agent, d.soak).await;
     report["sts"] = sts_calls(&fakes.sts, NODE_PODS + d.cold_pods, report["soak"]["requests"].as_u64().unwrap_or(0));
+    report["sts"]["agent_errors"] = assume_role_errors(&agent.log());
     report["exhaustion"] = exhaustion(&agent).await;
     report["churn"] = churn(&fakes.api, &agent).await;
     report["restart_gap"] = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
@@ -500,6 +501,20 @@ fn sts_calls(sts: &StsProxy, keys: usize, requests: u64) -> Value {
         println!("  called more than once: {} {} -> {}", entry["role"], entry["session"], entry["calls"]);
     }
     json!({"calls": calls.len(), "distinct_keys": keys, "keys_seen": by_key.len(), "outcomes": outcomes, "repeated": repeated})
+}
+
+/// What the agent logged for each AssumeRole that failed (`AssumeRole failed ... error=...`),
+/// counted by error: why a key needed a second call.
+fn assume_role_errors(log: &str) -> Value {
+    let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in log.lines().filter(|line| line.contains("AssumeRole failed")) {
+        let error = line.split("error=").nth(1).unwrap_or(line).trim().to_string();
+        *errors.entry(error).or_default() += 1;
+    }
+    for (error, count) in &errors {
+        println!("  the agent logged {count} x AssumeRole failed: {error}");
+    }
+    json!(errors)
 }
 
 /// Hostile load against the agent's default limits, while the pod at `pod_ip(0)` asks for its
