@@ -693,7 +693,7 @@ async fn image(fakes: &Fakes, starts: usize) -> Value {
     };
     let (process, container) = (median(&mut process), median(&mut container));
     println!(
-        "\nimage: {total:.1} MB ({base:.1} MB debian:bookworm-slim stand-in, {:.1} MB iptables, conntrack and CA certificates, {binary:.1} MB iamlet)",
+        "\nimage: {total:.1} MB ({base:.1} MB debian:bookworm-slim stand-in, {:.1} MB iptables, nftables, conntrack and CA certificates, {binary:.1} MB iamlet)",
         total - base - binary
     );
     println!(
