@@ -375,9 +375,9 @@ pub async fn cleanup() -> Result<Vec<String>, IptablesError> {
         return Err(IptablesError::Missing { program: "iptables".into() });
     }
     report.push(match binding::remove(&binding::Nft::default()).await {
-        Ok(true) => "nft (bridge, inet): removed iamlet's pod port binding".into(),
-        Ok(false) => "nft (bridge, inet): no pod port binding to remove".into(),
-        Err(error) => format!("nft (bridge, inet): skipped ({error})"),
+        Ok(true) => "nft (bridge, netdev, inet): removed iamlet's pod port binding".into(),
+        Ok(false) => "nft (bridge, netdev, inet): no pod port binding to remove".into(),
+        Err(error) => format!("nft (bridge, netdev, inet): skipped ({error})"),
     });
     Ok(report)
 }

