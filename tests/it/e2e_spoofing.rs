@@ -104,6 +104,15 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
     for (source, target) in forged {
         assert!(forged_syn_tracked(&e2e, e2e.pod_ns(attacker), source, gateway, target), "{source:?} -> {target}");
     }
+    // The node's own address on the bridge, claimed to the victim: its gateway entry is taken.
+    let claim_gateway = |e2e: &E2e| {
+        let (to, node) = (("10.42.0.10", victim_mac.as_str()), ("10.42.0.1", gateway_mac.as_str()));
+        spoof_attack(e2e.pod_ns(attacker), "gateway", to, node, VICTIM_ROLE, "169.254.169.254:80", 0);
+        e2e.pod_ns(victim).ok("ip", &["neigh", "show", "10.42.0.1", "dev", "eth0"])
+    };
+    victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
+    let entry = claim_gateway(&e2e);
+    assert!(entry.contains(&attacker_mac), "the claim takes the victim's gateway entry: {entry}");
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.exit(Duration::from_secs(20)).await.code(), Some(0));
 
@@ -126,6 +135,10 @@ async fn a_pod_with_cap_net_raw_cannot_pass_for_another_on_a_bridge() {
         let tracked = forged_syn_tracked(&e2e, e2e.pod_ns(attacker), source, gateway, target);
         assert!(!tracked, "{source:?} -> {target}: dropped at the first hook");
     }
+    e2e.pod_ns(victim).ok("ip", &["neigh", "flush", "dev", "eth0"]);
+    victim_speaks(e2e.pod_ns(victim), e2e.node()).await;
+    let entry = claim_gateway(&e2e);
+    assert!(entry.contains(&gateway_mac), "the victim's gateway entry still names the node: {entry}");
     let (status, _) = pod_request(
         e2e.pod_ns(attacker),
         "/latest/meta-data/iam/security-credentials/attacker-role",

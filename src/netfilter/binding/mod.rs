@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, mpsc};
 
 pub use nft::{Nft, NftError};
-use ruleset::{Elements, Layout};
+use ruleset::{Elements, Layout, NodeIdentity};
 
 use super::interfaces::InterfaceMatch;
 use crate::cluster::{PodEvents, PodStore, Reason, Synced};
@@ -166,7 +166,7 @@ impl Binder {
             return Ok(());
         }
         let index = self.read(&mut applied);
-        let elements = Elements::of(index.ports(), self.bridge_ports());
+        let elements = Elements::of(index.ports(), self.bridge_ports(), self.node_identity());
         self.nft.apply(&ruleset::install(&self.layout, &elements)).await?;
         applied.ingress = None;
         self.ingress(&mut applied, &elements).await?;
@@ -184,7 +184,7 @@ impl Binder {
         }
         let index = self.read(&mut applied);
         let Some(current) = &applied.elements else { return Ok(()) };
-        let elements = Elements::of(index.ports(), self.bridge_ports());
+        let elements = Elements::of(index.ports(), self.bridge_ports(), self.node_identity());
         if *current != elements {
             self.nft.apply(&ruleset::fill(&self.layout, &elements)).await?;
             self.ingress(&mut applied, &elements).await?;
@@ -275,6 +275,32 @@ impl Binder {
             }
         }
         ports
+    }
+
+    /// The pod bridges' own MACs (sysfs) and addresses (`getifaddrs`): the pods' gateway.
+    fn node_identity(&self) -> NodeIdentity {
+        let mut node = NodeIdentity::default();
+        for bridge in &self.layout.bridges {
+            let address = std::path::Path::new("/sys/class/net").join(bridge).join("address");
+            if let Some(mac) = std::fs::read_to_string(address).ok().and_then(|text| text.trim().parse().ok()) {
+                node.macs.push(mac);
+            }
+        }
+        if let Ok(addresses) = nix::ifaddrs::getifaddrs() {
+            for address in addresses.filter(|a| self.layout.bridges.contains(&a.interface_name)) {
+                let Some(storage) = address.address else { continue };
+                if let Some(v4) = storage.as_sockaddr_in() {
+                    node.ips.push(std::net::IpAddr::V4(v4.ip()));
+                } else if let Some(v6) = storage.as_sockaddr_in6() {
+                    node.ips.push(std::net::IpAddr::V6(v6.ip()));
+                }
+            }
+        }
+        node.macs.sort();
+        node.macs.dedup();
+        node.ips.sort();
+        node.ips.dedup();
+        node
     }
 
     fn read(&self, applied: &mut Applied) -> PortIndex {

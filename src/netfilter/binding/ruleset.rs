@@ -91,12 +91,22 @@ pub struct Elements {
     pub bridged: Vec<(String, Mac, IpAddr)>,
     /// `ifname . ip` (routed links) for each address of every bound port.
     pub routed: Vec<(String, IpAddr)>,
+    /// The pod bridges' own MACs and addresses (the pods' gateway, link-local included),
+    /// which no pod port may claim.
+    pub node: NodeIdentity,
+}
+
+/// The node's side of its pod bridges: what a pod would claim to pass for the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeIdentity {
+    pub macs: Vec<Mac>,
+    pub ips: Vec<IpAddr>,
 }
 
 impl Elements {
     /// From the bound ports and the ports the pod bridges have now.
-    pub fn of(ports: &[BoundPort], bridge_ports: Vec<String>) -> Self {
-        let mut elements = Self { bridge_ports, ..Self::default() };
+    pub fn of(ports: &[BoundPort], bridge_ports: Vec<String>, node: NodeIdentity) -> Self {
+        let mut elements = Self { bridge_ports, node, ..Self::default() };
         elements.bridge_ports.sort();
         elements.bridge_ports.dedup();
         for port in ports {
@@ -207,6 +217,16 @@ pub fn sets(layout: &Layout, elements: &Elements) -> Vec<(&'static str, &'static
             "nd_bound",
             unique(v6().map(|(p, m, ip)| format!("\"{p}\" . {} . {}", mac_text(m), raw_v6(ip)))),
         ));
+        let node = &elements.node;
+        let node_ips = |want_v4: bool| unique(node.ips.iter().filter(|ip| v4(ip) == want_v4).map(ToString::to_string));
+        sets.push(("bridge", "node_macs", unique(node.macs.iter().map(mac_text))));
+        sets.push(("bridge", "node_ips4", node_ips(true)));
+        sets.push(("bridge", "node_ips6", node_ips(false)));
+        let node_nd = node.ips.iter().filter_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(raw_v6(v6)),
+            IpAddr::V4(_) => None,
+        });
+        sets.push(("bridge", "node_nd", unique(node_nd)));
     }
     if !layout.routed.is_empty() {
         let routed = |want_v4: bool| elements.routed.iter().filter(move |e| v4(&e.1) == want_v4);
@@ -263,6 +283,10 @@ fn bridge_table() -> String {
         // nftables 1.0.6 has no name for the ND target: it is the 16 bytes at bit 64 of ICMPv6.
         ("nd_targets", "typeof @th,64,128"),
         ("nd_bound", "typeof iifname . ether saddr . @th,64,128"),
+        ("node_macs", "type ether_addr"),
+        ("node_ips4", "type ipv4_addr"),
+        ("node_ips6", "type ipv6_addr"),
+        ("node_nd", "typeof @th,64,128"),
     ] {
         let _ = writeln!(t, "  set {set} {{ {kind}; }}");
     }
@@ -292,13 +316,19 @@ fn bridge_table() -> String {
     ip6 saddr @ips6 iifname . ether saddr . ip6 saddr != @bound6 counter name spoofed_ipv6 drop
   }}"
     );
-    // The metadata address from anything but a bound pod: on the pod bridges' ports only
-    // (another bridge's guests, a VM's or Docker's, are none of iamlet's business).
+    // On the pod bridges' ports only (another bridge's guests, a VM's or Docker's, are none of
+    // iamlet's business): the metadata address from anything but a bound pod, and the node's
+    // own identity on the bridge (the pods' gateway) claimed by a pod.
     let _ = writeln!(
         t,
         "  chain unbound {{
     ip daddr {v4} tcp dport 80 iifname . ether saddr . ip saddr != @bound4 counter name spoofed_ipv4 drop
     ip6 daddr {v6} tcp dport 80 iifname . ether saddr . ip6 saddr != @bound6 counter name spoofed_ipv6 drop
+    ether saddr @node_macs counter name spoofed_ether drop
+    arp saddr ip @node_ips4 counter name spoofed_arp drop
+    ip saddr @node_ips4 counter name spoofed_ipv4 drop
+    icmpv6 type nd-neighbor-advert @th,64,128 @node_nd counter name spoofed_ipv6 drop
+    ip6 saddr @node_ips6 counter name spoofed_ipv6 drop
   }}"
     );
     t
@@ -339,7 +369,7 @@ fn inet_table(layout: &Layout) -> String {
 /// How many rules each table's chains hold once installed: the drift check compares.
 pub fn rule_count(family: &str, layout: &Layout) -> usize {
     match family {
-        "bridge" => 10,
+        "bridge" => 15,
         "netdev" => 1,
         _ => layout.routed.len() + 4,
     }
@@ -383,7 +413,12 @@ mod tests {
             port("veth1", Some("0A:58:0A:2A:00:05"), &["10.42.0.5", "fd42::5"]),
             port("cali9", None, &["192.168.1.9"]),
         ];
-        let elements = Elements::of(&ports, vec!["veth2".into(), "veth1".into()]);
+        let gateway =
+            NodeIdentity { macs: vec!["0a:58:0a:2a:00:01".parse().unwrap()], ips: vec!["10.42.0.1".parse().unwrap()] };
+        let elements = Elements::of(&ports, vec!["veth2".into(), "veth1".into()], gateway);
+        assert!(
+            fill(&layout("cni0", &["cni0"]), &elements).contains("add element bridge iamlet node_ips4 { 10.42.0.1 }")
+        );
         let text = fill(&layout("cni0,cali+", &["cni0"]), &elements);
         assert!(text.contains("add element bridge iamlet bridge_ports { \"veth1\", \"veth2\" }"), "{text}");
         assert!(
