@@ -66,11 +66,18 @@ struct Fakes {
     api: FakeApiServer,
     sts: StsProxy,
     imds: FakeImds,
+    /// The CNI configuration and libcni's results the agent is pointed at (empty), so its
+    /// container's mounts are made here, never in the host's `/etc/cni` or `/var/lib/cni`.
+    cni: tempfile::TempDir,
 }
 
 impl Fakes {
     async fn start() -> Self {
-        Self { api: FakeApiServer::start().await, sts: StsProxy::start().await, imds: FakeImds::start().await }
+        let cni = tempfile::tempdir().unwrap();
+        for dir in ["net.d", "results"] {
+            std::fs::create_dir(cni.path().join(dir)).unwrap();
+        }
+        Self { api: FakeApiServer::start().await, sts: StsProxy::start().await, imds: FakeImds::start().await, cni }
     }
 
     /// The agent as its own process (so its memory is its own), on these ports: a successor
@@ -83,7 +90,9 @@ impl Fakes {
         let flags = AgentFlags::loopback(&self.api.url, &self.imds.addr)
             .without_startup_taint()
             .ports(app_port, admin_port)
-            .flag("--log-level=warn");
+            .flag("--log-level=warn")
+            .flag(format!("--cni-conf-dir={}", self.cni.path().join("net.d").display()))
+            .flag(format!("--cni-results-dir={}", self.cni.path().join("results").display()));
         AgentCommand::new(flags, &self.sts.url)
     }
 
