@@ -33,11 +33,6 @@ impl Ports {
         *self.0.write() = index;
     }
 
-    /// The index in force, when binding is on.
-    pub fn current(&self) -> Option<Arc<PortIndex>> {
-        self.0.read().clone()
-    }
-
     /// Whether `pod` may be served on a request from `ip`: always, with binding off.
     pub fn verdict(&self, pod: &PodIdentity, ip: &IpAddr) -> Verdict {
         match &*self.0.read() {

@@ -40,13 +40,25 @@ fn forwarding_port(node: &Netns, mac: &str) -> Option<String> {
 /// Whether a SYN the attacker forges from `source` to `target` (`ip:port`) got past the
 /// node's first hook: the node's connection tracking (after the binding's hook, before the
 /// DNAT) has it. Blind (no answer comes back to the attacker), so it shows what the kernel
-/// lets through, not what an attacker can read.
+/// lets through, not what an attacker can read. The frame is handled by the node after the
+/// attacker's send returns: an entry is looked for until it shows, for up to 5 s (a dropped
+/// SYN costs the full wait).
 fn forged_syn_tracked(e2e: &E2e, attacker: &Netns, source: (&str, &str), gateway: (&str, &str), target: &str) -> bool {
     let sent = spoof_attack(attacker, "syn", source, gateway, VICTIM_ROLE, target, 0);
     let sport = sent["sport"].as_u64().unwrap_or_else(|| panic!("{sent}")).to_string();
     let family = if source.0.contains(':') { "ipv6" } else { "ipv4" };
-    let tracked = e2e.node().exec("conntrack", &["-L", "-f", family, "-p", "tcp", "-s", source.0, "--sport", &sport]);
-    String::from_utf8_lossy(&tracked.stdout).contains(&format!("sport={sport}"))
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listing =
+            e2e.node().exec("conntrack", &["-L", "-f", family, "-p", "tcp", "-s", source.0, "--sport", &sport]);
+        if String::from_utf8_lossy(&listing.stdout).contains(&format!("sport={sport}")) {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The attacks: each mode against the metadata address (`lldp` takes the forwarding entry
