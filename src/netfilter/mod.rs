@@ -272,8 +272,16 @@ impl RuleKeeper {
         let mut ticks = tokio::time::interval(self.sync_period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut installed = false;
+        // Under `auto`, whether the binding stays on is settled once the pod cache has
+        // synced: the rules are reported in place only then, but checked and repaired meanwhile.
+        let mut unsettled = binder.is_some();
         loop {
-            ticks.tick().await;
+            // Woken by the settling itself (at most once: it is checked before each wait).
+            let settling = unsettled && binder.as_ref().is_some_and(|binder| !binder.is_settled());
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = async { binder.as_ref().expect("settling only with a binder").settled().await }, if settling => {}
+            }
             // The binding first: no request is redirected to iamlet before pods are bound.
             if let Some(binder) = &binder {
                 let bound = match installed {
@@ -301,13 +309,13 @@ impl RuleKeeper {
             match outcome {
                 Ok(changed) => {
                     installed = true;
-                    if let Some(binder) = &binder {
-                        binder.settled().await;
-                    }
                     if changed > 0 {
                         self.rules.forget_unredirected(&mut conntrack_warned).await;
                     }
-                    self.state.send_if_modified(|state| replace(state, RulesState::InPlace(interfaces.clone())));
+                    unsettled = binder.as_ref().is_some_and(|binder| !binder.is_settled());
+                    if !unsettled {
+                        self.state.send_if_modified(|state| replace(state, RulesState::InPlace(interfaces.clone())));
+                    }
                 }
                 Err(error) => {
                     self.metrics.iptables_errors.inc();

@@ -379,6 +379,10 @@ impl Binder {
         self.settled.wait().await;
     }
 
+    pub fn is_settled(&self) -> bool {
+        self.settled.is_synced()
+    }
+
     /// Why the runtime seems to leave no record: the node runs pods, none of them recorded.
     fn runtime_leaves_no_record(&self) -> Option<String> {
         let dir = &self.plan.settings.cni_results_dir;
