@@ -23,7 +23,8 @@
 //!
 //! It prints a table and writes target/bench/load.json. `--quick` shortens every phase;
 //! `--churn-only` runs a 110-pod node through the churn phase alone; `--binding-only` the
-//! binding phase alone.
+//! binding phase alone; `--startup-only` cold start and the restart gap alone (run it
+//! alternately with two builds as `IAMLET_BIN` to compare them).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -90,10 +91,13 @@ impl Fakes {
         let flags = AgentFlags::loopback(&self.api.url, &self.imds.addr)
             .without_startup_taint()
             .ports(app_port, admin_port)
-            .flag("--log-level=warn")
-            .flag(format!("--cni-conf-dir={}", self.cni.path().join("net.d").display()))
-            .flag(format!("--cni-results-dir={}", self.cni.path().join("results").display()));
+            .flag("--log-level=warn");
+        // The CNI directories through the environment, not flags: a build older than a flag
+        // ignores the variable, so old and new builds run the same benchmark (`IAMLET_BIN`).
+        let dir = |name: &str| self.cni.path().join(name).display().to_string();
         AgentCommand::new(flags, &self.sts.url)
+            .env("IAMLET_CNI_CONF_DIR", &dir("net.d"))
+            .env("IAMLET_CNI_RESULTS_DIR", &dir("results"))
     }
 
     fn create_pods(&self, range: std::ops::Range<usize>) {
@@ -325,6 +329,11 @@ fn main() {
         runtime.block_on(churn_only());
         return;
     }
+    if std::env::args().any(|a| a == "--startup-only") {
+        let report = runtime.block_on(startup_only(&durations));
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+        return;
+    }
     if std::env::args().any(|a| a == "--binding-only") {
         let report = runtime.block_on(binding(&durations));
         println!("{}", serde_json::to_string_pretty(&report).unwrap());
@@ -338,6 +347,16 @@ async fn churn_only() {
     let fakes = Fakes::start().await;
     let (agent, _, _) = fakes.start_node(NODE_PODS).await;
     println!("{}", serde_json::to_string_pretty(&churn(&fakes.api, &agent).await).unwrap());
+}
+
+/// `--startup-only`: a node of 110 pods, then cold start and the restart gap alone, to compare
+/// two builds side by side (run it alternately with each as `IAMLET_BIN`).
+async fn startup_only(d: &Durations) -> Value {
+    let fakes = Fakes::start().await;
+    let (agent, _, _) = fakes.start_node(NODE_PODS).await;
+    let cold_start = cold_start(&fakes.api, &agent, d.cold_pods).await;
+    json!({"binary": iamlet_testkit::agent::binary(), "cold_start": cold_start,
+           "restart_gap": restart_gap(&fakes, agent, NODE_PODS, d.restarts).await})
 }
 
 /// Every phase in order, on one node (and a second, very busy one for scale); the report.
