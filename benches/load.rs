@@ -92,12 +92,13 @@ impl Fakes {
             .without_startup_taint()
             .ports(app_port, admin_port)
             .flag("--log-level=warn");
-        // The CNI directories through the environment, not flags: a build older than a flag
+        // The CNI and state directories through the environment, not flags: a build older than a flag
         // ignores the variable, so old and new builds run the same benchmark (`IAMLET_BIN`).
         let dir = |name: &str| self.cni.path().join(name).display().to_string();
         AgentCommand::new(flags, &self.sts.url)
             .env("IAMLET_CNI_CONF_DIR", &dir("net.d"))
             .env("IAMLET_CNI_RESULTS_DIR", &dir("results"))
+            .env("IAMLET_STATE_DIR", &dir("state"))
     }
 
     fn create_pods(&self, range: std::ops::Range<usize>) {

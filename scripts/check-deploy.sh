@@ -34,7 +34,9 @@ grep -q 'IAMLET_IPTABLES_KEEP_ON_EXIT' "$out/fail-closed.yaml" || { echo "the fa
 
 # The monitoring component's custom resources have no schema in kubernetes-validate: check
 # that its pieces find each other instead. The Service selects iamlet's pods and targets
-# their admin port; the ServiceMonitor selects the Service and names one of its ports.
+# their admin port (by number: the DaemonSet declares no container ports, or a surge pod
+# would stay Pending beside its predecessor), the one the probes use; the ServiceMonitor
+# selects the Service and names one of its ports.
 # (tests/it/monitoring.rs checks the alerts' metric names against what iamlet exports.)
 "$tools/python" - "$out/monitoring.yaml" <<'PY'
 import sys, yaml
@@ -43,9 +45,14 @@ def selects(selector, labels):
     return all(labels.get(k) == v for k, v in selector.items())
 daemonset, service, monitor = objects["DaemonSet"], objects["Service"], objects["ServiceMonitor"]
 template = daemonset["spec"]["template"]
-container_ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+container = template["spec"]["containers"][0]
+assert not container.get("ports"), "the DaemonSet declares container ports: a surge pod would stay Pending (kubernetes#106417)"
+strategy = daemonset["spec"]["updateStrategy"]["rollingUpdate"]
+assert (strategy.get("maxSurge"), strategy.get("maxUnavailable")) == (1, 0), f"not a surge update: {strategy}"
+admin_port = container["readinessProbe"]["httpGet"]["port"]
+assert container["livenessProbe"]["httpGet"]["port"] == admin_port
 assert selects(service["spec"]["selector"], template["metadata"]["labels"]), "the Service selects no iamlet pod"
-assert all(p["targetPort"] in container_ports for p in service["spec"]["ports"]), "the Service targets no container port"
+assert all(p["targetPort"] == admin_port for p in service["spec"]["ports"]), "the Service targets another port than the probes'"
 assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]), "the ServiceMonitor selects no Service"
 service_ports = {p["name"] for p in service["spec"]["ports"]}
 assert all(e["port"] in service_ports for e in monitor["spec"]["endpoints"]), "the ServiceMonitor names no Service port"

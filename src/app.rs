@@ -1,10 +1,13 @@
-//! Startup order and graceful shutdown. Owns the tasks.
+//! Startup order, the hand-over between agents, and graceful shutdown. Owns the tasks.
 //!
-//! Order matters: discovery first (policy needs the base ARN), then the listeners (so a port
-//! conflict fails fast, before any watch starts), then the watches and the prefetcher, then
-//! serving. `/readyz` turns ready once the caches have synced.
+//! Order matters: the token key first, discovery (policy needs the base ARN), then the
+//! predecessor's hand-over or the listeners (so a port conflict fails fast, before any watch
+//! starts), then the watches and the prefetcher (what a predecessor cached is adopted before
+//! they start), then serving: at once on a cold start, once ready after a hand-over (the
+//! predecessor serves meanwhile). `/readyz` turns ready once the caches have synced.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +22,9 @@ use crate::admin::{AdminService, Condition, Readiness};
 use crate::cli::{Config, IgnoredFlag, Settings};
 use crate::cluster::{AnnotationKeys, CacheSettings, Caches, NamespaceRules, PodEvents};
 use crate::credentials::{AwsSts, CredentialCache, Liveness, RoleAssumer};
+use crate::handover::wire::Offered;
+use crate::handover::{Handing, Inheritance, Progress, Start};
+use crate::http::Phase;
 use crate::imds::upstream::report_node_exposure;
 use crate::imds::{ImdsService, ImdsSettings, UpstreamImds};
 use crate::metrics::{Metrics, RefusalLabels};
@@ -27,6 +33,7 @@ use crate::netfilter::{NetworkSettings, RulesState};
 use crate::ports::Ports;
 use crate::resolve::Resolver;
 use crate::shutdown::Stopped;
+use crate::state::StateDir;
 
 /// How long iamlet waits for the node's metadata service.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -62,7 +69,13 @@ pub struct RunningAgent {
     pub app_addr: SocketAddr,
     /// Where the admin endpoints listen: nowhere when `--metrics-port` equals `--app-port`.
     pub admin_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
+    /// The servers' phase: draining on stop.
+    phase: Arc<watch::Sender<Phase>>,
+    /// Tells the hand-over that the agent is stopping.
+    leaving: watch::Sender<bool>,
+    /// How far a hand-over to a successor has come.
+    progress: watch::Receiver<Progress>,
+    grace: Duration,
     servers: JoinSet<()>,
     background: JoinSet<()>,
     /// iamlet's rules and what decides their fate on stop.
@@ -70,15 +83,30 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
-    /// Stops accepting, lets in-flight requests finish (bounded by the grace period), stops
-    /// the watches, then keeps or removes iamlet's rules (`--iptables-keep-on-exit`).
+    /// Stops: a successor taking over is told so and given up to the grace period to accept;
+    /// then no more accepting, in-flight requests finish (bounded by the grace period), the
+    /// watches stop, and iamlet's rules are kept or removed (`--iptables-keep-on-exit`; kept,
+    /// whatever it says, once a successor took over).
     pub async fn stop(mut self) {
-        self.stop.send_replace(true);
+        self.leaving.send_replace(true);
+        let settled = async {
+            let _ = self.progress.wait_for(|p| *p != Progress::Handing).await;
+        };
+        if tokio::time::timeout(self.grace, settled).await.is_err() {
+            tracing::warn!("the successor did not take over within the grace period: stopping anyway");
+        }
+        self.phase.send_replace(Phase::Draining);
         while self.servers.join_next().await.is_some() {}
         self.background.shutdown().await;
+        let handed_over = *self.progress.borrow() == Progress::HandedOver;
         if let Some(rules) = self.rules {
-            rules.finish().await;
+            rules.finish(handed_over).await;
         }
+    }
+
+    /// How far a hand-over to a successor has come.
+    pub fn handover(&self) -> Progress {
+        *self.progress.borrow()
     }
 }
 
@@ -101,19 +129,29 @@ pub async fn run(config: Config) -> anyhow::Result<Stopped> {
     Ok(stopped)
 }
 
-/// Starts the agent: discovery, listeners, watches, prefetcher, servers. Each step is the
+/// Starts the agent: the state directory and the token key, discovery, the predecessor's
+/// hand-over or the listeners, watches, prefetcher, rules, servers. Each step is the
 /// component's own; this only puts them in order.
 pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, StartupError> {
-    let Config { node, settings } = config;
+    let Config { node, state_dir, settings } = config;
     let Settings { network, policy: policy_settings, sts, imds: api, admin: admin_settings, .. } = &settings;
     IgnoredFlag::announce(&settings.ignored_flags);
     sts.announce();
     api.announce();
     admin_settings.announce(api.app_port);
     let metrics = Arc::new(Metrics::new());
+    let state = StateDir::open(&state_dir).inspect_err(
+        |error| tracing::warn!(%error, "no state directory: tokens and credentials will not outlive this agent"),
+    );
+    let tokens = crate::imds::token_key::issuer(state.as_ref());
     let upstream = Arc::new(UpstreamImds::new(api.metadata_addr.clone(), UPSTREAM_TIMEOUT));
     let policy = Arc::new(crate::policy::discover(policy_settings, upstream.as_ref(), &deps.sts).await?);
-    let listeners = Listeners::bind(network, api.app_port, admin_settings.metrics_port).await?;
+    let takeover = match &state {
+        Ok(dir) => crate::handover::take_over(dir).await,
+        Err(_) => Start::Cold { why: "no state directory".into(), predecessor: false },
+    };
+    let (listeners, inheritance) =
+        Listeners::acquire(network, api.app_port, admin_settings.metrics_port, takeover).await?;
     let mut background = JoinSet::new();
 
     let (changes, changed) = mpsc::unbounded_channel();
@@ -132,7 +170,16 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     ));
     let liveness = Arc::new(Liveness::default());
     let credentials = CredentialCache::new(deps.sts, sts.clone(), liveness, metrics.clone());
-    crate::credentials::keep_ahead(&credentials, resolver.clone(), changed, &mut background);
+    let inheritance = match inheritance {
+        Some(mut inheritance) => {
+            let adopted = credentials.adopt(std::mem::take(&mut inheritance.credentials)).await;
+            tracing::info!(credentials = adopted, "adopted the predecessor's cached credentials");
+            Some(inheritance)
+        }
+        None => None,
+    };
+    let pods_synced = caches.pods.synced().subscribe();
+    crate::credentials::keep_ahead(&credentials, resolver.clone(), changed, pods_synced, &mut background);
 
     // Events on pods: always for pods the rules miss, and with --pod-events for pods that
     // get no credentials.
@@ -142,9 +189,12 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         ImdsService::new(api, &node, caches.pods.clone(), resolver, credentials.clone(), upstream, metrics.clone());
     // What each request's pod is checked against once the pod port binding is on.
     let ports = Ports::default();
-    let imds = Arc::new(imds.with_events(api.pod_events.then(|| events.clone())).with_ports(ports.clone()));
+    let imds = imds.with_tokens(tokens).with_events(api.pod_events.then(|| events.clone()));
+    let imds = Arc::new(imds.with_ports(ports.clone()));
     background.spawn(report_node_exposure(imds.upstream().clone(), metrics.clone()));
 
+    // This agent keeps the rules until a successor takes over.
+    let (holds_rules, holds) = watch::channel(true);
     let mut readiness = readiness(&caches);
     let rules = match network.iptables {
         true => {
@@ -152,7 +202,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
                 NodeCluster { kube: &deps.kube, node: &node, pods: &caches.pods, events: &events, ports: &ports };
             let port = listeners.app_addr.port();
             let (rules, state) =
-                crate::netfilter::agent::guard(network, port, cluster, &metrics, &mut background).await?;
+                crate::netfilter::agent::guard(network, port, cluster, holds, &metrics, &mut background).await?;
             readiness.require(Condition::new("netfilter rules not in place", state, RulesState::is_in_place));
             Some(rules)
         }
@@ -167,15 +217,49 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         pods: caches.pods,
         namespaces: caches.namespaces,
         service_accounts: caches.service_accounts,
-        credentials,
+        credentials: credentials.clone(),
         metrics: metrics.clone(),
         debug: admin_settings.debug,
-        readiness,
+        readiness: readiness.clone(),
     };
     let (app_addr, admin_addr) = (listeners.app_addr, listeners.admin_addr);
-    let (stop, servers) = listeners.serve(imds, Arc::new(admin), api, metrics.connections_refused.clone());
+    let (phase, serving) = watch::channel(Phase::Waiting);
+    let phase = Arc::new(phase);
+    let handed_listeners = listeners.copies();
+    let servers = listeners.serve(imds, Arc::new(admin), api, metrics.connections_refused.clone(), serving);
+    let (progress_sender, progress) = watch::channel(Progress::Serving);
+    let (leaving, leaving_signal) = watch::channel(false);
+    let handing = Handing {
+        listeners: handed_listeners,
+        credentials,
+        rules: holds_rules,
+        phase: phase.clone(),
+        progress: progress_sender,
+    };
+    background.spawn(take_turn(inheritance, readiness, state.ok(), handing, leaving_signal));
     tracing::info!(%app_addr, admin_addr = ?admin_addr, "serving");
-    Ok(RunningAgent { app_addr, admin_addr, stop, servers, background, rules })
+    let grace = api.shutdown_grace_period;
+    Ok(RunningAgent { app_addr, admin_addr, phase, leaving, progress, grace, servers, background, rules })
+}
+
+/// Accepts on the listeners, at once on a cold start, or once ready after a predecessor's
+/// hand-over (it serves meanwhile); then listens for a successor of its own.
+async fn take_turn(
+    inheritance: Option<Inheritance>,
+    readiness: Arc<Readiness>,
+    state: Option<StateDir>,
+    handing: Handing,
+    leaving: watch::Receiver<bool>,
+) {
+    match inheritance {
+        Some(inheritance) => inheritance.complete(readiness.ready(), &handing.phase).await,
+        None => {
+            handing.phase.send_replace(Phase::Accepting);
+        }
+    }
+    if let Some(dir) = state {
+        crate::handover::serve(dir, handing, leaving).await;
+    }
 }
 
 /// What the agent waits for before it is ready: each cache synced, and the pod watch current.
@@ -196,7 +280,8 @@ fn readiness(caches: &Caches) -> Readiness {
     readiness
 }
 
-/// The agent's sockets, bound before anything starts so a port conflict fails fast.
+/// The agent's sockets: its predecessor's, or bound before anything starts so a port conflict
+/// fails fast.
 struct Listeners {
     /// The metadata API: the IPv4 (or only) address, and the IPv6 one when given.
     app: Vec<TcpListener>,
@@ -205,35 +290,94 @@ struct Listeners {
     admin_addr: Option<SocketAddr>,
 }
 
+/// How long a successor that starts cold beside a predecessor waits for its ports.
+const PORTS_WAIT: Duration = Duration::from_secs(120);
+
 impl Listeners {
-    async fn bind(network: &NetworkSettings, app_port: u16, metrics_port: Option<u16>) -> Result<Self, StartupError> {
+    /// The listeners the flags ask for: each taken from the predecessor's hand-over when it
+    /// offered that address, else bound. A predecessor that refused the hand-over still holds
+    /// the ports: they are bound as soon as it releases them (it stops on its SIGTERM).
+    /// Returns the hand-over to complete, when one was taken.
+    async fn acquire(
+        network: &NetworkSettings,
+        app_port: u16,
+        metrics_port: Option<u16>,
+        takeover: Start,
+    ) -> Result<(Self, Option<Inheritance>), StartupError> {
         let bind_ip = network.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let app_listener = bind("--app-port", SocketAddr::new(bind_ip, app_port)).await?;
-        let app_addr = app_listener.local_addr().expect("a bound socket has an address");
-        let mut app = vec![app_listener];
+        let mut wanted = vec![("app", "--app-port", SocketAddr::new(bind_ip, app_port))];
         if let Some(v6) = network.host_ipv6 {
-            app.push(bind("--app-port", SocketAddr::new(IpAddr::V6(v6), app_addr.port())).await?);
+            wanted.push(("app", "--app-port", SocketAddr::new(IpAddr::V6(v6), app_port)));
         }
-        let admin = match metrics_port {
-            Some(port) => Some(bind("--metrics-port", SocketAddr::new(bind_ip, port)).await?),
-            None => None,
+        if let Some(port) = metrics_port {
+            wanted.push(("admin", "--metrics-port", SocketAddr::new(bind_ip, port)));
+        }
+        let (mut inherited, inheritance, wait) = match takeover {
+            Start::Inherited(mut inheritance) => {
+                let listeners = std::mem::take(&mut inheritance.listeners);
+                let matches = listeners.len() == wanted.len()
+                    && wanted
+                        .iter()
+                        .all(|(name, _, addr)| listeners.iter().any(|(o, _)| o.name == *name && o.addr == *addr));
+                if matches {
+                    tracing::info!("took the predecessor's listening sockets: serving from them once ready");
+                    (listeners, Some(inheritance), false)
+                } else {
+                    let offered: Vec<String> =
+                        listeners.iter().map(|(o, _)| format!("{} {}", o.name, o.addr)).collect();
+                    tracing::warn!(
+                        offered = %offered.join(", "),
+                        "the predecessor listens elsewhere (the flags changed): starting cold, binding once it releases the ports"
+                    );
+                    (Vec::new(), None, true)
+                }
+            }
+            Start::Cold { why, predecessor } => {
+                match predecessor {
+                    true => tracing::warn!(reason = %why, "no hand-over from the predecessor: starting cold"),
+                    false => tracing::info!(reason = %why, "no hand-over: starting cold"),
+                }
+                (Vec::new(), None, predecessor)
+            }
         };
+        let mut app = Vec::new();
+        let mut admin = None;
+        for (name, flag, addr) in wanted {
+            let listener = match inherited.iter().position(|(o, _)| o.name == name && o.addr == addr) {
+                Some(at) => adopt(flag, addr, inherited.swap_remove(at).1)?,
+                None => bind(flag, addr, wait).await?,
+            };
+            match name {
+                "admin" => admin = Some(listener),
+                _ => app.push(listener),
+            }
+        }
+        let app_addr = app[0].local_addr().expect("a bound socket has an address");
         let admin_addr = admin.as_ref().map(|admin| admin.local_addr().expect("a bound socket has an address"));
-        Ok(Self { app, admin, app_addr, admin_addr })
+        Ok((Self { app, admin, app_addr, admin_addr }, inheritance))
     }
 
-    /// Serves the metadata API and the admin port until the returned sender says stop.
+    /// Copies of the listening sockets, to hand over to a successor.
+    fn copies(&self) -> Vec<(Offered, OwnedFd)> {
+        let named = self.app.iter().map(|l| ("app", l)).chain(self.admin.iter().map(|l| ("admin", l)));
+        named
+            .filter_map(|(name, listener)| {
+                let addr = listener.local_addr().ok()?;
+                let copy = listener.as_fd().try_clone_to_owned().ok()?;
+                Some((Offered { name: name.to_string(), addr }, copy))
+            })
+            .collect()
+    }
+
+    /// Serves the metadata API and the admin port as `phase` says.
     fn serve(
         self,
         imds: Arc<ImdsService>,
         admin: Arc<AdminService>,
         api: &ImdsSettings,
         refusals: Family<RefusalLabels, Counter>,
-    ) -> (watch::Sender<bool>, JoinSet<()>) {
-        let (stop, stopped) = watch::channel(false);
-        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
+        phase: watch::Receiver<Phase>,
+    ) -> JoinSet<()> {
         let mut servers = JoinSet::new();
         let grace = api.shutdown_grace_period;
         for listener in self.app {
@@ -245,7 +389,7 @@ impl Listeners {
                     let imds = imds.clone();
                     async move { imds.handle(peer.ip(), request).await }
                 },
-                until_stopped(stopped.clone()),
+                phase.clone(),
                 grace,
                 api.limits,
                 move |refusal| {
@@ -261,26 +405,53 @@ impl Listeners {
                     let admin = admin.clone();
                     async move { admin.handle(request).await }
                 },
-                until_stopped(stopped),
+                phase,
                 grace,
                 crate::http::Limits::default(),
                 |_| {},
             ));
         }
-        (stop, servers)
+        servers
     }
 }
 
-async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr).await.map_err(|source| {
-        let hint = match source.kind() {
-            std::io::ErrorKind::AddrInUse => {
-                " (another process holds this port: kube2iam or a previous iamlet still running on this node? stop it or choose another port)"
-            }
-            std::io::ErrorKind::AddrNotAvailable => " (the address is not on this host: check --host-ip)",
-            std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
-            _ => "",
-        };
-        StartupError::Bind { flag, addr, source, hint }
+/// A listening socket handed over by the predecessor, for tokio.
+fn adopt(flag: &'static str, addr: SocketAddr, listener: std::net::TcpListener) -> Result<TcpListener, StartupError> {
+    listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)).map_err(|source| StartupError::Bind {
+        flag,
+        addr,
+        source,
+        hint: " (the socket the predecessor handed over)",
     })
+}
+
+/// Binds `addr`; with `wait`, a port still held (by a predecessor that handed nothing over)
+/// is tried again until it is released, up to two minutes.
+async fn bind(flag: &'static str, addr: SocketAddr, wait: bool) -> Result<TcpListener, StartupError> {
+    let deadline = tokio::time::Instant::now() + PORTS_WAIT;
+    let mut said = false;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(source)
+                if wait && source.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline =>
+            {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::info!(%addr, flag, "waiting for the predecessor to release the port");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(source) => {
+                let hint = match source.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        " (another process holds this port: kube2iam or a previous iamlet still running on this node? stop it or choose another port)"
+                    }
+                    std::io::ErrorKind::AddrNotAvailable => " (the address is not on this host: check --host-ip)",
+                    std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+                    _ => "",
+                };
+                return Err(StartupError::Bind { flag, addr, source, hint });
+            }
+        }
+    }
 }

@@ -26,6 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// Every response body iamlet sends: small and complete.
 pub type Body = Full<Bytes>;
@@ -113,13 +114,30 @@ fn admit(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &Limits) -> Result<Slot, R
     Ok(Slot { open: open.clone(), ip })
 }
 
-/// Serves connections from `listener` with `handler` until `shutdown` resolves, then waits up
-/// to `grace` for in-flight requests. Connections over `limits` are closed at once and
-/// reported to `refused`.
+/// Where a server is in its life. An agent's servers go through these in order, some
+/// skipped: a successor's wait for their predecessor's sockets, a predecessor's idle time
+/// after handing them over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Holding the listening socket, not accepting: another agent still does.
+    Waiting,
+    Accepting,
+    /// No longer accepting (another agent does), still serving the connections it has.
+    Released,
+    /// Finishing in-flight requests, then closing every connection.
+    Draining,
+}
+
+/// Serves connections from `listener` with `handler` as `phase` says: accepting from
+/// [`Phase::Accepting`], closing its copy of the listening socket from
+/// [`Phase::Released`] (connections waiting in the socket's queue stay there for another
+/// holder), and from [`Phase::Draining`] (or when the sender is dropped) waiting up to
+/// `grace` for in-flight requests. Connections over `limits` are closed at once and reported
+/// to `refused`.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
-    shutdown: impl Future<Output = ()>,
+    mut phase: watch::Receiver<Phase>,
     grace: Duration,
     limits: Limits,
     refused: impl Fn(Refusal),
@@ -129,47 +147,68 @@ pub async fn serve<H, F>(
 {
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Mutex::new(Open::default()));
-    futures::pin_mut!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait a little instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    let accepting =
+        phase.wait_for(|phase| *phase != Phase::Waiting).await.is_ok_and(|phase| *phase == Phase::Accepting);
+    let mut until_released = phase.clone();
+    let released = async move {
+        let _ = until_released.wait_for(|phase| *phase >= Phase::Released).await;
+    };
+    futures::pin_mut!(released);
+    if accepting {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait a little instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut released => break,
+            };
+            let slot = match admit(&open, peer.ip().to_canonical(), &limits) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    refused(refusal);
+                    continue; // dropping the stream closes it
                 }
-            },
-            () = &mut shutdown => break,
-        };
-        let slot = match admit(&open, peer.ip().to_canonical(), &limits) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                refused(refusal);
-                continue; // dropping the stream closes it
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let response = handler(peer, request);
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-            drop(slot);
-        });
+            };
+            let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
+            let closing = phase.clone();
+            let service = service_fn(move |request| {
+                let response = handler(peer, request);
+                let closing = closing.clone();
+                async move {
+                    let mut response = response.await;
+                    // Released (a successor accepts now) or draining: the client closes this
+                    // connection itself once it has the answer, and its next request opens one
+                    // to the successor. Closing an idle connection from here instead races with
+                    // a request the client may be sending on it.
+                    if *closing.borrow() >= Phase::Released {
+                        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
     }
     drop(listener);
+    let _ = phase.wait_for(|phase| *phase == Phase::Draining).await;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace = %humantime::format_duration(grace), "connections still open after the grace period; closing them");
     }

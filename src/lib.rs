@@ -26,11 +26,13 @@
 //! | [`credentials`] | STS AssumeRole (directly or through an intermediate role), the credential cache, prefetch and refresh-ahead |
 //! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
 //! | [`explain`] | `iamlet explain <namespace>/<pod>`: the role a pod gets and why |
+//! | [`handover`] | a successor taking over from its predecessor on the node: listening sockets, cached credentials, the rules |
 //! | [`admin`] | `/healthz`, `/readyz`, `/metrics`, `/debug/store` on a separate port |
 //! | [`metrics`] | the Prometheus metrics every module records into |
 //! | [`ports`] | which port on the node each pod address belongs to, from the CNI's records (libcni's result cache) |
 //! | [`netfilter`] | the DNAT and its backstop: install, check and repair, keep or remove on exit; the pod port binding (nftables); CNI detection, connection reset, the coverage check |
 //! | [`shutdown`] | signals: the first drains, a second aborts |
+//! | [`state`] | the agent's root-only state directory on the node (`--state-dir`): what outlives one process but never the node's boot |
 //! | [`http`] | the HTTP serving loop both ports share, with its limits and graceful drain |
 //!
 //! Dependencies point one way: the order, and what each module may import, is the module map
@@ -44,6 +46,7 @@ pub mod cli;
 pub mod cluster;
 pub mod credentials;
 pub mod explain;
+pub mod handover;
 pub mod http;
 pub mod imds;
 pub mod metrics;
@@ -53,6 +56,7 @@ pub mod policy;
 pub mod ports;
 pub mod resolve;
 pub mod shutdown;
+pub mod state;
 
 /// An error and its sources on one line (`what: why: why`), for logs and the terminal. A
 /// source whose text its parent already shows (many libraries print their source too) is

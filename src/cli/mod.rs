@@ -90,6 +90,10 @@ pub struct ExplainArgs {
     /// checks that the pod's traffic is intercepted.
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
+    /// The agent's `--state-dir`, accepted so that the agent's flags can be passed as they
+    /// are: explain keeps no state.
+    #[arg(long, env = "IAMLET_STATE_DIR", hide = true)]
+    pub state_dir: Option<std::path::PathBuf>,
     /// The agent's flags, so the answer is the agent's.
     #[command(flatten)]
     pub components: ComponentArgs,
@@ -110,6 +114,12 @@ pub struct NodeArgs {
     /// Name of this node: only its pods are watched.
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
+
+    /// Root-only directory on the node for what outlives one iamlet process but not the
+    /// node's boot: the IMDSv2 token key, so tokens stay valid across restarts and
+    /// upgrades. Made 0700 if missing or looser; keep it on a tmpfs (`/run`).
+    #[arg(long, env = "IAMLET_STATE_DIR", default_value = "/run/iamlet")]
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Every component's flags: what the agent and `explain` share.
@@ -166,6 +176,8 @@ impl IgnoredFlag {
 pub struct Config {
     /// `--node`.
     pub node: String,
+    /// `--state-dir`.
+    pub state_dir: std::path::PathBuf,
     pub settings: Settings,
 }
 
@@ -181,7 +193,14 @@ impl AgentArgs {
                 });
             }
         };
-        Ok(Config { node, settings: self.components.validate()? })
+        let state_dir = self.node.state_dir;
+        if !state_dir.is_absolute() {
+            return Err(FlagError {
+                flag: "--state-dir",
+                message: format!("must be an absolute path, not {state_dir:?}"),
+            });
+        }
+        Ok(Config { node, state_dir, settings: self.components.validate()? })
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -10,13 +11,16 @@ use std::time::{Duration, Instant, SystemTime};
 use moka::Expiry;
 use moka::future::Cache;
 
+use super::adopt::Adopted;
+use super::queue::{Priority, StsQueue};
+use super::refresh::refresh_point;
 use super::sts::{RoleAssumer, StsError};
 use super::{Issued, Liveness, StsSettings};
 use crate::metrics::{Metrics, StsLabels};
 use crate::resolve::CredentialKey;
 
 /// Credentials closer to expiry than this are never handed out, even while STS is failing.
-const MIN_VALIDITY: Duration = Duration::from_secs(60);
+pub(super) const MIN_VALIDITY: Duration = Duration::from_secs(60);
 
 /// Most keys kept: pods with roles on one node, with room to spare.
 const CAPACITY: u64 = 20_000;
@@ -54,12 +58,17 @@ pub struct CredentialCache {
     pub(super) entries: Cache<CredentialKey, Arc<Issued>>,
     /// Recent AssumeRole failures and when they happened (tokio's clock, so tests can pause
     /// it); moka's own expiry only bounds how long an entry may linger.
-    failures: Option<Cache<CredentialKey, (Arc<StsError>, tokio::time::Instant)>>,
+    pub(super) failures: Option<Cache<CredentialKey, (Arc<StsError>, tokio::time::Instant)>>,
     /// Keys being refreshed in the background (see `refresh`).
     pub(super) refreshing: Mutex<HashSet<CredentialKey>>,
+    /// Taken from a predecessor and not yet wanted here (see `adopt`).
+    pub(super) adopted: Adopted,
+    /// Handed over to a successor: no more refreshes or prefetches.
+    pub(super) retired: AtomicBool,
     /// Which sessions still have a pod, and the fetches under way for them.
     pub(super) liveness: Arc<Liveness>,
-    sts_permits: tokio::sync::Semaphore,
+    /// At most `--sts-concurrency` calls at once, requests first.
+    queue: StsQueue,
     assumer: Arc<dyn RoleAssumer>,
     pub(super) settings: StsSettings,
     metrics: Arc<Metrics>,
@@ -77,16 +86,27 @@ impl CredentialCache {
         let entries = Cache::builder().max_capacity(CAPACITY).expire_after(UntilExpiry).build();
         let failures = (!settings.iam_role_error_ttl.is_zero())
             .then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(settings.iam_role_error_ttl).build());
-        let sts_permits = tokio::sync::Semaphore::new(settings.sts_concurrency.max(1));
+        let queue = StsQueue::new(settings.sts_concurrency);
         let refreshing = Mutex::default();
-        Arc::new(Self { entries, failures, refreshing, liveness, sts_permits, assumer, settings, metrics })
+        let (adopted, retired) = (Adopted::default(), AtomicBool::new(false));
+        Arc::new(Self { entries, failures, refreshing, adopted, retired, liveness, queue, assumer, settings, metrics })
     }
 
-    /// Credentials for `key`: from memory when possible (starting a background refresh if
-    /// they are due for one), else from STS, one call for all concurrent requests.
+    /// Credentials for `key`, for a pod's request: from memory when possible (starting a
+    /// background refresh if they are due for one), else from STS, one call for all
+    /// concurrent requests, ahead of every refresh and prefetch waiting for its turn.
     pub async fn get(self: &Arc<Self>, key: &CredentialKey) -> Result<Arc<Issued>, CredentialError> {
+        self.get_with(key, Priority::Demand).await
+    }
+
+    async fn get_with(
+        self: &Arc<Self>,
+        key: &CredentialKey,
+        priority: Priority,
+    ) -> Result<Arc<Issued>, CredentialError> {
         if let Some(issued) = self.entries.get(key).await {
             self.metrics.cache_hits.inc();
+            self.adopted.claim(key);
             self.refresh_if_due(key, &issued);
             return Ok(issued);
         }
@@ -96,7 +116,9 @@ impl CredentialCache {
         }
         self.metrics.cache_misses.inc();
         let fetching = self.liveness.fetching(&key.session_name);
-        let issued = self.entries.try_get_with_by_ref(key, self.fetch(key)).await.map_err(sts_error)?;
+        // A request promotes the prefetch it joins (the cache runs one fetch per key).
+        let _demand = (priority == Priority::Demand).then(|| self.queue.demand(key));
+        let issued = self.entries.try_get_with_by_ref(key, self.fetch(key, priority)).await.map_err(sts_error)?;
         if fetching.departed() {
             // The pod went while its credentials were being fetched: take back what the
             // fetch just inserted (the session was marked before it was forgotten).
@@ -109,37 +131,14 @@ impl CredentialCache {
     /// Starts fetching credentials for `key` without waiting: a pod's first request then
     /// finds them in memory.
     pub fn prefetch(self: &Arc<Self>, key: CredentialKey) {
+        if self.is_retired() {
+            return;
+        }
         let cache = self.clone();
         tokio::spawn(async move {
             // A failure is logged (once) by `fetch`; the pod's request will try again.
-            let _ = cache.get(&key).await;
+            let _ = cache.get_with(&key, Priority::Prefetch).await;
         });
-    }
-
-    /// Drops `key` (its pod is gone): no more refreshes for it.
-    pub async fn forget(&self, key: &CredentialKey) {
-        self.entries.invalidate(key).await;
-        if let Some(failures) = &self.failures {
-            failures.invalidate(key).await;
-        }
-    }
-
-    /// Forgets every key of the session `session` (one pod's) but `keep`: when the pod goes,
-    /// or its role changes, its keys go too, whether prefetched or made by a request. (When
-    /// the pod went, [`Liveness::departed`] has marked the fetches under way first, so none
-    /// of them brings a key back afterwards.)
-    pub async fn forget_session(&self, session: &str, keep: Option<&CredentialKey>) {
-        let stale = |key: &CredentialKey| &*key.session_name == session && Some(key) != keep;
-        let keys: Vec<Arc<CredentialKey>> = self.entries.iter().map(|(key, _)| key).filter(|k| stale(k)).collect();
-        let failed: Vec<Arc<CredentialKey>> = self
-            .failures
-            .iter()
-            .flat_map(|failures| failures.iter().map(|(key, _)| key))
-            .filter(|k| stale(k))
-            .collect();
-        for key in keys.iter().chain(&failed) {
-            self.forget(key).await;
-        }
     }
 
     /// `--sts-timeout`: the longest a request waits for credentials not cached yet.
@@ -159,8 +158,8 @@ impl CredentialCache {
 
     /// One AssumeRole call, timed, counted, and bounded by the STS timeout once its turn
     /// among the concurrent calls has come (a queue of prefetches is not a slow STS).
-    pub(super) async fn fetch(&self, key: &CredentialKey) -> Result<Arc<Issued>, StsError> {
-        let _permit = self.sts_permits.acquire().await.expect("the semaphore is never closed");
+    pub(super) async fn fetch(&self, key: &CredentialKey, priority: Priority) -> Result<Arc<Issued>, StsError> {
+        let _turn = self.queue.turn(key, priority).await;
         let started = Instant::now();
         let duration = self.settings.iam_role_session_ttl.duration();
         let call = self.assumer.assume_role(key, duration);
@@ -177,7 +176,12 @@ impl CredentialCache {
         match result {
             Ok(credentials) => {
                 tracing::debug!(role = %key.role, session = %key.session_name, "assumed role");
-                Ok(Arc::new(Issued::new(credentials, SystemTime::now())))
+                let refresh_at = refresh_point(
+                    credentials.expiration,
+                    self.settings.iam_role_session_ttl.refresh_before(),
+                    super::refresh::jitter(),
+                );
+                Ok(Arc::new(Issued::new(credentials, SystemTime::now()).refreshed_at(refresh_at)))
             }
             Err(error) => {
                 tracing::warn!(role = %key.role, session = %key.session_name, %error, "AssumeRole failed");

@@ -6,12 +6,16 @@
 //! same session as the pod it replaces, so a session departs only with its last pod. A fetch
 //! inserts its result after it completes, so a session that departs while one is under way is
 //! marked, and the fetch takes its result back; a pod that arrives again under the session
-//! before the fetch completes wants it after all, and clears the mark.
+//! before the fetch completes wants it after all, and clears the mark. What a departed
+//! session kept, the cache forgets here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+
+use super::CredentialCache;
+use crate::resolve::CredentialKey;
 
 #[derive(Debug, Default)]
 struct State {
@@ -136,6 +140,34 @@ impl Drop for Fetching<'_> {
             if fetching.count == 0 {
                 state.in_flight.remove(&self.session);
             }
+        }
+    }
+}
+
+impl CredentialCache {
+    /// Drops `key` (its pod is gone): no more refreshes for it.
+    pub async fn forget(&self, key: &CredentialKey) {
+        self.entries.invalidate(key).await;
+        if let Some(failures) = &self.failures {
+            failures.invalidate(key).await;
+        }
+    }
+
+    /// Forgets every key of the session `session` (one pod's) but `keep`: when the pod goes,
+    /// or its role changes, its keys go too, whether prefetched or made by a request. (When
+    /// the pod went, [`Liveness::departed`] has marked the fetches under way first, so none
+    /// of them brings a key back afterwards.)
+    pub async fn forget_session(&self, session: &str, keep: Option<&CredentialKey>) {
+        let stale = |key: &CredentialKey| &*key.session_name == session && Some(key) != keep;
+        let keys: Vec<Arc<CredentialKey>> = self.entries.iter().map(|(key, _)| key).filter(|k| stale(k)).collect();
+        let failed: Vec<Arc<CredentialKey>> = self
+            .failures
+            .iter()
+            .flat_map(|failures| failures.iter().map(|(key, _)| key))
+            .filter(|k| stale(k))
+            .collect();
+        for key in keys.iter().chain(&failed) {
+            self.forget(key).await;
         }
     }
 }

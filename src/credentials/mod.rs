@@ -5,11 +5,13 @@
 //! with a role appears, refreshed in the background well before they expire, and a request
 //! for a known pod is answered from memory.
 
+mod adopt;
 mod cache;
 #[cfg(test)]
 mod fake;
 mod liveness;
 mod prefetch;
+mod queue;
 mod refresh;
 mod settings;
 mod sts;
@@ -18,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::cluster::Change;
@@ -34,16 +36,18 @@ pub use sts::{AwsSts, INTERMEDIATE_REFRESH_BEFORE, RoleAssumer, StsClientSetting
 const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
 
 /// Keeps `cache` ahead of the pods, in `tasks`: the prefetcher follows `changes` (fetching
-/// a new pod's credentials at once, forgetting a gone pod's), and every 30 s what is due is
-/// refreshed, for the sessions the prefetcher keeps alive.
+/// a new pod's credentials at once, forgetting a gone pod's), and every 30 s, once the pod
+/// cache has synced (`pods_synced`), what is due is refreshed, for the sessions the
+/// prefetcher keeps alive.
 pub fn keep_ahead(
     cache: &Arc<CredentialCache>,
     resolver: Arc<Resolver>,
     changes: mpsc::UnboundedReceiver<Change>,
+    pods_synced: watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) {
     tasks.spawn(Prefetcher::new(cache.clone(), resolver).run(changes));
-    tasks.spawn(cache.clone().refresh_every(REFRESH_SCAN_PERIOD));
+    tasks.spawn(cache.clone().refresh_every(REFRESH_SCAN_PERIOD, pods_synced));
 }
 
 /// Temporary credentials from AssumeRole.
@@ -64,18 +68,26 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Credentials as cached: when they were obtained, and their rendered response, made once
-/// per credential rather than once per request.
+/// Credentials as cached: when they were obtained, when they are to be refreshed, and their
+/// rendered response, made once per credential rather than once per request.
 #[derive(Debug)]
 pub struct Issued {
     pub credentials: Credentials,
     pub obtained: SystemTime,
+    /// When a refresh is due (see [`refresh::refresh_point`]); their expiry unless set.
+    pub refresh_at: SystemTime,
     rendered: OnceLock<Bytes>,
 }
 
 impl Issued {
     pub fn new(credentials: Credentials, obtained: SystemTime) -> Self {
-        Self { credentials, obtained, rendered: OnceLock::new() }
+        let refresh_at = credentials.expiration;
+        Self { credentials, obtained, refresh_at, rendered: OnceLock::new() }
+    }
+
+    /// The same, due for a refresh at `refresh_at`.
+    pub fn refreshed_at(self, refresh_at: SystemTime) -> Self {
+        Self { refresh_at, ..self }
     }
 
     /// Time left before expiry at `now` (zero once expired).

@@ -1,12 +1,40 @@
 //! Refresh-ahead: credentials are fetched again once less than `--iam-role-session-ttl`
-//! remains, in the background, so a pod never waits on STS for a key it already has; and what
-//! no pod keeps alive any more is dropped on the way, never refreshed.
+//! remains (a little earlier, at random, so keys fetched together do not come due together),
+//! in the background, so a pod never waits on STS for a key it already has; and what no pod
+//! keeps alive any more is dropped on the way, never refreshed.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+use super::queue::Priority;
 use super::{CredentialCache, Issued};
 use crate::resolve::CredentialKey;
+
+/// How much earlier than `--iam-role-session-ttl` before expiry a refresh may come, as a
+/// share of that TTL: spread over it, the keys fetched at once at a start or a hand-over are
+/// refreshed over minutes, not all in the same 30-second scan, and a fleet's rollout never
+/// synchronises its STS calls 15 to 30 minutes later.
+pub const REFRESH_JITTER: f64 = 0.25;
+
+/// When credentials expiring at `expiration` are refreshed: `refresh_before` ahead of it
+/// (as STS's `Expiration` says, whatever duration was asked), brought forward by `jitter`
+/// (0 to 1) times [`REFRESH_JITTER`] of `refresh_before`. Never later than `refresh_before`
+/// ahead: SDKs refresh within their last 15 minutes and must find fresh credentials.
+pub fn refresh_point(expiration: SystemTime, refresh_before: Duration, jitter: f64) -> SystemTime {
+    let early = refresh_before.mul_f64(REFRESH_JITTER * jitter.clamp(0.0, 1.0));
+    expiration.checked_sub(refresh_before + early).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// A uniform random number in [0, 1).
+pub fn jitter() -> f64 {
+    let mut bytes = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
 
 impl CredentialCache {
     /// Refreshes every entry that is due, so pods that have not asked lately still find fresh
@@ -27,9 +55,12 @@ impl CredentialCache {
         }
     }
 
-    /// Runs [`Self::refresh_due`] every `period`.
-    pub async fn refresh_every(self: Arc<Self>, period: Duration) {
-        let mut ticks = tokio::time::interval(period);
+    /// Runs [`Self::refresh_due`] every `period`, the first one `period` after the pod cache
+    /// has synced (`pods_synced`): before, every session would look departed, and what a
+    /// predecessor handed over would be dropped.
+    pub async fn refresh_every(self: Arc<Self>, period: Duration, mut pods_synced: watch::Receiver<bool>) {
+        let _ = pods_synced.wait_for(|synced| *synced).await;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             ticks.tick().await;
             self.refresh_due().await;
@@ -39,7 +70,7 @@ impl CredentialCache {
     /// Starts a background refresh of `key` when less than the TTL remains of `issued` (and
     /// none is under way): the request that noticed is answered with `issued` meanwhile.
     pub(super) fn refresh_if_due(self: &Arc<Self>, key: &CredentialKey, issued: &Issued) {
-        if issued.remaining(SystemTime::now()) >= self.settings.iam_role_session_ttl.refresh_before() {
+        if SystemTime::now() < issued.refresh_at || self.is_retired() || self.adopted.is_unclaimed(key) {
             return;
         }
         if !self.refreshing.lock().insert(key.clone()) {
@@ -49,7 +80,7 @@ impl CredentialCache {
         let key = key.clone();
         tokio::spawn(async move {
             let fetching = cache.liveness.fetching(&key.session_name);
-            match cache.fetch(&key).await {
+            match cache.fetch(&key, Priority::Refresh).await {
                 Ok(fresh) => {
                     cache.entries.insert(key.clone(), fresh).await;
                     // A pod gone meanwhile: do not bring it back.
@@ -73,9 +104,25 @@ impl CredentialCache {
 mod tests {
     //! On paused time, as the cache's tests.
 
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
 
+    use super::{REFRESH_JITTER, jitter, refresh_point};
     use crate::credentials::fake::{FakeSts, arrives, cache, key, settle};
+
+    #[test]
+    fn refresh_points_spread_over_a_quarter_of_the_ttl_never_later() {
+        let expiration = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let ttl = Duration::from_secs(900);
+        assert_eq!(refresh_point(expiration, ttl, 0.0), expiration - ttl);
+        assert_eq!(refresh_point(expiration, ttl, 1.0), expiration - ttl - ttl.mul_f64(REFRESH_JITTER));
+        let mut points: Vec<SystemTime> = (0..1000).map(|_| refresh_point(expiration, ttl, jitter())).collect();
+        assert!(points.iter().all(|p| *p <= expiration - ttl), "never within the SDKs' refresh window");
+        points.sort();
+        let spread = points[999].duration_since(points[0]).unwrap();
+        assert!(spread > Duration::from_secs(200), "1000 keys fetched at once spread over {spread:?}");
+        let distinct: std::collections::HashSet<_> = points.iter().collect();
+        assert!(distinct.len() > 900, "they do not come due together");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn credentials_due_for_refresh_are_served_and_refreshed_in_the_background() {

@@ -68,6 +68,12 @@ impl ImdsService {
         }
     }
 
+    /// Issues and checks tokens with `tokens` (the node's token key, which outlives the
+    /// process) rather than a key of its own.
+    pub fn with_tokens(self, tokens: TokenIssuer) -> Self {
+        Self { tokens, ..self }
+    }
+
     /// Records why pods get no credentials as Events on them (`--pod-events`).
     pub fn with_events(self, events: Option<PodEvents>) -> Self {
         Self { events, ..self }

@@ -32,12 +32,14 @@ pub struct NodeCluster<'a> {
 
 /// Prepares the rules and starts the tasks that own them (see [`start_rules`]), and, under
 /// `--iptables-keep-on-exit=auto`, the lookup of the agent's DaemonSet that decides their
-/// fate on stop. Returns what stop needs, and the rules' state (a readiness condition:
-/// [`RulesState::is_in_place`]).
+/// fate on stop. The tasks check and repair the rules while `holds` says this agent keeps
+/// them (a successor taking over keeps them otherwise). Returns what stop needs, and the
+/// rules' state (a readiness condition: [`RulesState::is_in_place`]).
 pub async fn guard(
     settings: &NetworkSettings,
     port: u16,
     cluster: NodeCluster<'_>,
+    holds: watch::Receiver<bool>,
     metrics: &Arc<Metrics>,
     background: &mut JoinSet<()>,
 ) -> Result<(RulesOnExit, watch::Receiver<RulesState>), IptablesError> {
@@ -49,6 +51,7 @@ pub async fn guard(
         ports: ports.clone(),
         metrics: metrics.clone(),
         sync_period: settings.iptables_sync_period,
+        holds,
     };
     let (rules, in_place) = start_rules(settings, port, binding, metrics, background).await?;
     let pod = SelfPod::from_env();
@@ -72,8 +75,14 @@ pub struct RulesOnExit {
 }
 
 impl RulesOnExit {
-    /// Keeps or removes the rules, as `--iptables-keep-on-exit` and the agent's DaemonSet say.
-    pub async fn finish(self) {
+    /// Keeps or removes the rules, as `--iptables-keep-on-exit` and the agent's DaemonSet say;
+    /// an agent that handed over to a successor keeps them, whatever they say: they are the
+    /// successor's.
+    pub async fn finish(self, handed_over: bool) {
+        if handed_over {
+            tracing::info!("keeping iamlet's rules: the successor keeps them now");
+            return;
+        }
         let placement = match self.keep {
             KeepOnExit::Auto => {
                 let known = self.controller.get().cloned();

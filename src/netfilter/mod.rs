@@ -282,6 +282,10 @@ impl RuleKeeper {
                 _ = ticks.tick() => {}
                 _ = async { binder.as_ref().expect("settling only with a binder").settled().await }, if settling => {}
             }
+            if !*self.binding.holds.borrow() {
+                // A successor is taking over, or has: it keeps the rules, as they are.
+                continue;
+            }
             // The binding first: no request is redirected to iamlet before pods are bound.
             if let Some(binder) = &binder {
                 let bound = match installed {

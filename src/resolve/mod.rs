@@ -8,7 +8,7 @@ mod tags;
 use std::sync::Arc;
 
 pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name, session_of};
-pub use tags::{SessionTag, SessionTagging, SessionTags, valid_tag_value};
+pub use tags::{SessionTag, SessionTagging, SessionTags, TAG_KEYS, valid_tag_value};
 
 use crate::cluster::{NamespaceStore, ServiceAccountEntry, ServiceAccountStore};
 use crate::pod::PodIdentity;

@@ -12,6 +12,8 @@ pub const TAG_NAMESPACE: &str = "kubernetes-namespace";
 pub const TAG_SERVICE_ACCOUNT: &str = "kubernetes-service-account";
 pub const TAG_POD_NAME: &str = "kubernetes-pod-name";
 pub const TAG_POD_UID: &str = "kubernetes-pod-uid";
+/// Every tag key a session may carry.
+pub const TAG_KEYS: [&str; 5] = [TAG_CLUSTER_NAME, TAG_NAMESPACE, TAG_SERVICE_ACCOUNT, TAG_POD_NAME, TAG_POD_UID];
 
 /// STS's limit on a tag value's length.
 pub const MAX_TAG_VALUE: usize = 256;

@@ -83,6 +83,12 @@ impl AgentCommand {
     pub fn spawn(self) -> AgentProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("agent.log");
+        // A state directory of its own unless the test gives one (the node's, shared by the
+        // agents that succeed one another on it): never the host's /run/iamlet.
+        let mut flags = self.flags;
+        if flags.value("state-dir").is_none() && !self.env.iter().any(|(key, _)| key == "IAMLET_STATE_DIR") {
+            flags = flags.flag(format!("--state-dir={}", dir.path().join("state").display()));
+        }
         let binary = binary();
         let mut container = None;
         let mut command = match (&self.netns, self.image) {
@@ -93,7 +99,7 @@ impl AgentCommand {
                     Some(netns) => format!("ns:/run/netns/{netns}"),
                     None => "host".to_string(),
                 };
-                let command = crate::container::run_command(&image, &name, &network, &self.env, &self.flags.args());
+                let command = crate::container::run_command(&image, &name, &network, &self.env, &flags.args());
                 container = Some(name);
                 command
             }
@@ -101,18 +107,18 @@ impl AgentCommand {
                 let mut command = Command::new("ip");
                 command
                     .args(["netns", "exec", netns, binary])
-                    .args(self.flags.args())
+                    .args(flags.args())
                     .env_clear()
                     .envs(self.env.iter().map(|(k, v)| (k, v)));
                 command
             }
             (None, _) => {
                 let mut command = Command::new(binary);
-                command.args(self.flags.args()).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
+                command.args(flags.args()).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
                 command
             }
         };
-        let (app, admin) = self.flags.addresses();
+        let (app, admin) = flags.addresses();
         let started = Instant::now();
         let child = command
             .stdout(Stdio::null())
@@ -171,14 +177,15 @@ impl AgentProcess {
     }
 
     /// SIGTERM (in a container, `podman stop`), then the exit after the drain, which must
-    /// succeed.
-    pub async fn terminate(mut self) {
+    /// succeed. Returns all the agent logged.
+    pub async fn terminate(mut self) -> String {
         match &self.container {
             Some(name) => crate::container::stop(name, 30),
             None => self.signal(Signal::SIGTERM),
         }
         let status = self.exit(Duration::from_secs(30)).await;
         assert!(status.success(), "the agent exited {status} on SIGTERM; its log:\n{}", self.log());
+        self.log()
     }
 
     /// What the agent logged so far.

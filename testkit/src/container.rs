@@ -40,18 +40,35 @@ pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// Where the DaemonSet mounts libcni's result cache (`--cni-results-dir`'s default).
 pub const CNI_RESULTS_DIR: &str = "/var/lib/cni/results";
 
-/// The flags naming a directory the DaemonSet mounts from the node, and where it mounts it.
-const MOUNTED: [(&str, &str); 2] = [("--cni-conf-dir=", CNI_CONF_DIR), ("--cni-results-dir=", CNI_RESULTS_DIR)];
+/// Where the DaemonSet mounts the agent's state directory (`--state-dir`'s default).
+pub const STATE_DIR: &str = "/run/iamlet";
+
+/// A directory the DaemonSet mounts from the node: the flag and the environment variable
+/// that name it, and where the DaemonSet mounts it.
+struct Mounted {
+    flag: &'static str,
+    env: &'static str,
+    inside: &'static str,
+}
+
+const MOUNTED: [Mounted; 3] = [
+    Mounted { flag: "--cni-conf-dir=", env: "IAMLET_CNI_CONF_DIR", inside: CNI_CONF_DIR },
+    Mounted { flag: "--cni-results-dir=", env: "IAMLET_CNI_RESULTS_DIR", inside: CNI_RESULTS_DIR },
+    Mounted { flag: "--state-dir=", env: "IAMLET_STATE_DIR", inside: STATE_DIR },
+];
 
 /// `podman run` of `image` as the DaemonSet runs it, on `network` (`host`, or
-/// `ns:/run/netns/<node>`), named `name`, with `env` and `args`. A `--cni-conf-dir` or
-/// `--cni-results-dir` among the args is what the DaemonSet's mount shows the agent: it is
-/// mounted there, and the flag points at the mount.
+/// `ns:/run/netns/<node>`), named `name`, with `env` and `args`. A directory the DaemonSet
+/// mounts (`--cni-conf-dir`, `--cni-results-dir`, `--state-dir`), named by its flag among the
+/// args or its variable in `env`, is what that mount shows the agent: the directory is
+/// mounted there, and the flag or variable points at the mount.
 pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, String)], args: &[String]) -> Command {
     let given: Vec<(&str, PathBuf)> = MOUNTED
         .iter()
-        .filter_map(|(flag, inside)| {
-            args.iter().find_map(|a| a.strip_prefix(flag)).map(|dir| (*inside, PathBuf::from(dir)))
+        .filter_map(|mounted| {
+            let by_flag = args.iter().find_map(|a| a.strip_prefix(mounted.flag));
+            let by_env = env.iter().find(|(key, _)| key == mounted.env).map(|(_, value)| value.as_str());
+            by_flag.or(by_env).map(|dir| (mounted.inside, PathBuf::from(dir)))
         })
         .collect();
     let host_paths: Vec<(&str, &Path)> = given.iter().map(|(inside, dir)| (*inside, dir.as_path())).collect();
@@ -61,11 +78,12 @@ pub fn run_command(image: &str, name: &str, network: &str, env: &[(String, Strin
     command.args(["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]);
     command.args(daemonset_flags(&host_paths));
     for (key, value) in env {
+        let value = MOUNTED.iter().find(|mounted| mounted.env == key).map_or(value.as_str(), |mounted| mounted.inside);
         command.arg(format!("--env={key}={value}"));
     }
     command.arg(image);
-    command.args(args.iter().map(|a| match MOUNTED.iter().find(|(flag, _)| a.starts_with(flag)) {
-        Some((flag, inside)) => format!("{flag}{inside}"),
+    command.args(args.iter().map(|a| match MOUNTED.iter().find(|mounted| a.starts_with(mounted.flag)) {
+        Some(mounted) => format!("{}{}", mounted.flag, mounted.inside),
         None => a.clone(),
     }));
     command

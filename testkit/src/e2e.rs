@@ -34,6 +34,9 @@ pub struct E2e {
     pub imds: FakeImds,
     /// The CNI configuration directory the agent reads (empty unless a test writes one).
     pub cni_conf: tempfile::TempDir,
+    /// The node's state directory (`--state-dir`), shared by the agents that succeed one
+    /// another on it.
+    pub state: tempfile::TempDir,
 }
 
 impl E2e {
@@ -45,7 +48,7 @@ impl E2e {
         let sts = StsProxy::start_on(topology.node.listen(&format!("{HOST_IP}:0")));
         let imds = FakeImds::start_with(topology.ec2.listen(&format!("{METADATA_IP}:80")), Tokens::Optional);
         api.put_node("node-a", json!({"kubernetes.io/os": "linux"}), json!([]));
-        Self { topology, api, sts, imds, cni_conf: tempfile::tempdir().unwrap() }
+        Self { topology, api, sts, imds, cni_conf: tempfile::tempdir().unwrap(), state: tempfile::tempdir().unwrap() }
     }
 
     pub fn node(&self) -> &Netns {
@@ -58,6 +61,7 @@ impl E2e {
         AgentFlags::new(&self.api.url, HOST_IP)
             .flag(format!("--cni-conf-dir={}", self.cni_conf.path().display()))
             .flag(format!("--cni-results-dir={}", self.topology.cni_results.path().display()))
+            .flag(format!("--state-dir={}", self.state.path().display()))
             .flag("--iptables")
             .flag("--iptables-sync-period=1s")
             .with(extra)

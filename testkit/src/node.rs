@@ -21,6 +21,8 @@ pub struct TestNode {
     pub sts: StsProxy,
     pub imds: FakeImds,
     pub agent: RunningAgent,
+    /// The node's state directory (`--state-dir`): the agent's own, never the host's.
+    pub state: tempfile::TempDir,
 }
 
 /// The STS client an in-process agent uses: moto (through the proxy) with the test
@@ -50,8 +52,9 @@ impl TestNode {
     /// Starts with this API server and this node metadata service.
     pub async fn start_with(api: FakeApiServer, imds: FakeImds, args: &[&str]) -> Self {
         let sts = StsProxy::start().await;
-        let agent = start_agent(&api, &sts, &imds, args).await;
-        let node = Self { api, sts, imds, agent };
+        let state = tempfile::tempdir().unwrap();
+        let agent = start_agent(&api, &sts, &imds, state.path(), args).await;
+        let node = Self { api, sts, imds, agent, state };
         node.wait_ready().await;
         node
     }
@@ -91,9 +94,15 @@ impl TestNode {
 }
 
 /// Starts an agent in this process against these fakes, with `args` on top of the loopback
-/// defaults, on ports the kernel picks.
-pub async fn start_agent(api: &FakeApiServer, sts: &StsProxy, imds: &FakeImds, args: &[&str]) -> RunningAgent {
-    let flags = AgentFlags::loopback(&api.url, &imds.addr).with(args);
+/// defaults, on ports the kernel picks, keeping its state in `state` (`--state-dir`).
+pub async fn start_agent(
+    api: &FakeApiServer,
+    sts: &StsProxy,
+    imds: &FakeImds,
+    state: &std::path::Path,
+    args: &[&str],
+) -> RunningAgent {
+    let flags = AgentFlags::loopback(&api.url, &imds.addr).flag(format!("--state-dir={}", state.display())).with(args);
     let argv: Vec<String> = std::iter::once("iamlet".to_string()).chain(flags.args()).collect();
     let cli = Cli::try_parse_args(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let mut config = cli.agent.validate().unwrap_or_else(|e| panic!("{argv:?}: {e}"));

@@ -10,6 +10,7 @@
 mod churn;
 mod exhaustion;
 mod explain;
+mod handover;
 mod imds_api;
 mod node_protection;
 mod pod_lifecycle;

@@ -212,7 +212,8 @@ async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     let sts = iamlet_testkit::sts_proxy::StsProxy::start().await;
     let imds = iamlet_testkit::imds::FakeImds::start().await;
 
-    let refused = iamlet_testkit::node::start_agent(&api, &sts, &imds, &["--api-token=wrong"]).await;
+    let state = tempfile::tempdir().unwrap();
+    let refused = iamlet_testkit::node::start_agent(&api, &sts, &imds, state.path(), &["--api-token=wrong"]).await;
     // Not ready after the watch has been refused, not merely before it was tried.
     eventually(10, "the pod watch to be refused", async || {
         let metrics = iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr.unwrap(), "/metrics").await.body;
@@ -225,7 +226,7 @@ async fn not_ready_until_the_pod_cache_syncs_and_api_tokens_are_sent() {
     assert_eq!(iamlet_testkit::pod_client::get("127.0.0.1", refused.admin_addr.unwrap(), "/healthz").await.status, 200);
     refused.stop().await;
 
-    let accepted = iamlet_testkit::node::start_agent(&api, &sts, &imds, &["--api-token=s3cret"]).await;
+    let accepted = iamlet_testkit::node::start_agent(&api, &sts, &imds, state.path(), &["--api-token=s3cret"]).await;
     eventually(10, "readiness with the right token", async || {
         iamlet_testkit::pod_client::get("127.0.0.1", accepted.admin_addr.unwrap(), "/readyz").await.status == 200
     })

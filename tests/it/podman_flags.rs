@@ -124,10 +124,12 @@ fn the_base_manifests_mounts_are_made_on_a_fresh_host() {
     let lock = run.join("xtables.lock");
     let conf = dir.path().join("cni");
     let results = dir.path().join("cni-results");
+    let state = run.join("iamlet");
     let overrides = [
         format!("--host-path=/run/xtables.lock={}", lock.display()),
         format!("--host-path=/etc/cni/net.d={}", conf.display()),
         format!("--host-path=/var/lib/cni/results={}", results.display()),
+        format!("--host-path=/run/iamlet={}", state.display()),
     ];
     let run_flags = || {
         let output =
@@ -146,7 +148,7 @@ fn the_base_manifests_mounts_are_made_on_a_fresh_host() {
     std::fs::create_dir(&run).unwrap();
     let (ok, flags, stderr) = run_flags();
     assert!(ok, "{stderr}");
-    assert!(lock.is_file() && conf.is_dir() && results.is_dir(), "all made, as kubelet makes them");
+    assert!(lock.is_file() && conf.is_dir() && results.is_dir() && state.is_dir(), "all made, as kubelet makes them");
     let volumes: Vec<&str> = flags.lines().filter(|f| f.starts_with("--volume=")).collect();
     assert_eq!(
         volumes,
@@ -154,6 +156,7 @@ fn the_base_manifests_mounts_are_made_on_a_fresh_host() {
             format!("--volume={}:/run/xtables.lock", lock.display()),
             format!("--volume={}:/etc/cni/net.d:ro", conf.display()),
             format!("--volume={}:/var/lib/cni/results:ro", results.display()),
+            format!("--volume={}:/run/iamlet", state.display()),
         ]
     );
     assert!(flags.lines().any(|f| f == "--read-only"), "the security context comes along: {flags}");

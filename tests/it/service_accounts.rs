@@ -153,7 +153,8 @@ async fn a_pod_is_never_given_the_default_role_while_service_accounts_are_unknow
     let sts = iamlet_testkit::sts_proxy::StsProxy::start().await;
     let imds = iamlet_testkit::imds::FakeImds::start().await;
     let flags = ["--service-account-roles", "--default-role=fallback", "--backoff-max-elapsed-time=300ms"];
-    let agent = iamlet_testkit::node::start_agent(&api, &sts, &imds, &flags).await;
+    let state = tempfile::tempdir().unwrap();
+    let agent = iamlet_testkit::node::start_agent(&api, &sts, &imds, state.path(), &flags).await;
     let admin = agent.admin_addr.unwrap();
     api.create_pod(pod("shop", "web").ip("127.0.0.57").service_account("irsa").build());
     api.create_pod(pod("shop", "own").ip("127.0.0.58").role("own-role").build());

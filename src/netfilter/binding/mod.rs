@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 
 pub use nft::{Nft, NftError};
 use ruleset::{Elements, Layout, NodeIdentity};
@@ -74,6 +74,9 @@ pub struct BindingPlan {
     pub ports: Ports,
     pub metrics: Arc<Metrics>,
     pub sync_period: Duration,
+    /// Whether this agent keeps the rules: false while a successor takes over (it keeps
+    /// them then), so two agents never undo each other's work.
+    pub holds: watch::Receiver<bool>,
 }
 
 impl BindingPlan {
@@ -359,6 +362,9 @@ impl Binder {
                 change = changed.recv() => {
                     if change.is_none() {
                         break;
+                    }
+                    if !*self.plan.holds.borrow() {
+                        continue;
                     }
                     if let Err(error) = self.refresh().await {
                         self.plan.metrics.iptables_errors.inc();

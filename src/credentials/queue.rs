@@ -1,0 +1,282 @@
+//! The queue in front of STS: at most `--sts-concurrency` AssumeRole calls at once, and when
+//! calls wait, a pod's request goes first, then refreshes, then prefetches.
+//!
+//! A FIFO made the first request after a restart wait behind the prefetches of every pod on
+//! the node (half a second with 110 pods). Here a request is served next, and a request for a
+//! key whose prefetch is already waiting promotes that prefetch, since the request will take
+//! its result (the cache runs one fetch per key).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::resolve::CredentialKey;
+
+/// Why an AssumeRole call is made, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// A pod is waiting for the answer.
+    Demand,
+    /// Cached credentials are due for renewal; pods are served the old ones meanwhile.
+    Refresh,
+    /// A pod appeared (or the agent started): fetched before it asks.
+    Prefetch,
+}
+
+const PRIORITIES: usize = 3;
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    key: CredentialKey,
+    turn: oneshot::Sender<()>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Calls that may start now.
+    free: usize,
+    /// Waiting calls by priority, each in arrival order.
+    waiting: [VecDeque<Waiter>; PRIORITIES],
+    /// Keys a request is waiting for, and how many requests.
+    demanded: HashMap<CredentialKey, usize>,
+    next_id: u64,
+}
+
+impl State {
+    /// Hands a freed call to the most urgent waiter still there, or keeps it.
+    fn release(&mut self) {
+        for queue in &mut self.waiting {
+            while let Some(waiter) = queue.pop_front() {
+                if waiter.turn.send(()).is_ok() {
+                    return;
+                }
+            }
+        }
+        self.free += 1;
+    }
+}
+
+/// The STS call queue. Cheap to share.
+#[derive(Debug, Clone)]
+pub struct StsQueue {
+    state: Arc<Mutex<State>>,
+}
+
+impl StsQueue {
+    /// A queue letting `concurrency` calls run at once (at least one).
+    pub fn new(concurrency: usize) -> Self {
+        Self { state: Arc::new(Mutex::new(State { free: concurrency.max(1), ..State::default() })) }
+    }
+
+    /// Waits for a turn to call STS for `key`, with `priority`, or with a request's priority
+    /// if a request is waiting for `key`. The turn ends when the returned permit is dropped.
+    pub async fn turn(&self, key: &CredentialKey, priority: Priority) -> Permit {
+        let (id, turn) = {
+            let mut state = self.state.lock();
+            if state.free > 0 {
+                state.free -= 1;
+                return Permit { state: self.state.clone() };
+            }
+            let priority = if state.demanded.contains_key(key) { Priority::Demand } else { priority };
+            let (sender, turn) = oneshot::channel();
+            state.next_id += 1;
+            let id = state.next_id;
+            state.waiting[priority as usize].push_back(Waiter { id, key: key.clone(), turn: sender });
+            (id, turn)
+        };
+        let mut waiting = Waiting { state: &self.state, id, turn };
+        // The sender is only dropped after a successful send or by `Waiting::drop`.
+        let _ = (&mut waiting.turn).await;
+        waiting.id = 0;
+        Permit { state: self.state.clone() }
+    }
+
+    /// A request waits for `key`: until the returned guard is dropped, a call for `key`
+    /// (waiting now or made later) has a request's priority.
+    pub fn demand(&self, key: &CredentialKey) -> Demand {
+        let mut state = self.state.lock();
+        *state.demanded.entry(key.clone()).or_default() += 1;
+        let mut promoted = None;
+        for queue in &mut state.waiting[Priority::Refresh as usize..] {
+            if let Some(at) = queue.iter().position(|waiter| &waiter.key == key) {
+                promoted = queue.remove(at);
+                break;
+            }
+        }
+        if let Some(waiter) = promoted {
+            state.waiting[Priority::Demand as usize].push_back(waiter);
+        }
+        Demand { state: self.state.clone(), key: key.clone() }
+    }
+
+    /// Calls waiting, by priority.
+    #[cfg(test)]
+    pub fn waiting(&self) -> [usize; PRIORITIES] {
+        let state = self.state.lock();
+        [0, 1, 2].map(|priority| state.waiting[priority].len())
+    }
+}
+
+/// A turn to call STS; the next waiter's when dropped.
+#[derive(Debug)]
+pub struct Permit {
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.state.lock().release();
+    }
+}
+
+/// A request's claim on a key (see [`StsQueue::demand`]).
+#[derive(Debug)]
+pub struct Demand {
+    state: Arc<Mutex<State>>,
+    key: CredentialKey,
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        let mut state = self.state.lock();
+        if let Some(count) = state.demanded.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                state.demanded.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A waiter's place in the queue, given up if the waiting call is dropped (its request timed
+/// out): a turn handed to it meanwhile is passed on.
+struct Waiting<'a> {
+    state: &'a Mutex<State>,
+    /// Zero once the turn was taken.
+    id: u64,
+    turn: oneshot::Receiver<()>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.id == 0 {
+            return;
+        }
+        let mut state = self.state.lock();
+        for queue in &mut state.waiting {
+            if let Some(at) = queue.iter().position(|waiter| waiter.id == self.id) {
+                queue.remove(at);
+                return;
+            }
+        }
+        // Not in the queue: the turn was sent to it under the lock. Pass it on.
+        if self.turn.try_recv().is_ok() {
+            state.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::credentials::fake::key;
+
+    /// Starts a task that takes a turn for `session` with `priority` and records the order.
+    fn queued(
+        queue: &StsQueue,
+        session: &'static str,
+        priority: Priority,
+        order: &Arc<Mutex<Vec<&'static str>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (queue, order) = (queue.clone(), order.clone());
+        tokio::spawn(async move {
+            let _permit = queue.turn(&key(session), priority).await;
+            order.lock().push(session);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        })
+    }
+
+    async fn until_waiting(queue: &StsQueue, count: usize) {
+        while queue.waiting().iter().sum::<usize>() < count {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_goes_before_refreshes_and_prefetches() {
+        let queue = StsQueue::new(1);
+        let order = Arc::default();
+        let busy = queue.turn(&key("busy"), Priority::Prefetch).await;
+        let mut tasks = vec![];
+        for (session, priority) in [
+            ("p1", Priority::Prefetch),
+            ("p2", Priority::Prefetch),
+            ("r1", Priority::Refresh),
+            ("d1", Priority::Demand),
+        ] {
+            tasks.push(queued(&queue, session, priority, &order));
+            until_waiting(&queue, tasks.len()).await;
+        }
+        drop(busy);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock(), ["d1", "r1", "p1", "p2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_for_a_waiting_prefetch_promotes_it() {
+        let queue = StsQueue::new(1);
+        let order = Arc::default();
+        let busy = queue.turn(&key("busy"), Priority::Prefetch).await;
+        let first = queued(&queue, "p1", Priority::Prefetch, &order);
+        until_waiting(&queue, 1).await;
+        let asked = queued(&queue, "p2", Priority::Prefetch, &order);
+        until_waiting(&queue, 2).await;
+        let demand = queue.demand(&key("p2"));
+        assert_eq!(queue.waiting(), [1, 0, 1]);
+        // A call for a demanded key made later has a request's priority too.
+        let later = queued(&queue, "p2", Priority::Prefetch, &order);
+        until_waiting(&queue, 3).await;
+        assert_eq!(queue.waiting(), [2, 0, 1]);
+        drop(busy);
+        for task in [asked, later, first] {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock(), ["p2", "p2", "p1"]);
+        drop(demand);
+        assert!(queue.state.lock().demanded.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_loses_no_turn() {
+        let queue = StsQueue::new(1);
+        let busy = queue.turn(&key("busy"), Priority::Demand).await;
+        let a = key("a");
+        let gives_up = tokio::time::timeout(Duration::from_millis(5), queue.turn(&a, Priority::Demand));
+        assert!(gives_up.await.is_err());
+        assert_eq!(queue.waiting(), [0, 0, 0], "its place is given up");
+        drop(busy);
+        let _again = tokio::time::timeout(Duration::from_secs(1), queue.turn(&key("b"), Priority::Prefetch))
+            .await
+            .expect("the freed turn is there");
+        assert_eq!(queue.state.lock().free, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_bounds_the_calls_at_once() {
+        let queue = StsQueue::new(2);
+        let a = queue.turn(&key("a"), Priority::Prefetch).await;
+        let _b = queue.turn(&key("b"), Priority::Prefetch).await;
+        let c = key("c");
+        let third = tokio::time::timeout(Duration::from_millis(5), queue.turn(&c, Priority::Demand));
+        assert!(third.await.is_err(), "a third waits");
+        drop(a);
+        let _c = queue.turn(&key("c"), Priority::Demand).await;
+    }
+}
