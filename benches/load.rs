@@ -87,11 +87,21 @@ impl Fakes {
         self.agent(app_port, admin_port).spawn()
     }
 
+    /// A successor beside the agent on these ports, logging at info (it says when it took over).
+    fn spawn_successor(&self, app_port: u16, admin_port: u16) -> AgentProcess {
+        self.agent_logging(app_port, admin_port, "info").spawn()
+    }
+
     fn agent(&self, app_port: u16, admin_port: u16) -> AgentCommand {
+        self.agent_logging(app_port, admin_port, "warn")
+    }
+
+    fn agent_logging(&self, app_port: u16, admin_port: u16, level: &str) -> AgentCommand {
         let flags = AgentFlags::loopback(&self.api.url, &self.imds.addr)
             .without_startup_taint()
             .ports(app_port, admin_port)
-            .flag("--log-level=warn");
+            .flag(format!("--log-level={level}"))
+            .flag("--debug");
         // The CNI and state directories through the environment, not flags: a build older than a flag
         // ignores the variable, so old and new builds run the same benchmark (`IAMLET_BIN`).
         let dir = |name: &str| self.cni.path().join(name).display().to_string();
@@ -350,14 +360,15 @@ async fn churn_only() {
     println!("{}", serde_json::to_string_pretty(&churn(&fakes.api, &agent).await).unwrap());
 }
 
-/// `--startup-only`: a node of 110 pods, then cold start and the restart gap alone, to compare
-/// two builds side by side (run it alternately with each as `IAMLET_BIN`).
+/// `--startup-only`: a node of 110 pods, then cold start, crash restarts and rolling updates
+/// alone, to compare two builds side by side (run it alternately with each as `IAMLET_BIN`).
 async fn startup_only(d: &Durations) -> Value {
     let fakes = Fakes::start().await;
     let (agent, _, _) = fakes.start_node(NODE_PODS).await;
     let cold_start = cold_start(&fakes.api, &agent, d.cold_pods).await;
-    json!({"binary": iamlet_testkit::agent::binary(), "cold_start": cold_start,
-           "restart_gap": restart_gap(&fakes, agent, NODE_PODS, d.restarts).await})
+    let (restart_gap, agent) = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
+    json!({"binary": iamlet_testkit::agent::binary(), "cold_start": cold_start, "restart_gap": restart_gap,
+           "rolling_update": rolling_update(&fakes, agent, NODE_PODS, d.restarts).await})
 }
 
 /// Every phase in order, on one node (and a second, very busy one for scale); the report.
@@ -378,7 +389,9 @@ async fn bench(d: Durations) {
     report["sts"]["agent_errors"] = assume_role_errors(&agent.log());
     report["exhaustion"] = exhaustion(&agent).await;
     report["churn"] = churn(&fakes.api, &agent).await;
-    report["restart_gap"] = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
+    let (restart_gap, agent) = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
+    report["restart_gap"] = restart_gap;
+    report["rolling_update"] = rolling_update(&fakes, agent, NODE_PODS, d.restarts).await;
     report["image"] = image(&fakes, d.restarts).await;
     report["scale"] = scale((rss, anon, ready)).await;
     report["binding"] = binding(&d).await;
@@ -661,15 +674,20 @@ async fn settled_rss(agent: &AgentProcess) -> (f64, f64) {
     agent.rss_mib()
 }
 
-/// Replaces `agent` `restarts` times, as a rolling update does: SIGTERM, then a successor on
-/// the same ports. Each gap runs from the successor's process start until a pod (a
-/// different one each time, asking as soon as anything answers) gets its credentials: while
-/// iamlet's rules are kept across the restart, that is how long pods are refused.
-async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restarts: usize) -> Value {
+/// A crash restart, `restarts` times: SIGKILL (no hand-over, no drain), then a successor on
+/// the same ports and state directory, as the kubelet restarts a crashed container. Each gap
+/// runs from the successor's process start until a pod (a different one each time, asking as
+/// soon as anything answers) gets its credentials: while iamlet's rules are kept, that is how
+/// long pods are refused. Also counted: the AssumeRole calls each crash costs (every pod's
+/// credentials fetched again, once).
+async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restarts: usize) -> (Value, AgentProcess) {
     let (app_port, admin_port) = (agent.app.port(), agent.admin.port());
     let mut gaps = Vec::new();
+    let mut calls = Vec::new();
     for restart in 0..restarts {
-        agent.terminate().await;
+        agent.signal(nix::sys::signal::Signal::SIGKILL);
+        agent.exit(Duration::from_secs(10)).await;
+        let before = fakes.sts.assume_role_calls().len();
         agent = fakes.spawn_agent(app_port, admin_port);
         let pod = pod_ip(restart % pods);
         while !credentials_served(pod, &agent).await {
@@ -677,15 +695,104 @@ async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restar
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         gaps.push(agent.uptime());
+        wait_prefetched(&agent, pods).await;
+        calls.push(fakes.sts.assume_role_calls().len() - before);
     }
     gaps.sort();
     let (median, max) = (ms(gaps[gaps.len() / 2]), ms(*gaps.last().unwrap()));
     println!(
-        "restart gap, successor's start to a pod's first credentials ({pods} pods, {} restarts): median {median:.0} ms, max {max:.0} ms",
+        "crash restart gap, successor's start to a pod's first credentials ({pods} pods, {} restarts): median {median:.0} ms, max {max:.0} ms; AssumeRole calls per crash {calls:?}",
         gaps.len()
     );
-    json!({"pods": pods, "restarts": gaps.len(), "median_ms": median, "max_ms": max,
-           "all_ms": gaps.iter().map(|g| ms(*g)).collect::<Vec<_>>()})
+    let report = json!({"pods": pods, "restarts": gaps.len(), "median_ms": median, "max_ms": max,
+           "all_ms": gaps.iter().map(|g| ms(*g)).collect::<Vec<_>>(), "assume_role_calls": calls});
+    (report, agent)
+}
+
+/// `updates` rolling updates as a DaemonSet with `maxSurge: 1` makes them: the successor
+/// started beside the agent, the predecessor SIGTERMed once the successor says it took over.
+/// Meanwhile every pod asks on a new connection per request (8 at a time): every refused
+/// connection and error answer is counted, and the AssumeRole calls the updates cost.
+async fn rolling_update(fakes: &Fakes, mut agent: AgentProcess, pods: usize, updates: usize) -> Value {
+    let (app_port, admin_port) = (agent.app.port(), agent.admin.port());
+    let before = fakes.sts.assume_role_calls().len();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|worker| {
+            let (stop, app) = (stop.clone(), agent.app);
+            tokio::spawn(async move {
+                let (mut served, mut failed) = (0u64, Vec::new());
+                let mut i = worker;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match try_get(pod_ip(i % pods), app, CREDS_PATH).await {
+                        Ok(reply) if reply.status == 200 => served += 1,
+                        Ok(reply) => failed.push(format!("{} {}", reply.status, reply.body.trim())),
+                        Err(error) => failed.push(error),
+                    }
+                    i += 8;
+                }
+                (served, failed)
+            })
+        })
+        .collect();
+    let mut takeovers = Vec::new();
+    for _ in 0..updates {
+        let successor = fakes.spawn_successor(app_port, admin_port);
+        while !successor.log().contains("took over from the predecessor") {
+            assert!(successor.uptime() < Duration::from_secs(30), "no takeover in 30 s: {}", successor.log());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        takeovers.push(successor.uptime());
+        agent.terminate().await;
+        agent = successor;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut served, mut failed) = (0, Vec::new());
+    for worker in workers {
+        let (s, f) = worker.await.unwrap();
+        served += s;
+        failed.extend(f);
+    }
+    let calls = fakes.sts.assume_role_calls().len() - before;
+    takeovers.sort();
+    let takeover = ms(takeovers[takeovers.len() / 2]);
+    println!(
+        "rolling updates with maxSurge ({pods} pods, {updates} updates, requests on new connections throughout): {} refused or failed of {}; AssumeRole calls {calls}; successor's start to takeover median {takeover:.0} ms",
+        failed.len(),
+        served + failed.len() as u64
+    );
+    for failure in failed.iter().take(5) {
+        println!("  {failure}");
+    }
+    let spread = refresh_spread(&agent).await;
+    agent.terminate().await;
+    json!({"pods": pods, "updates": updates, "requests": served + failed.len() as u64, "failed": failed.len(),
+           "failures": failed.iter().take(20).collect::<Vec<_>>(), "assume_role_calls": calls,
+           "takeover_median_ms": takeover, "refresh_spread": spread})
+}
+
+/// How far apart the refresh points of the cached credentials are (`/debug/store`), against
+/// the window they are spread over (a quarter of `--iam-role-session-ttl`, 15 minutes here).
+async fn refresh_spread(agent: &AgentProcess) -> Value {
+    let Some(store) = agent.admin_get("/debug/store").await else {
+        return json!({"measured": false});
+    };
+    let points: Vec<std::time::SystemTime> = store.json()["credentials"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| humantime::parse_rfc3339(c["refresh_at"].as_str()?).ok())
+        .collect();
+    let (Some(first), Some(last)) = (points.iter().min(), points.iter().max()) else {
+        return json!({"measured": false});
+    };
+    let spread = last.duration_since(*first).unwrap_or_default().as_secs();
+    let distinct = points.iter().collect::<std::collections::BTreeSet<_>>().len();
+    println!(
+        "refresh points of {} cached credentials: spread over {spread} s (the window: 225 s), {distinct} distinct seconds",
+        points.len()
+    );
+    json!({"measured": true, "credentials": points.len(), "spread_s": spread, "distinct_seconds": distinct, "window_s": 225})
 }
 
 /// The image (`scripts/image.sh build` around the benchmarked binary): its size, and the

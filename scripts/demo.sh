@@ -5,7 +5,9 @@
 # iamlet removes once the node is protected. One pod has a role and gets its credentials
 # through 169.254.169.254 with the AWS CLI; one runs as an IRSA-annotated ServiceAccount and
 # gets that role (--service-account-roles); the last has none and gets nothing. Then iamlet
-# is restarted (its rules stay, the pod is refused meanwhile) and uninstalled (its rules go).
+# is updated as a DaemonSet with maxSurge does it (the successor takes over the sockets, the
+# cached credentials and the rules while a pod keeps asking: nothing is refused) and
+# uninstalled (its rules go).
 # iamlet runs as its image's container (podman, with the DaemonSet's security context) when
 # podman is installed, as a process otherwise; the output says which.
 # Everything is removed at the end, also on Ctrl-C.
@@ -28,7 +30,9 @@ WORK=$(mktemp -d)
 PIDS=()
 
 cleanup() {
-  if [ "${CONTAINER:-}" = yes ]; then scripts/image.sh podman rm --force --time 0 iamlet-demo >/dev/null 2>&1 || true; fi
+  if [ "${CONTAINER:-}" = yes ]; then
+    scripts/image.sh podman rm --force --time 0 iamlet-demo iamlet-demo-2 >/dev/null 2>&1 || true
+  fi
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for ns in "$POD_APP" "$POD_PLAIN" "$POD_IRSA" "$NODE"; do ip netns del "$ns" 2>/dev/null || true; done
@@ -72,11 +76,13 @@ node = json.load(urllib.request.urlopen(sys.argv[1] + "/api/v1/nodes/demo-node")
 print(json.dumps(node["spec"].get("taints") or []))' "$API"
 }
 
-# Starts iamlet as the DaemonSet's pod and waits until it is ready; the PID of the process
-# (or of podman, attached to the container) in $IAMLET.
-start_iamlet() {
+# Launches iamlet as the DaemonSet's pod named $1, logging to $WORK/$1.log: the PID of the
+# process (or of podman, attached to the container) in $IAMLET, its name in $IAMLET_NAME.
+# The node's state directory (/run/iamlet on a node) is the demo's own.
+launch_iamlet() {
+  IAMLET_NAME=$1
   local env=(AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-    AWS_ENDPOINT_URL_STS="$STS" POD_NAMESPACE=kube-system POD_NAME=iamlet-demo)
+    AWS_ENDPOINT_URL_STS="$STS" POD_NAMESPACE=kube-system POD_NAME="$IAMLET_NAME")
   local args=(--node=demo-node --api-server="$API" --host-ip="$HOST_IP" --iptables --host-interface=auto
     --base-role-arn=arn:aws:iam::123456789012:role/ --service-account-roles)
   if [ "$CONTAINER" = yes ]; then
@@ -85,26 +91,32 @@ start_iamlet() {
     # the DaemonSet mounts the node's.
     local flags
     mapfile -t flags < <(scripts/image.sh run-flags --host-path="/etc/cni/net.d=$WORK/cni" \
-      --host-path="/var/lib/cni/results=$WORK/cni-results")
+      --host-path="/var/lib/cni/results=$WORK/cni-results" --host-path="/run/iamlet=$WORK/state")
     [ "${#flags[@]}" -gt 0 ] || { echo "demo: no podman flags from the DaemonSet (see above)" >&2; exit 1; }
     local envs=()
     for pair in "${env[@]}"; do envs+=(--env "$pair"); done
-    scripts/image.sh podman run --rm --pull=never --name iamlet-demo --network "ns:/run/netns/$NODE" \
+    scripts/image.sh podman run --rm --pull=never --name "$IAMLET_NAME" --network "ns:/run/netns/$NODE" \
       --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "${flags[@]}" "${envs[@]}" localhost/iamlet:demo \
-      "${args[@]}" --cni-conf-dir=/etc/cni/net.d --cni-results-dir=/var/lib/cni/results >"$WORK/iamlet.log" 2>&1 &
+      "${args[@]}" --cni-conf-dir=/etc/cni/net.d --cni-results-dir=/var/lib/cni/results \
+      --state-dir=/run/iamlet >"$WORK/$IAMLET_NAME.log" 2>&1 &
   else
     ip netns exec "$NODE" env -i PATH="$PATH" "${env[@]}" "$BIN" "${args[@]}" --cni-conf-dir="$WORK/cni" \
-      --cni-results-dir="$WORK/cni-results" >"$WORK/iamlet.log" 2>&1 &
+      --cni-results-dir="$WORK/cni-results" --state-dir="$WORK/state" >"$WORK/$IAMLET_NAME.log" 2>&1 &
   fi
   IAMLET=$!
   PIDS+=("$IAMLET")
+}
+
+# Starts iamlet as the DaemonSet's pod and waits until it is ready.
+start_iamlet() {
+  launch_iamlet iamlet-demo
   for _ in $(seq 1 150); do
     in_node .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$HOST_IP:8182/readyz', timeout=1)" 2>/dev/null && return 0
-    kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/iamlet.log"; exit 1; }
+    kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/$IAMLET_NAME.log"; exit 1; }
     sleep 0.2
   done
   echo "demo: iamlet was not ready in 30 s" >&2
-  cat "$WORK/iamlet.log"
+  cat "$WORK/$IAMLET_NAME.log"
   exit 1
 }
 
@@ -112,14 +124,14 @@ start_iamlet() {
 # it logged while stopping.
 stop_iamlet() {
   local lines status=0
-  lines=$(wc -l <"$WORK/iamlet.log")
+  lines=$(wc -l <"$WORK/$IAMLET_NAME.log")
   if [ "$CONTAINER" = yes ]; then
-    scripts/image.sh podman stop --time 30 iamlet-demo >/dev/null
+    scripts/image.sh podman stop --time 30 "$IAMLET_NAME" >/dev/null
   else
     kill -TERM "$IAMLET"
   fi
   wait "$IAMLET" || status=$?
-  tail -n +"$((lines + 1))" "$WORK/iamlet.log" | sed 's/^/  iamlet | /'
+  tail -n +"$((lines + 1))" "$WORK/$IAMLET_NAME.log" | sed 's/^/  iamlet | /'
   echo "iamlet exited $status"
 }
 
@@ -226,7 +238,7 @@ else
   step "Starting iamlet with --iptables on the node, as a process (podman is not installed)"
 fi
 start_iamlet
-sed 's/^/  iamlet | /' "$WORK/iamlet.log"
+sed 's/^/  iamlet | /' "$WORK/iamlet-demo.log"
 echo "iamlet's rules in the node's nat and filter tables (the DNAT, and the backstop refusing what is not redirected):"
 our_rules | sed 's/^/  /'
 echo "iamlet's pod port binding (nftables, from the CNI's records): each pod's address is accepted only from its own port and MAC:"
@@ -278,19 +290,44 @@ import urllib.request, urllib.error
 try: urllib.request.urlopen('http://169.254.169.254/latest/meta-data/iam/security-credentials/')
 except urllib.error.HTTPError as e: print('  GET meta-data/iam/security-credentials/ ->', e.code, e.read().decode().strip())"
 
-step "A rolling update: SIGTERM (podman stop) while the DaemonSet exists. The rules stay; the pod is refused meanwhile"
-stop_iamlet
-our_rules | sed 's/^/  /'
+step "A rolling update with maxSurge: the successor starts beside iamlet and takes over its sockets, cached credentials and rules, while the pod keeps asking with the token it took before"
+# The pod: one IMDSv2 token (6 hours), then its credentials every 10 ms on a new connection,
+# until the stop file appears; every refusal and error answer is counted.
 ip netns exec "$POD_APP" .venv/bin/python -c "
-import socket
-try:
-    socket.create_connection(('169.254.169.254', 80), timeout=2)
-    print('  the pod reached something: not expected'); raise SystemExit(1)
-except ConnectionRefusedError:
-    print('  (pod) connect 169.254.169.254:80 -> connection refused: no credentials at all, never the node\'s')"
-
-step "The successor starts: it finds the rules in place and leaves one set"
-start_iamlet
+import os, sys, time, urllib.request
+base = 'http://169.254.169.254/latest'
+token = urllib.request.urlopen(urllib.request.Request(base + '/api/token', method='PUT',
+    headers={'X-aws-ec2-metadata-token-ttl-seconds': '21600'}), timeout=2).read().decode()
+served, failed = 0, []
+while not os.path.exists(sys.argv[1]):
+    try:
+        request = urllib.request.Request(base + '/meta-data/iam/security-credentials/demo-app',
+                                         headers={'X-aws-ec2-metadata-token': token, 'Connection': 'close'})
+        urllib.request.urlopen(request, timeout=2).read()
+        served += 1
+    except Exception as error:
+        failed.append(repr(error))
+    time.sleep(0.01)
+print(f'  (pod) {served} answers during the update, {len(failed)} refused or failed, with its token from before', failed[:3])
+sys.exit(1 if failed or not served else 0)" "$WORK/stop-asking" &
+ASKING=$!
+PREDECESSOR=$IAMLET PREDECESSOR_NAME=$IAMLET_NAME
+launch_iamlet iamlet-demo-2
+for _ in $(seq 1 150); do
+  grep -q "took over from the predecessor" "$WORK/$IAMLET_NAME.log" && break
+  kill -0 "$IAMLET" 2>/dev/null || { cat "$WORK/$IAMLET_NAME.log"; exit 1; }
+  sleep 0.2
+done
+grep -q "took over from the predecessor" "$WORK/$IAMLET_NAME.log" || { echo "demo: no takeover in 30 s" >&2; cat "$WORK/$IAMLET_NAME.log"; exit 1; }
+grep -E "hand-over|adopted|took over|token key" "$WORK/$IAMLET_NAME.log" | sed 's/^/  successor | /'
+SUCCESSOR=$IAMLET SUCCESSOR_NAME=$IAMLET_NAME
+IAMLET=$PREDECESSOR IAMLET_NAME=$PREDECESSOR_NAME
+echo "The DaemonSet controller then stops the old pod (SIGTERM): it exits, keeping the rules for its successor"
+stop_iamlet
+IAMLET=$SUCCESSOR IAMLET_NAME=$SUCCESSOR_NAME
+touch "$WORK/stop-asking"
+wait "$ASKING" || { echo "demo: the pod noticed the update" >&2; exit 1; }
+echo "One set of rules, the successor's:"
 our_rules | sed 's/^/  /'
 cli_in_app_pod
 

@@ -188,12 +188,13 @@ impl AdminService {
             .credentials
             .snapshot()
             .into_iter()
-            .map(|(key, expiration)| {
+            .map(|(key, expiration, refresh_at)| {
                 let tags: serde_json::Map<String, serde_json::Value> =
                     key.tags.iter().flat_map(|tags| tags.iter()).map(|t| (t.key.to_string(), json!(t.value))).collect();
                 json!({"role": key.role.as_str(), "session": key.session_name.as_ref(),
                        "external_id": key.external_id.is_some(), "tags": tags,
-                       "expiration": humantime::format_rfc3339_seconds(expiration).to_string()})
+                       "expiration": humantime::format_rfc3339_seconds(expiration).to_string(),
+                       "refresh_at": humantime::format_rfc3339_seconds(refresh_at).to_string()})
             })
             .collect();
         let body = json!({"pods": pods, "namespaces": namespaces, "service_accounts": service_accounts,

@@ -146,9 +146,9 @@ impl CredentialCache {
         self.settings.sts_timeout
     }
 
-    /// Every cached key with its expiry, for `/debug/store`.
-    pub fn snapshot(&self) -> Vec<(Arc<CredentialKey>, SystemTime)> {
-        self.entries.iter().map(|(key, issued)| (key, issued.credentials.expiration)).collect()
+    /// Every cached key with its expiry and refresh point, for `/debug/store`.
+    pub fn snapshot(&self) -> Vec<(Arc<CredentialKey>, SystemTime, SystemTime)> {
+        self.entries.iter().map(|(key, issued)| (key, issued.credentials.expiration, issued.refresh_at)).collect()
     }
 
     async fn recent_failure(&self, key: &CredentialKey) -> Option<Arc<StsError>> {

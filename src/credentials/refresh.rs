@@ -147,7 +147,7 @@ mod tests {
         cache.get(&key("ns.gone")).await.unwrap();
         cache.get(&key("ns.here")).await.unwrap();
         cache.refresh_due().await;
-        let left: Vec<String> = cache.snapshot().iter().map(|(k, _)| k.session_name.to_string()).collect();
+        let left: Vec<String> = cache.snapshot().iter().map(|(k, _, _)| k.session_name.to_string()).collect();
         assert_eq!(left, ["ns.here"], "the departed pod's key is dropped, not refreshed");
         settle(&sts, 3).await;
         assert_eq!(sts.calls(), 3, "the live pod's due key was refreshed");

@@ -31,3 +31,4 @@ mod e2e_fail_closed;
 mod e2e_image;
 mod e2e_netns;
 mod e2e_spoofing;
+mod e2e_upgrade;
