@@ -79,6 +79,8 @@ pub enum Refusal {
 struct Open {
     total: usize,
     by_ip: HashMap<IpAddr, usize>,
+    /// Woken when the last connection closes.
+    none_left: Arc<tokio::sync::Notify>,
 }
 
 /// A connection's place among the open ones, given back when dropped.
@@ -91,6 +93,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.open.lock();
         open.total -= 1;
+        if open.total == 0 {
+            open.none_left.notify_waiters();
+        }
         if let Some(count) = open.by_ip.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
@@ -113,6 +118,10 @@ fn admit(open: &Arc<Mutex<Open>>, ip: IpAddr, limits: &Limits) -> Result<Slot, R
     state.total += 1;
     Ok(Slot { open: open.clone(), ip })
 }
+
+/// How long a draining server waits for its clients to close their connections themselves
+/// (each is answered with `Connection: close`) before it closes the idle ones.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Where a server is in its life. An agent's servers go through these in order, some
 /// skipped: a successor's wait for their predecessor's sockets, a predecessor's idle time
@@ -209,6 +218,21 @@ pub async fn serve<H, F>(
     }
     drop(listener);
     let _ = phase.wait_for(|phase| *phase == Phase::Draining).await;
+    // Before closing what is idle, the clients still using their connections get one more
+    // answer each, with `Connection: close`, and close them themselves: a connection closed
+    // by the server races with a request the client may be sending on it (a fresh connection
+    // whose first request is on its way looks idle too).
+    let linger = async {
+        loop {
+            let none_left = open.lock().none_left.clone();
+            let notified = none_left.notified();
+            if open.lock().total == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    let _ = tokio::time::timeout(LINGER.min(grace), linger).await;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace = %humantime::format_duration(grace), "connections still open after the grace period; closing them");
     }

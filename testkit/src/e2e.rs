@@ -228,6 +228,55 @@ pub fn botocore_in(pod: &Netns, sts_url: &str, env: &[(&str, &str)]) -> (i32, Va
     (output.status.code().unwrap_or(-1), parsed)
 }
 
+/// botocore's `InstanceMetadataFetcher` asking for the pod's credentials in a loop
+/// (`tests/clients/imds_loop.py`), one object throughout, with its defaults (1 s, 1 attempt),
+/// until a stop file appears; killed if the test fails first.
+pub struct BotocoreLoop(Option<std::process::Child>);
+
+impl BotocoreLoop {
+    /// Starts it in `pod`'s namespace (or here), asking `endpoint` (`http://host:port/`)
+    /// until `stop` exists.
+    pub fn start(pod: Option<&Netns>, endpoint: &str, stop: &std::path::Path) -> Self {
+        let python = venv_bin("python");
+        let script = crate::repo_root().join("tests/clients/imds_loop.py");
+        let mut command = match pod {
+            Some(pod) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &pod.name, python.to_str().unwrap()]);
+                command
+            }
+            None => Command::new(python),
+        };
+        let child = command
+            .arg(script)
+            .env_clear()
+            .envs(crate::clean_sdk_env())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint)
+            .env("STOP_FILE", stop)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("running python");
+        Self(Some(child))
+    }
+
+    /// Stops it (creating `stop`) and returns its summary: `served`, and `failures`.
+    pub async fn finish(mut self, stop: &std::path::Path) -> Value {
+        std::fs::write(stop, "").unwrap();
+        let child = self.0.take().expect("finished once");
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+        serde_json::from_slice(&output.stdout).expect("botocore's summary")
+    }
+}
+
+impl Drop for BotocoreLoop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// `aws sts get-caller-identity` in a pod namespace: the caller ARN, or the CLI's error.
 pub fn aws_cli_in(pod: &Netns, sts_url: &str) -> Result<String, String> {
     let aws = venv_bin("aws");

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use iamlet_testkit::e2e::{AGENT_NAMESPACE, AGENT_POD, E2e};
+use aws_config::imds::Client as ImdsClient;
+use iamlet_testkit::e2e::{AGENT_NAMESPACE, AGENT_POD, BotocoreLoop, E2e};
 use iamlet_testkit::netns::{Attach, METADATA_IP};
 use iamlet_testkit::{eventually, pod_client};
 use nix::sys::signal::Signal;
@@ -29,9 +30,14 @@ async fn a_surge_update_is_invisible_to_a_pod_and_an_uninstall_still_removes_eve
     eventually(30, "the pod's credentials prefetched", async || !e2e.sts.assume_role_calls().is_empty()).await;
     let calls_before = e2e.sts.assume_role_calls().len();
 
-    // The pod asks on a new connection every few milliseconds, with an IMDSv2 token taken
-    // before the updates, until told to stop; every refusal and error answer is kept.
+    // In the pod, until told to stop: a new connection every few milliseconds with an IMDSv2
+    // token taken before the updates, and aws-config's IMDS client, one object with the token
+    // it keeps (6 hours), one attempt per call; and botocore's fetcher in a loop. Every
+    // refusal and error answer is kept.
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_file = e2e.state.path().join("stop-asking");
+    let endpoint = format!("http://{METADATA_IP}/");
+    let botocore = BotocoreLoop::start(Some(e2e.pod_ns(app)), &endpoint, &stop_file);
     let asking = {
         let stop = stop.clone();
         e2e.pod_ns(app).run(move || async move {
@@ -39,6 +45,7 @@ async fn a_surge_update_is_invisible_to_a_pod_and_an_uninstall_still_removes_eve
             let ttl = [("x-aws-ec2-metadata-token-ttl-seconds", "21600")];
             let mut connection = pod_client::Connection::open(None, imds).await.unwrap();
             let token = pod_client::Reply::from(connection.send("PUT", "/latest/api/token", &ttl).await.unwrap()).body;
+            let sdk = ImdsClient::builder().max_attempts(1).build();
             let (mut served, mut failures) = (0, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 let header = [("x-aws-ec2-metadata-token", token.as_str())];
@@ -47,13 +54,17 @@ async fn a_surge_update_is_invisible_to_a_pod_and_an_uninstall_still_removes_eve
                     Ok(reply) => failures.push(format!("{} {}", reply.status, reply.body.trim())),
                     Err(error) => failures.push(error),
                 }
+                match sdk.get(CREDS).await {
+                    Ok(_) => served += 1,
+                    Err(error) => failures.push(format!("aws-config: {error:?}")),
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             (served, failures)
         })
     };
     let updates = async {
-        for update in 1..=2 {
+        for update in 1..=5 {
             let successor = e2e.agent(&["--host-interface=cni0"]);
             let successor = successor.env("POD_NAMESPACE", AGENT_NAMESPACE).env("POD_NAME", AGENT_POD).spawn();
             eventually(60, "the successor to take over", async || {
@@ -70,9 +81,13 @@ async fn a_surge_update_is_invisible_to_a_pod_and_an_uninstall_still_removes_eve
         agent
     };
     let ((served, failures), mut agent) = tokio::join!(asking, updates);
+    let botocore = botocore.finish(&stop_file).await;
     assert!(failures.is_empty(), "the pod noticed: {failures:?} ({served} answered)");
+    assert_eq!(botocore["failures"], serde_json::json!([]), "botocore: {botocore}");
+    assert!(botocore["served"].as_u64().unwrap() > 10, "{botocore}");
     assert!(served > 20, "the pod asked throughout ({served})");
-    assert_eq!(e2e.sts.assume_role_calls().len(), calls_before, "no AssumeRole for the updates");
+    let calls = e2e.sts.assume_role_calls();
+    assert_eq!(calls.len(), calls_before, "no AssumeRole for the updates: {calls:?}\n{}", agent.log());
     let repairs = agent.metric("iamlet_iptables_repairs_total").await.unwrap_or(0.0);
     assert_eq!(repairs, 0.0, "no repair undid the other agent's rules:\n{}", agent.log());
 

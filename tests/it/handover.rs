@@ -4,7 +4,7 @@
 //! with the node's state directory shared as `/run/iamlet` is.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,8 +12,8 @@ use std::time::Duration;
 use aws_config::imds::Client as ImdsClient;
 use iamlet_testkit::agent::{AgentCommand, AgentProcess};
 use iamlet_testkit::apiserver::{FakeApiServer, pod};
+use iamlet_testkit::e2e::BotocoreLoop;
 use iamlet_testkit::imds::FakeImds;
-use iamlet_testkit::moto::venv_bin;
 use iamlet_testkit::pod_client::{self, Connection};
 use iamlet_testkit::sts_proxy::StsProxy;
 use iamlet_testkit::{AgentFlags, eventually, free_port};
@@ -99,7 +99,7 @@ struct Load {
 impl Load {
     fn start(app: SocketAddr) -> Self {
         let (stop, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-        let tasks = RAW_PODS
+        let mut tasks: Vec<_> = RAW_PODS
             .iter()
             .map(|ip| {
                 let (stop, served, ip) = (stop.clone(), served.clone(), ip.parse::<IpAddr>().unwrap());
@@ -117,6 +117,20 @@ impl Load {
                 })
             })
             .collect();
+        // aws-config's client, one object, keeping its connection and its token throughout.
+        let (stop_sdk, served_sdk) = (stop.clone(), served.clone());
+        tasks.push(tokio::spawn(async move {
+            let sdk = aws_config_client(app);
+            let mut failures = Vec::new();
+            while !stop_sdk.load(Ordering::Relaxed) {
+                match sdk.get(CREDS).await {
+                    Ok(_) => drop(served_sdk.fetch_add(1, Ordering::Relaxed)),
+                    Err(error) => failures.push(format!("aws-config: {error:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            failures
+        }));
         Self { stop, served, tasks }
     }
 
@@ -137,42 +151,6 @@ fn aws_config_client(app: SocketAddr) -> ImdsClient {
     ImdsClient::builder().endpoint(format!("http://{app}")).unwrap().max_attempts(1).build()
 }
 
-/// botocore's fetcher in a loop (tests/clients/imds_loop.py); killed if the test fails first.
-struct Botocore(Option<std::process::Child>);
-
-impl Botocore {
-    /// Stops the loop (`stop` made) and returns its summary.
-    async fn finish(mut self, stop: &Path) -> serde_json::Value {
-        std::fs::write(stop, "").unwrap();
-        let child = self.0.take().unwrap();
-        let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
-        serde_json::from_slice(&output.stdout).expect("botocore's summary")
-    }
-}
-
-impl Drop for Botocore {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// botocore's fetcher in a loop until `stop` exists.
-fn botocore_loop(app: SocketAddr, stop: &Path) -> Botocore {
-    let child = std::process::Command::new(venv_bin("python"))
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/imds_loop.py"))
-        .env_clear()
-        .envs(iamlet_testkit::clean_sdk_env())
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("http://{app}/"))
-        .env("STOP_FILE", stop)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("running python");
-    Botocore(Some(child))
-}
-
 #[tokio::test]
 async fn five_rolling_updates_under_load_refuse_nothing_and_call_sts_for_nothing() {
     let node = Node::start().await;
@@ -182,7 +160,7 @@ async fn five_rolling_updates_under_load_refuse_nothing_and_call_sts_for_nothing
     let sdk = aws_config_client(node.app_addr());
     let first = sdk.get(CREDS).await.expect("aws-config's first call");
     let stop = node.state.path().join("stop");
-    let botocore = botocore_loop(node.app_addr(), &stop);
+    let botocore = BotocoreLoop::start(None, &format!("http://{}/", node.app_addr()), &stop);
     let load = Load::start(node.app_addr());
     let mut sdk_failures = Vec::new();
     for update in 0..5 {
