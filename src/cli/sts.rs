@@ -35,7 +35,8 @@ pub struct StsArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub sts_timeout: Duration,
 
-    /// Most STS AssumeRole calls in flight at once.
+    /// Most STS AssumeRole calls in flight at once. Prefetches and refreshes take a quarter
+    /// of them at most: a pod's request, which goes first, finds a free one.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub sts_concurrency: u16,
 

@@ -1,5 +1,6 @@
-//! The queue in front of STS: at most `--sts-concurrency` AssumeRole calls at once, and when
-//! calls wait, a pod's request goes first, then refreshes, then prefetches.
+//! The queue in front of STS: at most `--sts-concurrency` AssumeRole calls at once, of which
+//! prefetches and refreshes take at most a quarter, and when calls wait, a pod's request
+//! goes first, then refreshes, then prefetches.
 //!
 //! A FIFO made the first request after a restart wait behind the prefetches of every pod on
 //! the node (half a second with 110 pods). Here a request is served next, and a request for a
@@ -27,17 +28,26 @@ pub enum Priority {
 
 const PRIORITIES: usize = 3;
 
+/// The share of `--sts-concurrency` prefetches and refreshes may use together: the rest is
+/// kept for requests. On a cold start every pod's prefetch is queued at once; a request then
+/// finds a free turn, and STS (moto here, a shared endpoint in life) not busy with a burst.
+pub const BACKGROUND_SHARE: usize = 4;
+
 #[derive(Debug)]
 struct Waiter {
     id: u64,
     key: CredentialKey,
-    turn: oneshot::Sender<()>,
+    /// Sent the turn, and whether it counts as background work.
+    turn: oneshot::Sender<bool>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Calls that may start now.
     free: usize,
+    /// Prefetches and refreshes under way, and how many may be.
+    background: usize,
+    background_limit: usize,
     /// Waiting calls by priority, each in arrival order.
     waiting: [VecDeque<Waiter>; PRIORITIES],
     /// Keys a request is waiting for, and how many requests.
@@ -46,16 +56,30 @@ struct State {
 }
 
 impl State {
-    /// Hands a freed call to the most urgent waiter still there, or keeps it.
-    fn release(&mut self) {
-        for queue in &mut self.waiting {
-            while let Some(waiter) = queue.pop_front() {
-                if waiter.turn.send(()).is_ok() {
-                    return;
-                }
-            }
+    /// Gives a finished call's turn back (a background one's to the background too), then
+    /// hands free turns to the most urgent waiters still there.
+    fn release(&mut self, background: bool) {
+        if background {
+            self.background -= 1;
         }
         self.free += 1;
+        self.dispatch();
+    }
+
+    fn dispatch(&mut self) {
+        while self.free > 0 {
+            let queue = match self.waiting.iter().position(|queue| !queue.is_empty()) {
+                Some(0) => 0,
+                Some(queue) if self.background < self.background_limit => queue,
+                _ => return,
+            };
+            let waiter = self.waiting[queue].pop_front().expect("not empty");
+            let background = queue != Priority::Demand as usize;
+            if waiter.turn.send(background).is_ok() {
+                self.free -= 1;
+                self.background += usize::from(background);
+            }
+        }
     }
 }
 
@@ -66,9 +90,12 @@ pub struct StsQueue {
 }
 
 impl StsQueue {
-    /// A queue letting `concurrency` calls run at once (at least one).
+    /// A queue letting `concurrency` calls run at once (at least one), prefetches and
+    /// refreshes a quarter of them (at least one).
     pub fn new(concurrency: usize) -> Self {
-        Self { state: Arc::new(Mutex::new(State { free: concurrency.max(1), ..State::default() })) }
+        let free = concurrency.max(1);
+        let background_limit = (free / BACKGROUND_SHARE).max(1);
+        Self { state: Arc::new(Mutex::new(State { free, background_limit, ..State::default() })) }
     }
 
     /// Waits for a turn to call STS for `key`, with `priority`, or with a request's priority
@@ -76,11 +103,14 @@ impl StsQueue {
     pub async fn turn(&self, key: &CredentialKey, priority: Priority) -> Permit {
         let (id, turn) = {
             let mut state = self.state.lock();
-            if state.free > 0 {
-                state.free -= 1;
-                return Permit { state: self.state.clone() };
-            }
             let priority = if state.demanded.contains_key(key) { Priority::Demand } else { priority };
+            let background = priority != Priority::Demand;
+            let queued = state.waiting.iter().any(|queue| !queue.is_empty());
+            if state.free > 0 && !queued && (!background || state.background < state.background_limit) {
+                state.free -= 1;
+                state.background += usize::from(background);
+                return Permit { state: self.state.clone(), background };
+            }
             let (sender, turn) = oneshot::channel();
             state.next_id += 1;
             let id = state.next_id;
@@ -89,9 +119,9 @@ impl StsQueue {
         };
         let mut waiting = Waiting { state: &self.state, id, turn };
         // The sender is only dropped after a successful send or by `Waiting::drop`.
-        let _ = (&mut waiting.turn).await;
+        let background = (&mut waiting.turn).await.unwrap_or(false);
         waiting.id = 0;
-        Permit { state: self.state.clone() }
+        Permit { state: self.state.clone(), background }
     }
 
     /// A request waits for `key`: until the returned guard is dropped, a call for `key`
@@ -108,6 +138,8 @@ impl StsQueue {
         }
         if let Some(waiter) = promoted {
             state.waiting[Priority::Demand as usize].push_back(waiter);
+            // A free turn the background could not take is the request's.
+            state.dispatch();
         }
         Demand { state: self.state.clone(), key: key.clone() }
     }
@@ -124,11 +156,12 @@ impl StsQueue {
 #[derive(Debug)]
 pub struct Permit {
     state: Arc<Mutex<State>>,
+    background: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.state.lock().release();
+        self.state.lock().release(self.background);
     }
 }
 
@@ -157,7 +190,7 @@ struct Waiting<'a> {
     state: &'a Mutex<State>,
     /// Zero once the turn was taken.
     id: u64,
-    turn: oneshot::Receiver<()>,
+    turn: oneshot::Receiver<bool>,
 }
 
 impl Drop for Waiting<'_> {
@@ -173,8 +206,8 @@ impl Drop for Waiting<'_> {
             }
         }
         // Not in the queue: the turn was sent to it under the lock. Pass it on.
-        if self.turn.try_recv().is_ok() {
-            state.release();
+        if let Ok(background) = self.turn.try_recv() {
+            state.release(background);
         }
     }
 }
@@ -269,14 +302,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn concurrency_bounds_the_calls_at_once() {
-        let queue = StsQueue::new(2);
-        let a = queue.turn(&key("a"), Priority::Prefetch).await;
-        let _b = queue.turn(&key("b"), Priority::Prefetch).await;
-        let c = key("c");
-        let third = tokio::time::timeout(Duration::from_millis(5), queue.turn(&c, Priority::Demand));
-        assert!(third.await.is_err(), "a third waits");
-        drop(a);
-        let _c = queue.turn(&key("c"), Priority::Demand).await;
+    async fn concurrency_bounds_the_calls_and_the_background_a_quarter_of_them() {
+        let queue = StsQueue::new(8);
+        let keys: Vec<CredentialKey> = (0..10).map(|i| key(&format!("k{i}"))).collect();
+        let first = queue.turn(&keys[0], Priority::Prefetch).await;
+        let _second = queue.turn(&keys[1], Priority::Refresh).await;
+        let third = tokio::time::timeout(Duration::from_millis(5), queue.turn(&keys[2], Priority::Prefetch));
+        assert!(third.await.is_err(), "prefetches and refreshes take 2 of 8 turns at most");
+        let mut requests = Vec::new();
+        for key in &keys[3..9] {
+            let turn = tokio::time::timeout(Duration::from_millis(5), queue.turn(key, Priority::Demand));
+            requests.push(turn.await.expect("requests find the other 6 free"));
+        }
+        let ninth = tokio::time::timeout(Duration::from_millis(5), queue.turn(&keys[9], Priority::Demand));
+        assert!(ninth.await.is_err(), "8 at once in all");
+        drop(requests.pop());
+        let _tenth = queue.turn(&keys[9], Priority::Demand).await;
+        drop(first);
+        let _again = queue.turn(&keys[2], Priority::Prefetch).await;
     }
 }

@@ -73,7 +73,12 @@ pub struct Handing {
 pub async fn serve(dir: StateDir, handing: Handing, mut leaving: watch::Receiver<bool>) {
     let path = dir.file(SOCKET);
     let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    // 0600 like every file in the directory; the peer's uid is checked on every connection too.
+    let bound = UnixListener::bind(&path).and_then(|listener| {
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(crate::state::FILE_MODE))?;
+        Ok(listener)
+    });
+    let listener = match bound {
         Ok(listener) => listener,
         Err(error) => {
             tracing::warn!(path = %path.display(), %error, "cannot listen for a successor: the next restart will start cold");

@@ -283,6 +283,9 @@ async fn only_iamlets_uid_may_take_over_and_nothing_secret_is_logged() {
     use std::os::unix::fs::PermissionsExt;
     let dir = node.state_dir();
     assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    for file in ["token-key", "handover.sock"] {
+        assert_eq!(std::fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777, 0o600, "{file}");
+    }
     std::fs::set_permissions(node.state.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(dir.join("handover.sock"), std::fs::Permissions::from_mode(0o777)).unwrap();
