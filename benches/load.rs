@@ -366,9 +366,9 @@ async fn startup_only(d: &Durations) -> Value {
     let fakes = Fakes::start().await;
     let (agent, _, _) = fakes.start_node(NODE_PODS).await;
     let cold_start = cold_start(&fakes.api, &agent, d.cold_pods).await;
-    let (restart_gap, agent) = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
+    let (restart_gap, agent) = restart_gap(&fakes, agent, NODE_PODS, NODE_PODS + d.cold_pods, d.restarts).await;
     json!({"binary": iamlet_testkit::agent::binary(), "cold_start": cold_start, "restart_gap": restart_gap,
-           "rolling_update": rolling_update(&fakes, agent, NODE_PODS, d.restarts).await})
+           "rolling_update": rolling_update(&fakes, agent, NODE_PODS, NODE_PODS + d.cold_pods, d.restarts).await})
 }
 
 /// Every phase in order, on one node (and a second, very busy one for scale); the report.
@@ -389,9 +389,9 @@ async fn bench(d: Durations) {
     report["sts"]["agent_errors"] = assume_role_errors(&agent.log());
     report["exhaustion"] = exhaustion(&agent).await;
     report["churn"] = churn(&fakes.api, &agent).await;
-    let (restart_gap, agent) = restart_gap(&fakes, agent, NODE_PODS, d.restarts).await;
+    let (restart_gap, agent) = restart_gap(&fakes, agent, NODE_PODS, NODE_PODS + d.cold_pods, d.restarts).await;
     report["restart_gap"] = restart_gap;
-    report["rolling_update"] = rolling_update(&fakes, agent, NODE_PODS, d.restarts).await;
+    report["rolling_update"] = rolling_update(&fakes, agent, NODE_PODS, NODE_PODS + d.cold_pods, d.restarts).await;
     report["image"] = image(&fakes, d.restarts).await;
     report["scale"] = scale((rss, anon, ready)).await;
     report["binding"] = binding(&d).await;
@@ -678,9 +678,15 @@ async fn settled_rss(agent: &AgentProcess) -> (f64, f64) {
 /// the same ports and state directory, as the kubelet restarts a crashed container. Each gap
 /// runs from the successor's process start until a pod (a different one each time, asking as
 /// soon as anything answers) gets its credentials: while iamlet's rules are kept, that is how
-/// long pods are refused. Also counted: the AssumeRole calls each crash costs (every pod's
-/// credentials fetched again, once).
-async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restarts: usize) -> (Value, AgentProcess) {
+/// long pods are refused. Also counted: the AssumeRole calls each crash costs (every one of
+/// the node's `with_roles` pods' credentials fetched again, once).
+async fn restart_gap(
+    fakes: &Fakes,
+    mut agent: AgentProcess,
+    pods: usize,
+    with_roles: usize,
+    restarts: usize,
+) -> (Value, AgentProcess) {
     let (app_port, admin_port) = (agent.app.port(), agent.admin.port());
     let mut gaps = Vec::new();
     let mut calls = Vec::new();
@@ -695,7 +701,7 @@ async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restar
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         gaps.push(agent.uptime());
-        wait_prefetched(&agent, pods).await;
+        wait_prefetched(&agent, with_roles).await;
         calls.push(fakes.sts.assume_role_calls().len() - before);
     }
     gaps.sort();
@@ -711,10 +717,18 @@ async fn restart_gap(fakes: &Fakes, mut agent: AgentProcess, pods: usize, restar
 
 /// `updates` rolling updates as a DaemonSet with `maxSurge: 1` makes them: the successor
 /// started beside the agent, the predecessor SIGTERMed once the successor says it took over.
-/// Meanwhile every pod asks on a new connection per request (8 at a time): every refused
-/// connection and error answer is counted, and the AssumeRole calls the updates cost.
-async fn rolling_update(fakes: &Fakes, mut agent: AgentProcess, pods: usize, updates: usize) -> Value {
+/// Meanwhile the node's first `pods` pods ask on a new connection per request (8 at a time):
+/// every refused connection and error answer is counted, and the AssumeRole calls the
+/// updates cost, once the agent has every one of the node's `with_roles` pods' credentials.
+async fn rolling_update(
+    fakes: &Fakes,
+    mut agent: AgentProcess,
+    pods: usize,
+    with_roles: usize,
+    updates: usize,
+) -> Value {
     let (app_port, admin_port) = (agent.app.port(), agent.admin.port());
+    wait_prefetched(&agent, with_roles).await;
     let before = fakes.sts.assume_role_calls().len();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..8)
