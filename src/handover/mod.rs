@@ -218,8 +218,11 @@ pub async fn take_over(dir: &StateDir) -> Start {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             return cold("no predecessor on this node since it booted".into());
         }
+        // An agent ran here on this boot: it crashed (its ports are free), or it is stopping
+        // (a deleted pod's drain: its ports are released within its grace period).
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return cold("no predecessor answering (it crashed or was killed)".into());
+            let why = "no predecessor answering (it crashed, was killed, or is stopping)".to_string();
+            return Start::Cold { why, predecessor: true };
         }
         Err(error) => return cold(format!("cannot reach the predecessor at {}: {error}", path.display())),
     };
