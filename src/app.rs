@@ -45,6 +45,15 @@ pub enum StartupError {
     /// A listening port could not be bound.
     #[error("cannot listen on {addr} ({flag}): {source}{hint}")]
     Bind { flag: &'static str, addr: SocketAddr, source: std::io::Error, hint: &'static str },
+    /// A port iamlet listens on is held by a process of another user: with iamlet's rules kept
+    /// (after a crash), pods' metadata requests reach that process.
+    #[error(
+        "cannot listen on {addr} ({flag}): a process of uid {holder}, not iamlet's, holds it, and pods' metadata requests \
+         reach it while it does: find it on the node with `ss -ltnp 'sport = :{}'` and stop it (a port below 1024 \
+         cannot be taken by an unprivileged process)",
+        addr.port()
+    )]
+    Squatted { flag: &'static str, addr: SocketAddr, holder: u32 },
     /// The Kubernetes API server configuration could not be loaded.
     #[error("cannot configure the Kubernetes client")]
     Kube(#[from] crate::cluster::client::ClientError),
@@ -415,6 +424,11 @@ impl Listeners {
     }
 }
 
+/// The uid holding `addr`'s port, when it is not iamlet's own: no predecessor of iamlet's.
+fn squatter(addr: SocketAddr) -> Option<u32> {
+    crate::http::listener_uid(addr).filter(|holder| *holder != nix::unistd::geteuid().as_raw())
+}
+
 /// A listening socket handed over by the predecessor, for tokio.
 fn adopt(flag: &'static str, addr: SocketAddr, listener: std::net::TcpListener) -> Result<TcpListener, StartupError> {
     listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)).map_err(|source| StartupError::Bind {
@@ -433,6 +447,11 @@ async fn bind(flag: &'static str, addr: SocketAddr, wait: bool) -> Result<TcpLis
     loop {
         match TcpListener::bind(addr).await {
             Ok(listener) => return Ok(listener),
+            Err(source) if source.kind() == std::io::ErrorKind::AddrInUse && squatter(addr).is_some() => {
+                let holder = squatter(addr).unwrap_or_default();
+                tracing::error!(%addr, flag, holder, "iamlet's port is held by a process of another user");
+                return Err(StartupError::Squatted { flag, addr, holder });
+            }
             Err(source)
                 if wait && source.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline =>
             {

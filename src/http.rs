@@ -238,9 +238,66 @@ pub async fn serve<H, F>(
     }
 }
 
+/// The uid of the process listening on `addr`'s port (on that address or a wildcard one), from
+/// `/proc/net/tcp` and `tcp6`: who holds a port iamlet cannot bind.
+pub fn listener_uid(addr: SocketAddr) -> Option<u32> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .find_map(|table| listening_uid(&table, addr))
+}
+
+/// The uid of a listening socket in a `/proc/net/tcp{,6}` table that conflicts with `addr`.
+fn listening_uid(table: &str, addr: SocketAddr) -> Option<u32> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, uid) = (fields.get(1)?, fields.get(3)?, fields.get(7)?);
+        let (ip, port) = local.split_once(':')?;
+        let ip = proc_ip(ip)?;
+        let same = u16::from_str_radix(port, 16).ok()? == addr.port()
+            && (ip == addr.ip() || ip.is_unspecified() || addr.ip().is_unspecified());
+        (*state == "0A" && same).then(|| uid.parse().ok()).flatten()
+    })
+}
+
+/// An address as `/proc/net/tcp` writes it: the kernel's 32-bit words, each in host order.
+fn proc_ip(hex: &str) -> Option<IpAddr> {
+    let words: Option<Vec<u32>> =
+        (0..hex.len() / 8).map(|i| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()).collect();
+    let bytes: Vec<u8> = words?.iter().flat_map(|word| word.to_ne_bytes()).collect();
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?).to_canonical()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holder_of_a_port_is_found_in_the_kernels_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100FE0A:1FF5 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65534        0 1 1
+   1: 00000000:1FF6 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0100FE0A:0050 0200FE0A:C350 01 00000000:00000000 00:00000000 00000000  1000        0 3 1
+";
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        assert_eq!(listening_uid(table, addr("10.254.0.1:8181")), Some(65534), "10.254.0.1:8181 is 0100FE0A:1FF5");
+        assert_eq!(listening_uid(table, addr("0.0.0.0:8181")), Some(65534));
+        assert_eq!(listening_uid(table, addr("10.254.0.1:8182")), Some(0), "a wildcard listener conflicts");
+        assert_eq!(listening_uid(table, addr("10.254.0.1:80")), None, "not listening");
+        assert_eq!(listening_uid(table, addr("10.254.0.2:8181")), None);
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid
+   0: 00000000000000000000000001000000:1FF5 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1234
+";
+        assert_eq!(listening_uid(v6, addr("[::1]:8181")), Some(1234));
+        // Our own listener, as the kernel shows it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        assert_eq!(listener_uid(listener.local_addr().unwrap()), Some(uid));
+    }
 
     #[test]
     fn connections_are_bounded_per_ip_and_in_total_and_given_back() {

@@ -82,19 +82,25 @@ impl StateDir {
     /// # Errors
     /// When the file exists but cannot be read.
     pub fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-        let path = self.file(name);
-        let metadata = match fs::symlink_metadata(&path) {
-            Ok(metadata) => metadata,
+        // Checked on the file opened, not on the path: nothing can be swapped in between.
+        let opened = OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW).open(self.file(name));
+        let mut file = match opened {
+            Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // A symbolic link (ELOOP): not one iamlet wrote.
+            Err(error) if error.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(None),
             Err(error) => return Err(error),
         };
+        let metadata = file.metadata()?;
         let ours = metadata.is_file()
             && metadata.uid() == nix::unistd::geteuid().as_raw()
             && metadata.mode() & 0o7777 == FILE_MODE;
         if !ours {
             return Ok(None);
         }
-        fs::read(&path).map(Some)
+        let mut contents = Vec::new();
+        io::Read::read_to_end(&mut file, &mut contents)?;
+        Ok(Some(contents))
     }
 
     /// Creates `name` with `contents` unless it exists. Returns whether it was created: when
@@ -195,5 +201,10 @@ mod tests {
         fs::write(dir.file("key"), "planted").unwrap();
         fs::set_permissions(dir.file("key"), fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(dir.read("key").unwrap(), None, "a mode wider than 0600");
+        let elsewhere = root.path().join("elsewhere");
+        fs::write(&elsewhere, "planted").unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.file("link")).unwrap();
+        assert_eq!(dir.read("link").unwrap(), None, "a symbolic link, even to a 0600 file of ours");
     }
 }

@@ -321,3 +321,44 @@ print(len(data), len(fds))
     let key = key.lines().find_map(|line| line.strip_prefix("key ")).unwrap();
     assert!(!log.contains(key), "the token key in the log");
 }
+
+#[tokio::test]
+#[ignore = "needs root (to play another uid): scripts/test.sh runs it as root"]
+async fn a_port_taken_by_another_user_while_no_agent_runs_is_named_not_waited_for() {
+    iamlet_testkit::netns::require_root();
+    let node = Node::start().await;
+    // While no agent runs (after a crash, its rules kept), an unprivileged process binds the
+    // metadata port and answers whoever connects: the attack, shown working.
+    let script = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nevil")
+    c.close()
+"#;
+    let mut squatter = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script])
+        .arg(node.app.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()), &mut ready).unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let answer = pod_client::get(RAW_PODS[0], node.app_addr(), CREDS).await;
+    assert_eq!(answer.body, "evil", "the squatter answers the pods");
+
+    // iamlet does not wait for it as for a predecessor: it says who holds the port, and stops.
+    let mut agent = node.agent().spawn();
+    let status = agent.exit(Duration::from_secs(20)).await;
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(log.contains("a process of uid 65534, not iamlet's, holds it"), "{log}");
+}
