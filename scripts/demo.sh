@@ -135,6 +135,12 @@ stop_iamlet() {
   echo "iamlet exited $status"
 }
 
+# The DaemonSet's pod named $1 on the node, as the DaemonSet controller creates it.
+agent_pod() {
+  echo '{"metadata": {"name": "'"$1"'", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "iamlet", "uid": "demo", "controller": true}]}, "spec": {"nodeName": "demo-node", "hostNetwork": true, "containers": [{"name": "iamlet", "image": "iamlet"}]}, "status": {"phase": "Running", "podIP": "'"$HOST_IP"'"}}' |
+    create /api/v1/namespaces/kube-system/pods
+}
+
 # iamlet's rules in the node's nat and filter tables.
 our_rules() {
   { in_node iptables-save -t nat 2>/dev/null; in_node iptables-save -t filter 2>/dev/null; } | grep -E 'IAMLET' || true
@@ -228,8 +234,7 @@ echo '{"metadata": {"name": "demo-node"}, "spec": {"taints": [{"key": "iamlet.io
   create /api/v1/nodes
 echo '{"metadata": {"name": "iamlet"}, "spec": {"selector": {"matchLabels": {"app": "iamlet"}}, "template": {"metadata": {"labels": {"app": "iamlet"}}, "spec": {"hostNetwork": true, "tolerations": [{"operator": "Exists"}], "containers": [{"name": "iamlet", "image": "iamlet"}]}}}}' |
   create /apis/apps/v1/namespaces/kube-system/daemonsets
-echo '{"metadata": {"name": "iamlet-demo", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "iamlet", "uid": "demo", "controller": true}]}, "spec": {"nodeName": "demo-node", "hostNetwork": true, "containers": [{"name": "iamlet", "image": "iamlet"}]}, "status": {"phase": "Running", "podIP": "'"$HOST_IP"'"}}' |
-  create /api/v1/namespaces/kube-system/pods
+agent_pod iamlet-demo
 echo "node taints: $(node_taints)"
 
 if [ "$CONTAINER" = yes ]; then
@@ -312,6 +317,7 @@ print(f'  (pod) {served} answers during the update, {len(failed)} refused or fai
 sys.exit(1 if failed or not served else 0)" "$WORK/stop-asking" &
 ASKING=$!
 PREDECESSOR=$IAMLET PREDECESSOR_NAME=$IAMLET_NAME
+agent_pod iamlet-demo-2
 launch_iamlet iamlet-demo-2
 for _ in $(seq 1 150); do
   grep -q "took over from the predecessor" "$WORK/$IAMLET_NAME.log" && break

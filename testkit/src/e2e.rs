@@ -87,9 +87,14 @@ impl E2e {
             DAEMONSET,
             json!({"hostNetwork": true, "tolerations": [{"operator": "Exists"}], "containers": [{"name": "iamlet"}]}),
         );
-        self.api.create_pod(
-            pod(AGENT_NAMESPACE, AGENT_POD).ip(HOST_IP).host_network().owned_by_daemonset(DAEMONSET).build(),
-        );
+        self.add_agent_pod(AGENT_POD);
+    }
+
+    /// Another pod of the DaemonSet on the node (a surge update's successor), in the API
+    /// server, as the DaemonSet controller creates it.
+    pub fn add_agent_pod(&self, name: &str) {
+        self.api
+            .create_pod(pod(AGENT_NAMESPACE, name).ip(HOST_IP).host_network().owned_by_daemonset(DAEMONSET).build());
     }
 
     /// Starts the agent as the DaemonSet's pod (`POD_NAME`, `POD_NAMESPACE` from the

@@ -64,14 +64,20 @@ async fn a_surge_update_is_invisible_to_a_pod_and_an_uninstall_still_removes_eve
         })
     };
     let updates = async {
+        let mut name = AGENT_POD.to_string();
         for update in 1..=5 {
+            // The DaemonSet controller creates the surge pod, then deletes the old one once
+            // the new one is ready.
+            let successor_name = format!("iamlet-surge-{update}");
+            e2e.add_agent_pod(&successor_name);
             let successor = e2e.agent(&["--host-interface=cni0"]);
-            let successor = successor.env("POD_NAMESPACE", AGENT_NAMESPACE).env("POD_NAME", AGENT_POD).spawn();
+            let successor = successor.env("POD_NAMESPACE", AGENT_NAMESPACE).env("POD_NAME", &successor_name).spawn();
             eventually(60, "the successor to take over", async || {
                 successor.log().contains("took over from the predecessor")
             })
             .await;
             let log = agent.terminate().await;
+            e2e.api.delete_pod(AGENT_NAMESPACE, &std::mem::replace(&mut name, successor_name));
             assert!(log.contains("keeping iamlet's rules: the successor keeps them now"), "update {update}: {log}");
             assert_eq!((e2e.our_rules("v4"), e2e.our_backstop("v4")), ((1, 1), (1, 1)), "update {update}: one set");
             assert_eq!(e2e.our_binding().as_ref(), Some(&binding), "update {update}: the binding as it was");
