@@ -112,11 +112,6 @@ impl RunningAgent {
             rules.finish(handed_over).await;
         }
     }
-
-    /// How far a hand-over to a successor has come.
-    pub fn handover(&self) -> Progress {
-        *self.progress.borrow()
-    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then drains, unless a second signal comes first.

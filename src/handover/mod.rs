@@ -228,38 +228,35 @@ pub async fn take_over(dir: &StateDir) -> Start {
     };
     match tokio::time::timeout(EXCHANGE_TIMEOUT, receive_inheritance(&mut stream)).await {
         Ok(Ok((listeners, credentials))) => Start::Inherited(Inheritance { listeners, credentials, link: stream }),
-        Ok(Err(Refusal::Refused(why))) => Start::Cold { why, predecessor: true },
-        Ok(Err(Refusal::Failed(why))) => Start::Cold { why, predecessor: true },
+        Ok(Err(Refusal(why))) => Start::Cold { why, predecessor: true },
         Err(_) => Start::Cold { why: "the predecessor did not hand over in time".into(), predecessor: true },
     }
 }
 
-enum Refusal {
-    Refused(String),
-    Failed(String),
-}
+/// Why a predecessor handed nothing over (it refused, or the exchange failed).
+struct Refusal(String);
 
 impl From<WireError> for Refusal {
     fn from(error: WireError) -> Self {
-        Refusal::Failed(format!("hand-over failed: {error}"))
+        Refusal(format!("hand-over failed: {error}"))
     }
 }
 
 type Inherited = (Vec<(Offered, std::net::TcpListener)>, Vec<(CredentialKey, Issued)>);
 
 async fn receive_inheritance(stream: &mut UnixStream) -> Result<Inherited, Refusal> {
-    check_peer(stream).map_err(Refusal::Failed)?;
+    check_peer(stream).map_err(Refusal)?;
     wire::send(stream, &Message::Hello { protocol: PROTOCOL, pid: std::process::id() }).await?;
     let (offer, fds) = wire::receive_with_fds(stream).await?;
     let offered = match offer {
         Message::Offer { protocol: PROTOCOL, listeners } => listeners,
         Message::Refused { protocol, reason } => {
-            return Err(Refusal::Refused(format!("the predecessor (hand-over protocol {protocol}) refused: {reason}")));
+            return Err(Refusal(format!("the predecessor (hand-over protocol {protocol}) refused: {reason}")));
         }
-        other => return Err(Refusal::Failed(format!("expected an offer, got {}", name(&other)))),
+        other => return Err(Refusal(format!("expected an offer, got {}", name(&other)))),
     };
     if offered.len() != fds.len() {
-        return Err(Refusal::Failed(format!("{} listeners offered, {} received", offered.len(), fds.len())));
+        return Err(Refusal(format!("{} listeners offered, {} received", offered.len(), fds.len())));
     }
     let mut listeners = Vec::with_capacity(fds.len());
     for (offered, fd) in offered.into_iter().zip(fds) {
@@ -267,12 +264,12 @@ async fn receive_inheritance(stream: &mut UnixStream) -> Result<Inherited, Refus
         // A descriptor that is not the listening socket the offer names is refused.
         match listener.local_addr() {
             Ok(addr) if addr == offered.addr => listeners.push((offered, listener)),
-            _ => return Err(Refusal::Failed(format!("the {} socket offered is not {}", offered.name, offered.addr))),
+            _ => return Err(Refusal(format!("the {} socket offered is not {}", offered.name, offered.addr))),
         }
     }
     let credentials = match wire::receive(stream).await? {
         Message::Credentials { entries } => entries.into_iter().filter_map(Entry::into_parts).collect(),
-        other => return Err(Refusal::Failed(format!("expected credentials, got {}", name(&other)))),
+        other => return Err(Refusal(format!("expected credentials, got {}", name(&other)))),
     };
     Ok((listeners, credentials))
 }

@@ -27,7 +27,10 @@ async fn a_surge_update_is_invisible_to_a_pod_and_an_uninstall_still_removes_eve
     e2e.install_daemonset();
     let mut agent = e2e.start_daemonset_agent(&["--host-interface=cni0"]).await;
     let binding = e2e.our_binding().expect("the pod port binding");
-    eventually(30, "the pod's credentials prefetched", async || !e2e.sts.assume_role_calls().is_empty()).await;
+    // Cached, not just asked for: a call STS has not answered yet is not handed over.
+    let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
+    eventually(30, "the pod's credentials prefetched", async || agent.metric(fetched).await.is_some_and(|n| n >= 1.0))
+        .await;
     let calls_before = e2e.sts.assume_role_calls().len();
 
     // In the pod, until told to stop: a new connection every few milliseconds with an IMDSv2

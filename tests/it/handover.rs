@@ -69,7 +69,12 @@ impl Node {
         let mut agent = self.agent().spawn();
         agent.wait_ready().await;
         let pods = 1 + RAW_PODS.len();
-        eventually(30, "every pod's credentials prefetched", async || self.sts.assume_role_calls().len() >= pods).await;
+        // Cached, not just asked for: a call STS has not answered yet is not handed over.
+        let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
+        eventually(30, "every pod's credentials prefetched", async || {
+            agent.metric(fetched).await.is_some_and(|n| n >= pods as f64)
+        })
+        .await;
         agent
     }
 
