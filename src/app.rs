@@ -183,7 +183,8 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
         None => None,
     };
     let pods_synced = caches.pods.synced().subscribe();
-    crate::credentials::keep_ahead(&credentials, resolver.clone(), changed, pods_synced, &mut background);
+    let dir = state.as_ref().ok().cloned();
+    crate::credentials::keep_ahead(&credentials, resolver.clone(), changed, pods_synced, dir, &mut background);
 
     // Events on pods: always for pods the rules miss, and with --pod-events for pods that
     // get no credentials.

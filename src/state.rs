@@ -119,6 +119,18 @@ impl StateDir {
         }
     }
 
+    /// Replaces `name` with `contents` at once (a rename over it): a reader sees the old file
+    /// or the new one, never a mix.
+    ///
+    /// # Errors
+    /// When the file cannot be written or renamed into place.
+    pub fn replace(&self, name: &str, contents: &[u8]) -> io::Result<()> {
+        let temporary = self.write_temporary(name, contents)?;
+        fs::rename(&temporary, self.file(name)).inspect_err(|_| {
+            let _ = fs::remove_file(&temporary);
+        })
+    }
+
     /// Removes `name`, if it is there.
     ///
     /// # Errors
@@ -179,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn files_are_0600_written_whole_and_the_first_writer_wins() {
+    fn files_are_0600_written_whole_the_first_writer_wins_and_a_replacement_is_whole() {
         let root = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&root.path().join("state")).unwrap();
         assert_eq!(dir.read("key").unwrap(), None);
@@ -189,6 +201,11 @@ mod tests {
         assert_eq!(mode(&dir.file("key")), 0o600);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, ["key"], "no temporary file stays");
+        dir.replace("key", b"replaced").unwrap();
+        assert_eq!(dir.read("key").unwrap().as_deref(), Some(&b"replaced"[..]), "replaced whole");
+        assert_eq!(mode(&dir.file("key")), 0o600);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, ["key"], "no temporary file stays after a replacement either");
         dir.remove("key").unwrap();
         dir.remove("key").unwrap();
         assert_eq!(dir.read("key").unwrap(), None);

@@ -13,6 +13,7 @@ use moka::future::Cache;
 
 use super::adopt::Adopted;
 use super::queue::{Priority, StsQueue};
+use super::recent::RecentAsks;
 use super::refresh::refresh_point;
 use super::sts::{RoleAssumer, StsError};
 use super::{Issued, Liveness, StsSettings};
@@ -67,6 +68,8 @@ pub struct CredentialCache {
     pub(super) retired: AtomicBool,
     /// Which sessions still have a pod, and the fetches under way for them.
     pub(super) liveness: Arc<Liveness>,
+    /// Which sessions pods asked for in the last minutes: their prefetches go first.
+    pub(super) recent: Arc<RecentAsks>,
     /// At most `--sts-concurrency` calls at once, requests first.
     queue: StsQueue,
     assumer: Arc<dyn RoleAssumer>,
@@ -88,14 +91,27 @@ impl CredentialCache {
             .then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(settings.iam_role_error_ttl).build());
         let queue = StsQueue::new(settings.sts_concurrency);
         let refreshing = Mutex::default();
-        let (adopted, retired) = (Adopted::default(), AtomicBool::new(false));
-        Arc::new(Self { entries, failures, refreshing, adopted, retired, liveness, queue, assumer, settings, metrics })
+        let (adopted, retired, recent) = (Adopted::default(), AtomicBool::new(false), Arc::default());
+        Arc::new(Self {
+            entries,
+            failures,
+            refreshing,
+            adopted,
+            retired,
+            liveness,
+            recent,
+            queue,
+            assumer,
+            settings,
+            metrics,
+        })
     }
 
     /// Credentials for `key`, for a pod's request: from memory when possible (starting a
     /// background refresh if they are due for one), else from STS, one call for all
     /// concurrent requests, ahead of every refresh and prefetch waiting for its turn.
     pub async fn get(self: &Arc<Self>, key: &CredentialKey) -> Result<Arc<Issued>, CredentialError> {
+        self.recent.asked(&key.session_name, SystemTime::now());
         self.get_with(key, Priority::Demand).await
     }
 
@@ -129,15 +145,20 @@ impl CredentialCache {
     }
 
     /// Starts fetching credentials for `key` without waiting: a pod's first request then
-    /// finds them in memory.
+    /// finds them in memory. A session asked for in the last minutes (before this agent
+    /// started too) goes before the others.
     pub fn prefetch(self: &Arc<Self>, key: CredentialKey) {
         if self.is_retired() {
             return;
         }
+        let priority = match self.recent.is_recent(&key.session_name, SystemTime::now()) {
+            true => Priority::PrefetchAsked,
+            false => Priority::Prefetch,
+        };
         let cache = self.clone();
         tokio::spawn(async move {
             // A failure is logged (once) by `fetch`; the pod's request will try again.
-            let _ = cache.get_with(&key, Priority::Prefetch).await;
+            let _ = cache.get_with(&key, priority).await;
         });
     }
 
@@ -262,6 +283,27 @@ mod tests {
         cache.forget(&key("ns.pod")).await;
         cache.get(&key("ns.pod")).await.unwrap();
         assert_eq!(sts.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sessions_asked_for_in_the_last_minutes_are_prefetched_first() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(100));
+        let cache = cache(&sts, Duration::ZERO); // 4 at once, 1 of them for prefetches
+        // What an earlier agent wrote before it crashed.
+        cache.recent.seed(vec![("ns.pod-7".into(), SystemTime::now() - Duration::from_secs(300))]);
+        for i in 0..10 {
+            cache.prefetch(key(&format!("ns.pod-{i}")));
+        }
+        settle(&sts, 10).await;
+        let issued = cache.get(&key("ns.pod-7")).await.unwrap();
+        // The first prefetch had the free turn; pod-7 came next, not eighth.
+        assert_eq!(issued.credentials.access_key_id, "ASIA1-ns.pod-7");
+        assert_eq!(sts.calls(), 10, "served from memory");
+
+        // A request is an ask: that session's next prefetch goes first too.
+        assert!(!cache.recent.is_recent("ns.new", SystemTime::now()));
+        cache.get(&key("ns.new")).await.unwrap();
+        assert!(cache.recent.is_recent("ns.new", SystemTime::now()));
     }
 
     #[tokio::test(start_paused = true)]

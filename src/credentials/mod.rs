@@ -12,6 +12,7 @@ mod fake;
 mod liveness;
 mod prefetch;
 mod queue;
+mod recent;
 mod refresh;
 mod settings;
 mod sts;
@@ -25,6 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::cluster::Change;
 use crate::resolve::Resolver;
+use crate::state::StateDir;
 
 pub use cache::{CredentialCache, CredentialError};
 pub use liveness::Liveness;
@@ -38,14 +40,34 @@ const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);
 /// Keeps `cache` ahead of the pods, in `tasks`: the prefetcher follows `changes` (fetching
 /// a new pod's credentials at once, forgetting a gone pod's), and every 30 s, once the pod
 /// cache has synced (`pods_synced`), what is due is refreshed, for the sessions the
-/// prefetcher keeps alive.
+/// prefetcher keeps alive. With a state directory, the sessions asked for in the last
+/// minutes are read from it first (an earlier agent's, so their prefetches go first after a
+/// crash) and kept there.
 pub fn keep_ahead(
     cache: &Arc<CredentialCache>,
     resolver: Arc<Resolver>,
     changes: mpsc::UnboundedReceiver<Change>,
     pods_synced: watch::Receiver<bool>,
+    state: Option<StateDir>,
     tasks: &mut JoinSet<()>,
 ) {
+    if let Some(dir) = state {
+        match recent::load(&dir, SystemTime::now()) {
+            Ok(asked) if !asked.is_empty() => {
+                tracing::info!(
+                    sessions = asked.len(),
+                    "sessions asked for in the minutes before this start: their prefetches go first"
+                );
+                cache.recent.seed(asked);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, file = recent::FILE, "cannot read the recently asked sessions: prefetches go in any order")
+            }
+        }
+        let watched = cache.clone();
+        tasks.spawn(recent::persist(cache.recent.clone(), dir, move || watched.is_retired()));
+    }
     tasks.spawn(Prefetcher::new(cache.clone(), resolver).run(changes));
     tasks.spawn(cache.clone().refresh_every(REFRESH_SCAN_PERIOD, pods_synced));
 }

@@ -223,6 +223,55 @@ async fn after_a_kill_9_a_token_from_before_still_works_and_the_pod_is_served() 
 }
 
 #[tokio::test]
+async fn after_a_kill_9_the_pods_that_asked_in_the_minutes_before_are_prefetched_first() {
+    let node = Node::start().await;
+    let jobs = 30;
+    for i in 0..jobs {
+        node.api.create_pod(pod("batch", &format!("job-{i}")).ip(&format!("127.0.1.{}", 10 + i)).role(ROLE).build());
+    }
+    let pods = 1 + RAW_PODS.len() + jobs;
+    let fetched = "iamlet_sts_assume_role_calls_total{result=\"success\"}";
+    let agent = node.agent().spawn();
+    eventually(30, "every pod's credentials prefetched", async || {
+        agent.metric(fetched).await.is_some_and(|n| n >= pods as f64)
+    })
+    .await;
+    // Two pods far down the listing (by creation or by name) ask; the agent writes that down.
+    let askers = ["batch.job-27", "batch.job-8"];
+    for ip in ["127.0.1.37", "127.0.1.18"] {
+        assert_eq!(pod_client::get(ip, node.app_addr(), CREDS).await.status, 200);
+    }
+    let file = node.state_dir().join("recent-sessions");
+    eventually(30, "the asking pods in the state directory", async || {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        askers.iter().all(|session| text.contains(&format!(" {session}\n")))
+    })
+    .await;
+
+    agent.signal(Signal::SIGKILL);
+    let before = node.sts.assume_role_calls().len();
+    // Every AssumeRole a little slow, as STS is from a node: the prefetches queue.
+    node.sts.set_delay(Duration::from_millis(20));
+    let mut successor = node.agent().spawn();
+    eventually(60, "every pod's credentials prefetched again", async || {
+        successor.metric(fetched).await.is_some_and(|n| n >= pods as f64)
+    })
+    .await;
+    let order: Vec<String> =
+        node.sts.assume_role_calls()[before..].iter().map(|call| call["RoleSessionName"].clone()).collect();
+    assert_eq!(order.len(), pods, "one call per pod: {order:?}");
+    // Prefetches take 4 of the 16 turns at once: the first 4 start in the listing's order,
+    // the asking pods' right after.
+    for session in askers {
+        let at = order.iter().position(|name| name == session).unwrap();
+        assert!(at < 6, "{session} was call {} of {pods} after the crash: {order:?}", at + 1);
+    }
+    assert!(successor.log().contains("their prefetches go first"), "{}", successor.log());
+    successor.wait_ready().await;
+    successor.terminate().await;
+}
+
+#[tokio::test]
 async fn a_predecessor_speaking_another_protocol_makes_the_successor_start_cold() {
     let node = Node::start().await;
     // A predecessor of another version: it answers any hello with a refusal.
