@@ -104,11 +104,15 @@ impl Fakes {
             .flag("--debug");
         // The CNI and state directories through the environment, not flags: a build older than a flag
         // ignores the variable, so old and new builds run the same benchmark (`IAMLET_BIN`).
+        // The node's STS budget is lifted: moto never throttles, and the phases measure how
+        // fast iamlet itself fetches (5,000 pods, restarts), not the budget's rate.
         let dir = |name: &str| self.cni.path().join(name).display().to_string();
         AgentCommand::new(flags, &self.sts.url)
             .env("IAMLET_CNI_CONF_DIR", &dir("net.d"))
             .env("IAMLET_CNI_RESULTS_DIR", &dir("results"))
             .env("IAMLET_STATE_DIR", &dir("state"))
+            .env("IAMLET_STS_MAX_RPS", "10000")
+            .env("IAMLET_STS_BURST", "10000")
     }
 
     fn create_pods(&self, range: std::ops::Range<usize>) {

@@ -23,7 +23,7 @@
 //! | [`pod`] | what iamlet keeps of a pod ([`pod::PodIdentity`]), shared by all |
 //! | [`policy`] | which role a pod may have: annotation, ServiceAccount role, default role, base ARN, namespace rules |
 //! | [`resolve`] | the one answer to "which role and credential key for this pod": policy, namespace and ServiceAccount views, session rules and tags |
-//! | [`credentials`] | STS AssumeRole (directly or through an intermediate role), the credential cache, prefetch and refresh-ahead |
+//! | [`credentials`] | STS AssumeRole (directly or through an intermediate role) under the node's budget, retried when throttled, the credential cache, prefetch and refresh-ahead |
 //! | [`imds`] | the metadata API pods see: routes, IMDSv2 tokens, the allow-listed proxy |
 //! | [`explain`] | `iamlet explain <namespace>/<pod>`: the role a pod gets and why |
 //! | [`handover`] | a successor taking over from its predecessor on the node: listening sockets, cached credentials, the rules |

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -59,6 +60,8 @@ pub struct Metrics {
     pub cache_misses: Counter,
     pub sts_calls: Family<StsLabels, Counter>,
     pub sts_duration: Histogram,
+    pub sts_budget_tokens: Gauge<f64, AtomicU64>,
+    pub credentials_served_late: Counter,
     pub pods_indexed: Gauge,
     pub watch_errors: Family<WatchLabels, Counter>,
     pub iptables_repairs: Counter,
@@ -86,6 +89,8 @@ impl Metrics {
         let cache_misses = Counter::default();
         let sts_calls = Family::<StsLabels, Counter>::default();
         let sts_duration = Histogram::new(latency_buckets());
+        let sts_budget_tokens = Gauge::<f64, AtomicU64>::default();
+        let credentials_served_late = Counter::default();
         let pods_indexed = Gauge::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
         let iptables_repairs = Counter::default();
@@ -113,6 +118,16 @@ impl Metrics {
         );
         registry.register("sts_assume_role_calls", "STS AssumeRole calls by result", sts_calls.clone());
         registry.register("sts_assume_role_duration_seconds", "STS AssumeRole latency", sts_duration.clone());
+        registry.register(
+            "sts_budget_tokens",
+            "AssumeRole calls the node may still make at once under --sts-max-rps and --sts-burst (as of its last call or refresh scan)",
+            sts_budget_tokens.clone(),
+        );
+        registry.register(
+            "credentials_served_late",
+            "Credentials handed to pods with less than 15 minutes left: refreshes have been failing (STS throttling or errors)",
+            credentials_served_late.clone(),
+        );
         registry.register("pods_indexed", "Pods of this node in the index", pods_indexed.clone());
         registry.register("watch_errors", "Kubernetes watch errors by watch", watch_errors.clone());
         registry.register(
@@ -154,7 +169,7 @@ impl Metrics {
 
         // Series with known labels start at zero, so a rate or an error ratio is defined from
         // the first scrape rather than once the first error has happened.
-        for result in ["success", "error"] {
+        for result in ["success", "error", "throttled"] {
             sts_calls.get_or_create(&StsLabels { result }).inc_by(0);
         }
         watch_errors.get_or_create(&WatchLabels { watch: "pods" }).inc_by(0);
@@ -172,6 +187,8 @@ impl Metrics {
             cache_hits,
             cache_misses,
             sts_calls,
+            sts_budget_tokens,
+            credentials_served_late,
             sts_duration,
             pods_indexed,
             watch_errors,

@@ -316,6 +316,21 @@ mod tests {
     }
 
     #[test]
+    fn the_sts_budget_has_a_default_and_refuses_what_is_no_rate() {
+        let budget = settings(&[]).sts.sts_budget;
+        assert_eq!((budget.rate, budget.burst), (10.0, 20.0));
+        let budget = settings(&["--sts-max-rps=0.5", "--sts-burst=1"]).sts.sts_budget;
+        assert_eq!((budget.rate, budget.burst), (0.5, 1.0));
+        for (flag, bad) in
+            [("--sts-max-rps", "0"), ("--sts-max-rps", "-3"), ("--sts-max-rps", "fast"), ("--sts-burst", "0")]
+        {
+            let error = parse(&[&format!("{flag}={bad}")]).unwrap_err();
+            assert!(error.contains(flag), "{flag}={bad}: {error}");
+        }
+        assert!(parse(&["--sts-max-rps=NaN"]).unwrap_err().contains("not a rate"));
+    }
+
+    #[test]
     fn kube2iam_flags_without_effect_are_accepted_and_named() {
         assert!(settings(&[]).ignored_flags.is_empty());
         let given =

@@ -5,8 +5,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::FlagError;
-use super::values::parse_duration;
-use crate::credentials::StsSettings;
+use super::values::{parse_duration, parse_rate};
+use crate::credentials::{BudgetSettings, StsSettings};
 use crate::policy::RoleArn;
 use crate::resolve::{SessionRules, SessionTagging, valid_tag_value};
 
@@ -39,6 +39,17 @@ pub struct StsArgs {
     /// of them at most: a pod's request, which goes first, finds a free one.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub sts_concurrency: u16,
+
+    /// The node's budget of AssumeRole calls per second over time, retries included: STS
+    /// limits calls per account and region (about 600/s), and every node of the cluster
+    /// calls it. A pod's request takes the next call before refreshes and prefetches.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_rate, env = "IAMLET_STS_MAX_RPS")]
+    pub sts_max_rps: f64,
+
+    /// The most AssumeRole calls the node makes at once after a quiet spell (the budget's
+    /// burst): a node's new pods, or a restart, are fetched at once up to this many.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000), env = "IAMLET_STS_BURST")]
+    pub sts_burst: u32,
 
     /// Tag each AssumeRole with the pod's attributes under EKS Pod Identity's keys
     /// (kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name,
@@ -105,6 +116,7 @@ impl StsArgs {
             iam_role_error_ttl: self.iam_role_error_ttl,
             sts_timeout: self.sts_timeout,
             sts_concurrency: self.sts_concurrency.into(),
+            sts_budget: BudgetSettings { rate: self.sts_max_rps, burst: self.sts_burst.into() },
             use_regional_sts_endpoint: self.use_regional_sts_endpoint,
         })
     }

@@ -7,6 +7,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration like 30s, 15m or 1h ({e})"))
 }
 
+/// A rate in calls per second: a positive number up to 10,000 (`10`, `0.5`).
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10_000.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate: a number of calls per second above 0 and at most 10000, like 10 or 0.5"
+        )),
+    }
+}
+
 /// Go's `strconv.ParseBool`, which kube2iam's flags use: `--flag=1`, `=t`, `=TRUE`, `=False`.
 pub fn parse_go_bool(text: &str) -> Result<bool, String> {
     match text {

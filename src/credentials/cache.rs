@@ -15,13 +15,20 @@ use super::adopt::Adopted;
 use super::queue::{Priority, StsQueue};
 use super::recent::RecentAsks;
 use super::refresh::refresh_point;
-use super::sts::{RoleAssumer, StsError};
+use super::sts::{Failure, RoleAssumer, StsError};
 use super::{Issued, Liveness, StsSettings};
 use crate::metrics::{Metrics, StsLabels};
 use crate::resolve::CredentialKey;
 
-/// Credentials closer to expiry than this are never handed out, even while STS is failing.
-pub(super) const MIN_VALIDITY: Duration = Duration::from_secs(60);
+/// Credentials closer to expiry than this are never handed out, even while STS is failing or
+/// throttling: an SDK handed credentials with less left asks again on every call.
+pub(super) const MIN_VALIDITY: Duration = Duration::from_secs(5 * 60);
+
+/// Credentials handed out with less than this left are counted as late
+/// (`iamlet_credentials_served_late_total`): SDKs refresh within their last 15 minutes
+/// (botocore's advisory window), so credentials this close to expiry mean refreshes have been
+/// failing, as under STS throttling.
+pub const LATE: Duration = Duration::from_secs(15 * 60);
 
 /// Most keys kept: pods with roles on one node, with room to spare.
 const CAPACITY: u64 = 20_000;
@@ -89,7 +96,7 @@ impl CredentialCache {
         let entries = Cache::builder().max_capacity(CAPACITY).expire_after(UntilExpiry).build();
         let failures = (!settings.iam_role_error_ttl.is_zero())
             .then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(settings.iam_role_error_ttl).build());
-        let queue = StsQueue::new(settings.sts_concurrency);
+        let queue = StsQueue::new(settings.sts_concurrency, Some(settings.sts_budget));
         let refreshing = Mutex::default();
         let (adopted, retired, recent) = (Adopted::default(), AtomicBool::new(false), Arc::default());
         Arc::new(Self {
@@ -111,14 +118,30 @@ impl CredentialCache {
     /// background refresh if they are due for one), else from STS, one call for all
     /// concurrent requests, ahead of every refresh and prefetch waiting for its turn.
     pub async fn get(self: &Arc<Self>, key: &CredentialKey) -> Result<Arc<Issued>, CredentialError> {
+        self.get_until(key, tokio::time::Instant::now() + self.settings.sts_timeout).await
+    }
+
+    /// The same, retrying a call STS throttled or failed on its side only while a try can
+    /// start before `until` (the request's `--backoff-max-elapsed-time`): the pod is then
+    /// answered with an error its SDK retries, and the failure is not remembered.
+    pub async fn get_until(
+        self: &Arc<Self>,
+        key: &CredentialKey,
+        until: tokio::time::Instant,
+    ) -> Result<Arc<Issued>, CredentialError> {
         self.recent.asked(&key.session_name, SystemTime::now());
-        self.get_with(key, Priority::Demand).await
+        let issued = self.get_with(key, Priority::Demand, until).await?;
+        if issued.remaining(SystemTime::now()) < LATE {
+            self.metrics.credentials_served_late.inc();
+        }
+        Ok(issued)
     }
 
     async fn get_with(
         self: &Arc<Self>,
         key: &CredentialKey,
         priority: Priority,
+        until: tokio::time::Instant,
     ) -> Result<Arc<Issued>, CredentialError> {
         if let Some(issued) = self.entries.get(key).await {
             self.metrics.cache_hits.inc();
@@ -133,8 +156,9 @@ impl CredentialCache {
         self.metrics.cache_misses.inc();
         let fetching = self.liveness.fetching(&key.session_name);
         // A request promotes the prefetch it joins (the cache runs one fetch per key).
-        let _demand = (priority == Priority::Demand).then(|| self.queue.demand(key));
-        let issued = self.entries.try_get_with_by_ref(key, self.fetch(key, priority)).await.map_err(sts_error)?;
+        let _demand = (priority == Priority::Demand).then(|| self.queue.demand(key, until));
+        let issued =
+            self.entries.try_get_with_by_ref(key, self.fetch(key, priority, until)).await.map_err(sts_error)?;
         if fetching.departed() {
             // The pod went while its credentials were being fetched: take back what the
             // fetch just inserted (the session was marked before it was forgotten).
@@ -158,8 +182,16 @@ impl CredentialCache {
         let cache = self.clone();
         tokio::spawn(async move {
             // A failure is logged (once) by `fetch`; the pod's request will try again.
-            let _ = cache.get_with(&key, priority).await;
+            let until = tokio::time::Instant::now() + PREFETCH_RETRIES_FOR;
+            let _ = cache.get_with(&key, priority, until).await;
         });
+    }
+
+    /// Sets `iamlet_sts_budget_tokens` to what the budget holds now.
+    pub(super) fn report_budget(&self) {
+        if let Some(tokens) = self.queue.budget_tokens() {
+            self.metrics.sts_budget_tokens.set(tokens);
+        }
     }
 
     /// `--sts-timeout`: the longest a request waits for credentials not cached yet.
@@ -177,42 +209,118 @@ impl CredentialCache {
         (at.elapsed() < self.settings.iam_role_error_ttl).then_some(error)
     }
 
+    /// AssumeRole for `key`, tried again after a throttled or transient failure (see
+    /// [`backoff`]) while the next try can start before `until`, or, while requests wait for
+    /// `key`, before the most patient one's deadline; a background call also stops once its
+    /// session departs or the cache is retired. A final failure is remembered for
+    /// `--iam-role-error-ttl`; a retryable one never is.
+    pub(super) async fn fetch(
+        &self,
+        key: &CredentialKey,
+        priority: Priority,
+        until: tokio::time::Instant,
+    ) -> Result<Arc<Issued>, StsError> {
+        let mut attempt = 0;
+        loop {
+            let error = match self.call(key, priority).await {
+                Ok(issued) => return Ok(issued),
+                Err(error) => error,
+            };
+            // A request joined this fetch (or made it): its pod's wait bounds the retries.
+            let demanded = self.queue.demanded_until(key);
+            let (class, until) = match (priority, demanded) {
+                (Priority::Demand, Some(demanded)) => (Priority::Demand, until.max(demanded)),
+                (_, Some(demanded)) => (Priority::Demand, demanded),
+                (_, None) => (priority, until),
+            };
+            let delay = backoff(class, attempt, super::refresh::jitter());
+            attempt += 1;
+            let gone = class != Priority::Demand && (self.is_retired() || !self.liveness.is_live(&key.session_name));
+            if !error.failure.is_retryable() || gone || tokio::time::Instant::now() + delay >= until {
+                // A refresh says so itself, with what it means for the pod.
+                if priority != Priority::Refresh {
+                    tracing::warn!(role = %key.role, session = %key.session_name, %error, attempts = attempt, "AssumeRole failed");
+                }
+                if !error.failure.is_retryable()
+                    && let Some(failures) = &self.failures
+                {
+                    failures.insert(key.clone(), (Arc::new(error.clone()), tokio::time::Instant::now())).await;
+                }
+                return Err(error);
+            }
+            tracing::debug!(role = %key.role, session = %key.session_name, %error, retry_in = ?delay, "AssumeRole to be tried again");
+            self.pause(key, delay, class != Priority::Demand).await;
+        }
+    }
+
+    /// Waits `delay` before the next try; a background call waits less if a request starts
+    /// waiting for its key meanwhile: the request must not wait out a prefetch's backoff.
+    async fn pause(&self, key: &CredentialKey, delay: Duration, background: bool) {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            let demanded = self.queue.demand_arrived();
+            tokio::pin!(demanded);
+            demanded.as_mut().enable();
+            if background && self.queue.demanded_until(key).is_some() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                () = &mut demanded => {}
+            }
+        }
+    }
+
     /// One AssumeRole call, timed, counted, and bounded by the STS timeout once its turn
-    /// among the concurrent calls has come (a queue of prefetches is not a slow STS).
-    pub(super) async fn fetch(&self, key: &CredentialKey, priority: Priority) -> Result<Arc<Issued>, StsError> {
+    /// among the concurrent calls (and in the node's budget) has come: a queue of prefetches
+    /// is not a slow STS.
+    async fn call(&self, key: &CredentialKey, priority: Priority) -> Result<Arc<Issued>, StsError> {
         let _turn = self.queue.turn(key, priority).await;
+        self.report_budget();
         let started = Instant::now();
         let duration = self.settings.iam_role_session_ttl.duration();
         let call = self.assumer.assume_role(key, duration);
         let result = match tokio::time::timeout(self.settings.sts_timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(StsError::other(format!(
+            Err(_) => Err(StsError::transient(format!(
                 "STS did not answer within {}",
                 humantime::format_duration(self.settings.sts_timeout)
             ))),
         };
         self.metrics.sts_duration.observe(started.elapsed().as_secs_f64());
-        let outcome = if result.is_ok() { "success" } else { "error" };
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(error) if error.failure == Failure::Throttled => "throttled",
+            Err(_) => "error",
+        };
         self.metrics.sts_calls.get_or_create(&StsLabels { result: outcome }).inc();
-        match result {
-            Ok(credentials) => {
-                tracing::debug!(role = %key.role, session = %key.session_name, "assumed role");
-                let refresh_at = refresh_point(
-                    credentials.expiration,
-                    self.settings.iam_role_session_ttl.refresh_before(),
-                    super::refresh::jitter(),
-                );
-                Ok(Arc::new(Issued::new(credentials, SystemTime::now()).refreshed_at(refresh_at)))
-            }
-            Err(error) => {
-                tracing::warn!(role = %key.role, session = %key.session_name, %error, "AssumeRole failed");
-                if let Some(failures) = &self.failures {
-                    failures.insert(key.clone(), (Arc::new(error.clone()), tokio::time::Instant::now())).await;
-                }
-                Err(error)
-            }
-        }
+        let credentials = result?;
+        tracing::debug!(role = %key.role, session = %key.session_name, "assumed role");
+        let refresh_at = refresh_point(
+            credentials.expiration,
+            self.settings.iam_role_session_ttl.refresh_before(),
+            super::refresh::jitter(),
+        );
+        Ok(Arc::new(Issued::new(credentials, SystemTime::now()).refreshed_at(refresh_at)))
     }
+}
+
+/// How long a prefetch keeps trying through throttling or STS's own failures: the pod's
+/// first request, if it comes meanwhile, takes the fetch over with a request's priority.
+const PREFETCH_RETRIES_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// The wait before try `attempt + 1` (`attempt` from 0), "full jitter" (AWS's "Exponential
+/// Backoff and Jitter"): uniform up to a ceiling that doubles with each try, capped. Keys of
+/// a node, and nodes of a fleet, throttled together spread out instead of coming back
+/// together. A request's ceiling starts at 50 ms and stops at 500 ms (its pod's SDK gives up
+/// after about a second); a refresh's or prefetch's starts at 1 s and stops at 2 minutes.
+pub fn backoff(priority: Priority, attempt: u32, jitter: f64) -> Duration {
+    let (base, cap) = match priority {
+        Priority::Demand => (Duration::from_millis(50), Duration::from_millis(500)),
+        _ => (Duration::from_secs(1), Duration::from_secs(120)),
+    };
+    let ceiling = base.saturating_mul(1 << attempt.min(16)).min(cap);
+    ceiling.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
 #[cfg(test)]
@@ -304,6 +412,63 @@ mod tests {
         assert!(!cache.recent.is_recent("ns.new", SystemTime::now()));
         cache.get(&key("ns.new")).await.unwrap();
         assert!(cache.recent.is_recent("ns.new", SystemTime::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_request_is_tried_again_until_its_deadline_and_never_remembered() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(10));
+        let cache = cache(&sts, Duration::from_secs(600));
+        sts.throttling.store(true, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let error = cache.get_until(&key("ns.pod"), started + Duration::from_secs(2)).await.unwrap_err();
+        assert!(error.to_string().contains("Throttling"), "{error}");
+        assert!(started.elapsed() <= Duration::from_millis(2100), "{:?}", started.elapsed());
+        let tries = sts.calls();
+        assert!(tries >= 4, "tried again, backing off: {tries}");
+        sts.throttling.store(false, Ordering::SeqCst);
+        cache.get(&key("ns.pod")).await.expect("not remembered as a failure for --iam-role-error-ttl");
+        assert_eq!(sts.calls(), tries + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_final_failure_is_not_tried_again() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::ZERO);
+        let cache = cache(&sts, Duration::from_secs(600));
+        sts.failing.store(true, Ordering::SeqCst);
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        cache.get_until(&key("ns.pod"), until).await.unwrap_err();
+        assert_eq!(sts.calls(), 1, "AccessDenied is final");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_prefetch_backs_off_and_a_request_takes_it_over_at_once() {
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::ZERO);
+        let cache = cache(&sts, Duration::ZERO);
+        crate::credentials::fake::arrives(&cache, "u1", "ns.pod");
+        sts.throttling.store(true, Ordering::SeqCst);
+        cache.prefetch(key("ns.pod"));
+        // Background retries back off over a minute: a handful of calls, not hundreds.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let background = sts.calls();
+        assert!((4..=16).contains(&background), "{background} calls in a minute");
+        sts.throttling.store(false, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        cache.get(&key("ns.pod")).await.expect("served once STS lets it through");
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "not after the prefetch's backoff: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_doubling_capped_ceiling() {
+        assert_eq!(backoff(Priority::Demand, 0, 1.0), Duration::from_millis(50));
+        assert_eq!(backoff(Priority::Demand, 2, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff(Priority::Demand, 9, 1.0), Duration::from_millis(500));
+        assert_eq!(backoff(Priority::Refresh, 3, 0.5), Duration::from_secs(4));
+        assert_eq!(backoff(Priority::Prefetch, 40, 1.0), Duration::from_secs(120));
+        assert_eq!(backoff(Priority::Prefetch, 40, 0.0), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 
-use super::{CredentialCache, Credentials, RoleAssumer, StsError, StsSettings};
+use super::{BudgetSettings, CredentialCache, Credentials, RoleAssumer, StsError, StsSettings};
 use crate::metrics::Metrics;
 use crate::policy::RoleArn;
 use crate::resolve::{CredentialKey, SessionRules};
@@ -16,13 +16,21 @@ use crate::resolve::{CredentialKey, SessionRules};
 pub(crate) struct FakeSts {
     pub(crate) calls: AtomicUsize,
     pub(crate) failing: AtomicBool,
+    /// Answer `Throttling` (retryable) rather than credentials.
+    pub(crate) throttling: AtomicBool,
     validity: Duration,
     delay: Duration,
 }
 
 impl FakeSts {
     pub(crate) fn new(validity: Duration, delay: Duration) -> Arc<Self> {
-        Arc::new(Self { calls: AtomicUsize::new(0), failing: AtomicBool::new(false), validity, delay })
+        Arc::new(Self {
+            calls: AtomicUsize::new(0),
+            failing: AtomicBool::new(false),
+            throttling: AtomicBool::new(false),
+            validity,
+            delay,
+        })
     }
     pub(crate) fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
@@ -34,8 +42,11 @@ impl RoleAssumer for FakeSts {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
+            if self.throttling.load(Ordering::SeqCst) {
+                return Err(StsError::answered(Some("Throttling".into()), "Rate exceeded", Some(400)));
+            }
             if self.failing.load(Ordering::SeqCst) {
-                return Err(StsError { code: Some("AccessDenied".into()), message: "no".into() });
+                return Err(StsError::answered(Some("AccessDenied".into()), "no", Some(403)));
             }
             Ok(Credentials {
                 access_key_id: format!("ASIA{n}-{}", key.session_name),
@@ -54,6 +65,7 @@ pub(crate) fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_
         iam_role_error_ttl,
         sts_timeout,
         sts_concurrency,
+        sts_budget: BudgetSettings { rate: 1e6, burst: 1e6 },
         use_regional_sts_endpoint: false,
         session_tags: None,
         assume_role_arn: None,

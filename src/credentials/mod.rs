@@ -4,8 +4,14 @@
 //! can take longer than that (kube2iam #31, #52). So credentials are fetched as soon as a pod
 //! with a role appears, refreshed in the background well before they expire, and a request
 //! for a known pod is answered from memory.
+//!
+//! STS limits AssumeRole per account, across every node: every call waits in one queue
+//! (`queue`: a pod's request first) and takes a token of the node's budget (`budget`,
+//! `--sts-max-rps`); a throttled or transient failure is tried again after a jittered backoff
+//! (`cache::backoff`), a final one never (`sts::classify`).
 
 mod adopt;
+mod budget;
 mod cache;
 #[cfg(test)]
 mod fake;
@@ -28,11 +34,14 @@ use crate::cluster::Change;
 use crate::resolve::Resolver;
 use crate::state::StateDir;
 
+pub use budget::BudgetSettings;
 pub use cache::{CredentialCache, CredentialError};
 pub use liveness::Liveness;
 pub use prefetch::Prefetcher;
 pub use settings::StsSettings;
-pub use sts::{AwsSts, INTERMEDIATE_REFRESH_BEFORE, RoleAssumer, StsClientSettings, StsError, global_endpoint};
+pub use sts::{
+    AwsSts, Failure, INTERMEDIATE_REFRESH_BEFORE, RoleAssumer, StsClientSettings, StsError, classify, global_endpoint,
+};
 
 /// How often every cached credential is checked for a due refresh.
 const REFRESH_SCAN_PERIOD: Duration = Duration::from_secs(30);

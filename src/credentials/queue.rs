@@ -12,7 +12,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use super::budget::{Budget, BudgetSettings};
 
 use crate::resolve::CredentialKey;
 
@@ -52,54 +56,95 @@ struct State {
     /// Prefetches and refreshes under way, and how many may be.
     background: usize,
     background_limit: usize,
+    /// `--sts-max-rps` and `--sts-burst`; none: unlimited (tests).
+    budget: Option<Budget>,
+    /// When a task wakes the queue for the budget's next token, if one will.
+    wake_at: Option<Instant>,
     /// Waiting calls by priority, each in arrival order.
     waiting: [VecDeque<Waiter>; PRIORITIES],
-    /// Keys a request is waiting for, and how many requests.
-    demanded: HashMap<CredentialKey, usize>,
+    /// Keys requests are waiting for: how many requests, and until when the most patient
+    /// one may retry.
+    demanded: HashMap<CredentialKey, (usize, Instant)>,
     next_id: u64,
 }
 
 impl State {
-    /// Gives a finished call's turn back (a background one's to the background too), then
-    /// hands free turns to the most urgent waiters still there.
-    fn release(&mut self, background: bool) {
-        if background {
-            self.background -= 1;
-        }
-        self.free += 1;
-        self.dispatch();
+    /// Takes a token of the budget, if there is one (always without a budget).
+    fn take_token(&mut self, now: Instant) -> bool {
+        self.budget.as_mut().is_none_or(|budget| budget.take(now))
     }
 
-    fn dispatch(&mut self) {
+    /// Hands free turns, and the budget's tokens, to the most urgent waiters. Returns when
+    /// the next token will be there if waiters could have a turn but the budget is spent.
+    fn dispatch(&mut self) -> Option<Instant> {
+        let now = Instant::now();
         while self.free > 0 {
             let queue = match self.waiting.iter().position(|queue| !queue.is_empty()) {
                 Some(0) => 0,
                 Some(queue) if self.background < self.background_limit => queue,
-                _ => return,
+                _ => return None,
             };
+            if !self.take_token(now) {
+                return self.budget.as_mut().map(|budget| budget.next_token(now));
+            }
             let waiter = self.waiting[queue].pop_front().expect("not empty");
             let background = queue != Priority::Demand as usize;
             if waiter.turn.send(background).is_ok() {
                 self.free -= 1;
                 self.background += usize::from(background);
+            } else if let Some(budget) = &mut self.budget {
+                budget.give_back();
             }
         }
+        None
     }
+}
+
+/// Dispatches, and when the budget holds waiters back, has a task dispatch again once its
+/// next token is there (one such task at a time).
+fn dispatch(shared: &Arc<Mutex<State>>, state: &mut State) {
+    let Some(at) = state.dispatch() else { return };
+    if state.wake_at.is_some() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    state.wake_at = Some(at);
+    let shared = shared.clone();
+    runtime.spawn(async move {
+        tokio::time::sleep_until(at).await;
+        let mut state = shared.lock();
+        state.wake_at = None;
+        dispatch(&shared, &mut state);
+    });
+}
+
+/// Gives a finished call's turn back (a background one's to the background too), then hands
+/// free turns to the most urgent waiters still there.
+fn release(shared: &Arc<Mutex<State>>, state: &mut State, background: bool) {
+    if background {
+        state.background -= 1;
+    }
+    state.free += 1;
+    dispatch(shared, state);
 }
 
 /// The STS call queue. Cheap to share.
 #[derive(Debug, Clone)]
 pub struct StsQueue {
     state: Arc<Mutex<State>>,
+    /// Woken whenever a request starts waiting for a key (see [`StsQueue::demand`]).
+    demands: Arc<Notify>,
 }
 
 impl StsQueue {
     /// A queue letting `concurrency` calls run at once (at least one), prefetches and
-    /// refreshes a quarter of them (at least one).
-    pub fn new(concurrency: usize) -> Self {
+    /// refreshes a quarter of them (at least one), each call taking a token of `budget`.
+    pub fn new(concurrency: usize, budget: Option<BudgetSettings>) -> Self {
         let free = concurrency.max(1);
         let background_limit = (free / BACKGROUND_SHARE).max(1);
-        Self { state: Arc::new(Mutex::new(State { free, background_limit, ..State::default() })) }
+        let budget = budget.map(|settings| Budget::new(settings, Instant::now()));
+        let state = Arc::new(Mutex::new(State { free, background_limit, budget, ..State::default() }));
+        Self { state, demands: Arc::default() }
     }
 
     /// Waits for a turn to call STS for `key`, with `priority`, or with a request's priority
@@ -110,7 +155,11 @@ impl StsQueue {
             let priority = if state.demanded.contains_key(key) { Priority::Demand } else { priority };
             let background = priority != Priority::Demand;
             let queued = state.waiting.iter().any(|queue| !queue.is_empty());
-            if state.free > 0 && !queued && (!background || state.background < state.background_limit) {
+            if state.free > 0
+                && !queued
+                && (!background || state.background < state.background_limit)
+                && state.take_token(Instant::now())
+            {
                 state.free -= 1;
                 state.background += usize::from(background);
                 return Permit { state: self.state.clone(), background };
@@ -119,6 +168,8 @@ impl StsQueue {
             state.next_id += 1;
             let id = state.next_id;
             state.waiting[priority as usize].push_back(Waiter { id, key: key.clone(), turn: sender });
+            // Held back by the budget alone: someone must wake the queue at the next token.
+            dispatch(&self.state, &mut state);
             (id, turn)
         };
         let mut waiting = Waiting { state: &self.state, id, turn };
@@ -128,11 +179,36 @@ impl StsQueue {
         Permit { state: self.state.clone(), background }
     }
 
-    /// A request waits for `key`: until the returned guard is dropped, a call for `key`
-    /// (waiting now or made later) has a request's priority.
-    pub fn demand(&self, key: &CredentialKey) -> Demand {
+    /// Tokens left in the budget now (`iamlet_sts_budget_tokens`), if there is one.
+    pub fn budget_tokens(&self) -> Option<f64> {
+        self.state.lock().budget.as_mut().map(|budget| budget.tokens(Instant::now()))
+    }
+
+    /// A request waits for `key`, and may have it tried again until `until`: until the
+    /// returned guard is dropped, a call for `key` (waiting now or made later) has a
+    /// request's priority, and a background call waiting out its backoff is woken.
+    pub fn demand(&self, key: &CredentialKey, until: Instant) -> Demand {
+        let demand = self.register_demand(key, until);
+        self.demands.notify_waiters();
+        demand
+    }
+
+    /// Resolves when a request next starts waiting for some key: a background call waiting
+    /// out its backoff checks whether it is its own (see [`StsQueue::demanded_until`]).
+    pub fn demand_arrived(&self) -> Notified<'_> {
+        self.demands.notified()
+    }
+
+    /// Until when the requests waiting for `key` may have it tried again, if any waits.
+    pub fn demanded_until(&self, key: &CredentialKey) -> Option<Instant> {
+        self.state.lock().demanded.get(key).map(|(_, until)| *until)
+    }
+
+    fn register_demand(&self, key: &CredentialKey, until: Instant) -> Demand {
         let mut state = self.state.lock();
-        *state.demanded.entry(key.clone()).or_default() += 1;
+        let entry = state.demanded.entry(key.clone()).or_insert((0, until));
+        entry.0 += 1;
+        entry.1 = entry.1.max(until);
         let mut promoted = None;
         for queue in &mut state.waiting[Priority::Refresh as usize..] {
             if let Some(at) = queue.iter().position(|waiter| &waiter.key == key) {
@@ -143,7 +219,7 @@ impl StsQueue {
         if let Some(waiter) = promoted {
             state.waiting[Priority::Demand as usize].push_back(waiter);
             // A free turn the background could not take is the request's.
-            state.dispatch();
+            dispatch(&self.state, &mut state);
         }
         Demand { state: self.state.clone(), key: key.clone() }
     }
@@ -165,7 +241,7 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.state.lock().release(self.background);
+        release(&self.state, &mut self.state.lock(), self.background);
     }
 }
 
@@ -179,7 +255,7 @@ pub struct Demand {
 impl Drop for Demand {
     fn drop(&mut self) {
         let mut state = self.state.lock();
-        if let Some(count) = state.demanded.get_mut(&self.key) {
+        if let Some((count, _)) = state.demanded.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
                 state.demanded.remove(&self.key);
@@ -191,7 +267,7 @@ impl Drop for Demand {
 /// A waiter's place in the queue, given up if the waiting call is dropped (its request timed
 /// out): a turn handed to it meanwhile is passed on.
 struct Waiting<'a> {
-    state: &'a Mutex<State>,
+    state: &'a Arc<Mutex<State>>,
     /// Zero once the turn was taken.
     id: u64,
     turn: oneshot::Receiver<bool>,
@@ -211,7 +287,7 @@ impl Drop for Waiting<'_> {
         }
         // Not in the queue: the turn was sent to it under the lock. Pass it on.
         if let Ok(background) = self.turn.try_recv() {
-            state.release(background);
+            release(self.state, &mut state, background);
         }
     }
 }
@@ -246,7 +322,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_goes_before_refreshes_and_refreshes_before_prefetches_the_asked_first() {
-        let queue = StsQueue::new(1);
+        let queue = StsQueue::new(1, None);
         let order = Arc::default();
         let busy = queue.turn(&key("busy"), Priority::Prefetch).await;
         let mut tasks = vec![];
@@ -269,14 +345,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_for_a_waiting_prefetch_promotes_it() {
-        let queue = StsQueue::new(1);
+        let queue = StsQueue::new(1, None);
         let order = Arc::default();
         let busy = queue.turn(&key("busy"), Priority::Prefetch).await;
         let first = queued(&queue, "p1", Priority::Prefetch, &order);
         until_waiting(&queue, 1).await;
         let asked = queued(&queue, "p2", Priority::Prefetch, &order);
         until_waiting(&queue, 2).await;
-        let demand = queue.demand(&key("p2"));
+        let demand = queue.demand(&key("p2"), tokio::time::Instant::now());
         assert_eq!(queue.waiting(), [1, 0, 0, 1]);
         // A call for a demanded key made later has a request's priority too.
         let later = queued(&queue, "p2", Priority::Prefetch, &order);
@@ -292,8 +368,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn every_call_takes_a_token_of_the_budget_and_a_request_gets_the_next_one() {
+        let queue = StsQueue::new(8, Some(BudgetSettings { rate: 10.0, burst: 2.0 }));
+        let start = tokio::time::Instant::now();
+        let order = Arc::default();
+        let burst = [queue.turn(&key("a"), Priority::Prefetch).await, queue.turn(&key("b"), Priority::Demand).await];
+        assert_eq!(start.elapsed(), Duration::ZERO, "the burst at once");
+        assert!(queue.budget_tokens().unwrap() < 1.0);
+        let prefetch = queued(&queue, "p", Priority::Prefetch, &order);
+        until_waiting(&queue, 1).await;
+        let request = queued(&queue, "d", Priority::Demand, &order);
+        until_waiting(&queue, 2).await;
+        // Free turns, but no token: the queue waits for the rate, the request first.
+        for task in [request, prefetch] {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock(), ["d", "p"]);
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_millis(300), "{elapsed:?}");
+        drop(burst);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_waiter_that_gives_up_loses_no_turn() {
-        let queue = StsQueue::new(1);
+        let queue = StsQueue::new(1, None);
         let busy = queue.turn(&key("busy"), Priority::Demand).await;
         let a = key("a");
         let gives_up = tokio::time::timeout(Duration::from_millis(5), queue.turn(&a, Priority::Demand));
@@ -308,7 +406,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_bounds_the_calls_and_the_background_a_quarter_of_them() {
-        let queue = StsQueue::new(8);
+        let queue = StsQueue::new(8, None);
         let keys: Vec<CredentialKey> = (0..10).map(|i| key(&format!("k{i}"))).collect();
         let first = queue.turn(&keys[0], Priority::Prefetch).await;
         let _second = queue.turn(&keys[1], Priority::Refresh).await;

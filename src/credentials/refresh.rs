@@ -41,6 +41,7 @@ impl CredentialCache {
     /// credentials, and drops those whose session no pod has any more: whatever escaped the
     /// prefetcher's forgetting never costs an STS call.
     pub async fn refresh_due(self: &Arc<Self>) {
+        self.report_budget();
         let mut orphans = Vec::new();
         for (key, issued) in self.entries.iter() {
             if self.liveness.is_live(&key.session_name) {
@@ -78,9 +79,12 @@ impl CredentialCache {
         }
         let cache = self.clone();
         let key = key.clone();
+        let issued_left = issued.remaining(SystemTime::now());
         tokio::spawn(async move {
             let fetching = cache.liveness.fetching(&key.session_name);
-            match cache.fetch(&key, Priority::Refresh).await {
+            // Tried again through throttling while the cached credentials may still be served.
+            let left = issued_left.saturating_sub(super::cache::MIN_VALIDITY);
+            match cache.fetch(&key, Priority::Refresh, tokio::time::Instant::now() + left).await {
                 Ok(fresh) => {
                     cache.entries.insert(key.clone(), fresh).await;
                     // A pod gone meanwhile: do not bring it back.

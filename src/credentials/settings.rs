@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::budget::BudgetSettings;
 use super::sts::StsClientSettings;
 use crate::policy::RoleArn;
 use crate::resolve::{SessionRules, SessionTagging};
@@ -19,6 +20,8 @@ pub struct StsSettings {
     /// Most AssumeRole calls in flight at once: a node full of new pods (or a restart on a
     /// busy node) prefetches without a burst of connections or STS throttling.
     pub sts_concurrency: usize,
+    /// `--sts-max-rps` and `--sts-burst`: the node's budget of calls, retries included.
+    pub sts_budget: BudgetSettings,
     /// Call the region's STS endpoint rather than the global one.
     pub use_regional_sts_endpoint: bool,
     /// `--session-tags` (with `--cluster-name`): tag each session with the pod's attributes.

@@ -5,7 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::sts::AssumeRoleProvider;
 use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_sts::config::http::HttpResponse;
+use aws_sdk_sts::config::retry::RetryConfig;
 use aws_sdk_sts::config::{IdentityCache, Region, timeout::TimeoutConfig};
+use aws_sdk_sts::error::SdkError;
 use aws_sdk_sts::types::Tag;
 use futures::future::BoxFuture;
 
@@ -20,11 +23,105 @@ pub struct StsError {
     /// STS's error code (`AccessDenied`, `RegionDisabledException`...), if it answered.
     pub code: Option<String>,
     pub message: String,
+    /// Whether trying again can succeed.
+    pub failure: Failure,
+}
+
+/// What a failed AssumeRole says about trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// STS throttled the account (`Throttling`, `RequestLimitExceeded`...): try again later,
+    /// and the node as a whole slower.
+    Throttled,
+    /// STS or the way to it failed (a 5xx, a timeout, a lost connection): try again later.
+    Transient,
+    /// STS refused the call (`AccessDenied`, a malformed policy or ARN, a disabled region, an
+    /// expired token of iamlet's own): the same call would get the same answer.
+    Final,
+}
+
+impl Failure {
+    /// Whether the call is worth another try.
+    pub fn is_retryable(self) -> bool {
+        self != Failure::Final
+    }
+}
+
+/// The error codes AWS services answer when they throttle (the SDKs' own list, STS's among
+/// them): the query protocol's `Throttling` and `RequestLimitExceeded` are STS's.
+const THROTTLING_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "EC2ThrottledException",
+];
+
+/// Codes of failures on STS's side that another try can get past.
+const TRANSIENT_CODES: &[&str] = &[
+    "InternalFailure",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "IDPCommunicationError",
+];
+
+/// What an answer of STS with `code` and HTTP `status` says about trying again: throttling
+/// by its code (STS answers it with 400), STS's own failures by their code or a 5xx (or a 429
+/// without a code), anything else final.
+pub fn classify(code: Option<&str>, status: Option<u16>) -> Failure {
+    match (code, status) {
+        (Some(code), _) if THROTTLING_CODES.contains(&code) => Failure::Throttled,
+        (_, Some(429)) => Failure::Throttled,
+        (Some(code), _) if TRANSIENT_CODES.contains(&code) => Failure::Transient,
+        (_, Some(status)) if status >= 500 => Failure::Transient,
+        _ => Failure::Final,
+    }
 }
 
 impl StsError {
+    /// A failure no other try can get past, not from STS's answer.
     pub fn other(message: impl Into<String>) -> Self {
-        Self { code: None, message: message.into() }
+        Self { code: None, message: message.into(), failure: Failure::Final }
+    }
+
+    /// A failure on the way to STS (no answer in time, a lost connection): another try may
+    /// succeed.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { code: None, message: message.into(), failure: Failure::Transient }
+    }
+
+    /// STS's answer `code` (with HTTP `status`) and its message.
+    pub fn answered(code: Option<String>, message: impl Into<String>, status: Option<u16>) -> Self {
+        let failure = classify(code.as_deref(), status);
+        Self { code, message: message.into(), failure }
+    }
+
+    /// An error of the SDK's client: STS's answer classified by its code and status; no
+    /// answer (a timeout, a connection that failed or broke, an answer that could not be
+    /// read) is transient; a request that could not even be built is final.
+    fn from_sdk<E>(error: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: aws_sdk_sts::error::ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let context = || aws_smithy_types::error::display::DisplayErrorContext(error).to_string();
+        match error {
+            SdkError::ServiceError(service) => {
+                let status = service.raw().status().as_u16();
+                let message = service.err().message().map(str::to_string).unwrap_or_else(context);
+                Self::answered(service.err().code().map(str::to_string), message, Some(status))
+            }
+            SdkError::ConstructionFailure(_) => Self::other(context()),
+            _ => Self::transient(context()),
+        }
     }
 }
 
@@ -117,10 +214,16 @@ impl AwsSts {
             .operation_attempt_timeout(settings.timeout / 2)
             .connect_timeout(Duration::from_secs(2).min(settings.timeout))
             .build();
-        let sdk = sdk.to_builder().timeout_config(timeouts).build();
+        let sdk = sdk.to_builder().timeout_config(timeouts.clone()).build();
         let own = aws_sdk_sts::Client::new(&sdk);
+        // The pods' calls are tried once by the SDK: iamlet retries them itself, what is worth
+        // it only, each try under the node's budget (see `queue`), so a throttled STS sees
+        // fewer calls, not the SDK's three attempts per call on top.
+        let once = aws_sdk_sts::config::Builder::from(&sdk)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts.to_builder().operation_attempt_timeout(settings.timeout).build());
         let pods = match &settings.intermediate_role {
-            None => own.clone(),
+            None => aws_sdk_sts::Client::from_conf(once.build()),
             Some(role) => {
                 // aws-config's provider assumes the role with the node's credentials; the
                 // client's identity cache renews its session ahead of expiry.
@@ -130,7 +233,7 @@ impl AwsSts {
                     .configure(&sdk)
                     .build()
                     .await;
-                let config = aws_sdk_sts::config::Builder::from(&sdk)
+                let config = once
                     .credentials_provider(provider)
                     .identity_cache(IdentityCache::lazy().buffer_time(INTERMEDIATE_REFRESH_BEFORE).build())
                     .build();
@@ -148,15 +251,7 @@ impl AwsSts {
 impl RoleAssumer for AwsSts {
     fn own_account(&self) -> BoxFuture<'_, Result<String, StsError>> {
         Box::pin(async move {
-            let identity = self.own.get_caller_identity().send().await.map_err(|e| {
-                let service = e.as_service_error().map(|s| (s.meta().code(), s.meta().message()));
-                match service {
-                    Some((code, message)) => {
-                        StsError { code: code.map(str::to_string), message: message.unwrap_or_default().to_string() }
-                    }
-                    None => StsError::other(aws_smithy_types::error::display::DisplayErrorContext(&e).to_string()),
-                }
-            })?;
+            let identity = self.own.get_caller_identity().send().await.map_err(|e| StsError::from_sdk(&e))?;
             identity.account.ok_or_else(|| StsError::other("GetCallerIdentity named no account"))
         })
     }
@@ -167,29 +262,22 @@ impl RoleAssumer for AwsSts {
         duration: Duration,
     ) -> BoxFuture<'a, Result<Credentials, StsError>> {
         Box::pin(async move {
-            let output =
-                self.pods
-                    .assume_role()
-                    .role_arn(key.role.as_str())
-                    .role_session_name(key.session_name.as_ref())
-                    .duration_seconds(duration.as_secs() as i32)
-                    .set_external_id(key.external_id.as_deref().map(str::to_string))
-                    .set_tags(key.tags.as_deref().map(session_tags))
-                    .set_transitive_tag_keys(
-                        key.tags.as_deref().map(|tags| tags.iter().map(|tag| tag.key.to_string()).collect()),
-                    )
-                    .send()
-                    .await
-                    .map_err(|error| {
-                        use aws_sdk_sts::error::ProvideErrorMetadata;
-                        let service = error.as_service_error();
-                        let code = service.and_then(|e| e.code()).map(str::to_string);
-                        let message = service.and_then(|e| e.message()).map(str::to_string).unwrap_or_else(|| {
-                            aws_smithy_types::error::display::DisplayErrorContext(&error).to_string()
-                        });
-                        StsError { code, message }
-                    })?;
-            let creds = output.credentials.ok_or_else(|| StsError::other("AssumeRole answered without credentials"))?;
+            let output = self
+                .pods
+                .assume_role()
+                .role_arn(key.role.as_str())
+                .role_session_name(key.session_name.as_ref())
+                .duration_seconds(duration.as_secs() as i32)
+                .set_external_id(key.external_id.as_deref().map(str::to_string))
+                .set_tags(key.tags.as_deref().map(session_tags))
+                .set_transitive_tag_keys(
+                    key.tags.as_deref().map(|tags| tags.iter().map(|tag| tag.key.to_string()).collect()),
+                )
+                .send()
+                .await
+                .map_err(|error| StsError::from_sdk(&error))?;
+            let creds =
+                output.credentials.ok_or_else(|| StsError::transient("AssumeRole answered without credentials"))?;
             let expiration = SystemTime::try_from(creds.expiration)
                 .map_err(|_| StsError::other("AssumeRole answered an unusable expiration"))?;
             Ok(Credentials {
@@ -210,6 +298,30 @@ fn session_tags(tags: &[SessionTag]) -> Vec<Tag> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttling_and_stss_own_failures_are_retried_and_refusals_are_final() {
+        assert_eq!(classify(Some("Throttling"), Some(400)), Failure::Throttled, "STS's query protocol");
+        assert_eq!(classify(Some("RequestLimitExceeded"), Some(400)), Failure::Throttled);
+        assert_eq!(classify(None, Some(429)), Failure::Throttled);
+        assert_eq!(classify(Some("InternalFailure"), Some(500)), Failure::Transient);
+        assert_eq!(classify(None, Some(503)), Failure::Transient);
+        assert_eq!(classify(Some("IDPCommunicationError"), Some(400)), Failure::Transient);
+        for code in [
+            "AccessDenied",
+            "MalformedPolicyDocument",
+            "PackedPolicyTooLarge",
+            "RegionDisabledException",
+            "ExpiredToken",
+            "ValidationError",
+            "InvalidClientTokenId",
+        ] {
+            assert_eq!(classify(Some(code), Some(403)), Failure::Final, "{code}");
+        }
+        assert!(!Failure::Final.is_retryable() && Failure::Throttled.is_retryable());
+        assert!(StsError::transient("timed out").failure.is_retryable());
+        assert!(!StsError::other("the pod is gone").failure.is_retryable());
+    }
 
     #[test]
     fn regional_flag_selects_the_endpoint() {

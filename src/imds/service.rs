@@ -238,6 +238,8 @@ impl ImdsService {
     }
 
     async fn credentials(&self, peer: IpAddr, requested: &str) -> Response<Body> {
+        // A throttled AssumeRole is tried again only within the request's own wait.
+        let retry_until = tokio::time::Instant::now() + self.pod_wait;
         let (pod, Resolved { assignment, key }) = match self.resolve(peer).await {
             Ok(found) => found,
             Err(refusal) => return refusal,
@@ -251,7 +253,7 @@ impl ImdsService {
         // Bounded by --sts-timeout: behind a queue of prefetches (a restart on a busy node) the
         // answer may take a while, and SDKs give up long before; the fetch goes on for the next try.
         let wait = self.credentials.sts_timeout();
-        let fetched = tokio::time::timeout(wait, self.credentials.get(&key)).await;
+        let fetched = tokio::time::timeout(wait, self.credentials.get_until(&key, retry_until)).await;
         let fetched =
             fetched.unwrap_or_else(|_| Err(CredentialError::Busy { role: assignment.role.to_string(), waited: wait }));
         match fetched {

@@ -3,7 +3,7 @@
 //! it ended and what it issued, and can make STS fail or slow on demand.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 
 use crate::moto::moto;
 
-/// One STS request's form parameters, plus [`SIGNED_BY`] and, once answered, [`ISSUED`].
+/// One STS request's form parameters, plus [`SIGNED_BY`], [`AT_MS`], [`OUTCOME`] and, once
+/// answered, [`ISSUED`].
 pub type Call = BTreeMap<String, String>;
 
 /// The access key ID that signed a call (SigV4's `Credential=` in `Authorization`).
@@ -28,13 +29,41 @@ pub const ISSUED: &str = "_Issued";
 /// How a call ended: STS's HTTP status, [`ABANDONED`] while it has not (the caller gave up
 /// and closed the connection first), or `503 (injected)`.
 pub const OUTCOME: &str = "_Outcome";
+/// When the call arrived: milliseconds since the Unix epoch.
+pub const AT_MS: &str = "_AtMs";
 /// A call's [`OUTCOME`] until STS answers it.
 pub const ABANDONED: &str = "abandoned by the caller";
+
+/// An answer the proxy gives instead of STS's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injected {
+    /// `503 ServiceUnavailable`, as an outage.
+    Outage,
+    /// `400 Throttling: Rate exceeded`, as STS throttles an account.
+    Throttling,
+    /// `403 AccessDenied`, as a trust policy that does not let iamlet in.
+    AccessDenied,
+}
+
+impl Injected {
+    fn answer(self) -> (StatusCode, &'static str, &'static str, &'static str) {
+        match self {
+            Injected::Outage => (StatusCode::SERVICE_UNAVAILABLE, "Receiver", "ServiceUnavailable", "injected outage"),
+            Injected::Throttling => (StatusCode::BAD_REQUEST, "Sender", "Throttling", "Rate exceeded"),
+            Injected::AccessDenied => (
+                StatusCode::FORBIDDEN,
+                "Sender",
+                "AccessDenied",
+                "User: arn:aws:sts::123456789012:assumed-role/node/i-0 is not authorized to perform: sts:AssumeRole",
+            ),
+        }
+    }
+}
 
 #[derive(Default)]
 struct State {
     calls: Mutex<Vec<Call>>,
-    failing: AtomicBool,
+    injected: Mutex<Option<Injected>>,
     delay_ms: AtomicU64,
     /// Roles whose sessions STS grants for this long only, whatever was asked.
     short_sessions: Mutex<BTreeMap<String, Duration>>,
@@ -77,9 +106,14 @@ impl StsProxy {
             .collect()
     }
 
-    /// Makes every STS call fail with 503 (as an outage or throttling does) until unset.
+    /// Makes every STS call fail with 503 (as an outage does) until unset.
     pub fn set_failing(&self, failing: bool) {
-        self.state.failing.store(failing, Ordering::SeqCst);
+        self.inject(failing.then_some(Injected::Outage));
+    }
+
+    /// Answers every STS call with `answer` instead of moto's, or again with moto's.
+    pub fn inject(&self, answer: Option<Injected>) {
+        *self.state.injected.lock().unwrap() = answer;
     }
 
     /// Makes STS grant `role`'s sessions for `lifetime` only (as a role whose maximum session
@@ -112,6 +146,8 @@ async fn forward(
         form.insert(SIGNED_BY.into(), key.to_string());
     }
     form.insert(OUTCOME.into(), ABANDONED.into());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    form.insert(AT_MS.into(), now.as_millis().to_string());
     let index = {
         let mut calls = state.calls.lock().unwrap();
         calls.push(form);
@@ -121,11 +157,20 @@ async fn forward(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    if state.failing.load(Ordering::SeqCst) {
-        state.calls.lock().unwrap()[index].insert(OUTCOME.into(), "503 (injected)".into());
-        let xml = "<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code>\
-                   <Message>injected outage</Message></Error><RequestId>test</RequestId></ErrorResponse>";
-        return Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(Full::new(Bytes::from(xml))).unwrap();
+    let injected = *state.injected.lock().unwrap();
+    if let Some(injected) = injected {
+        let (status, kind, code, message) = injected.answer();
+        state.calls.lock().unwrap()[index].insert(OUTCOME.into(), format!("{} (injected)", status.as_u16()));
+        // As STS's query protocol answers errors (`Throttling: Rate exceeded` is a 400).
+        let xml = format!(
+            "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>{kind}</Type>\
+             <Code>{code}</Code><Message>{message}</Message></Error><RequestId>test</RequestId></ErrorResponse>"
+        );
+        return Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "text/xml")
+            .body(Full::new(Bytes::from(xml)))
+            .unwrap();
     }
     let uri = format!("{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut forwarded = Request::builder().method(parts.method).uri(uri);

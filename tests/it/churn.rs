@@ -14,7 +14,15 @@ const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 async fn churn_crosses_no_roles_and_leaves_nothing_of_departed_pods() {
     const ROUNDS: usize = 8;
     const PODS: usize = 250;
-    let node = TestNode::start(&["--debug", "--sts-timeout=4s", "--sts-concurrency=32"]).await;
+    // The budget lifted: the burst is meant to reach STS (moto) at once.
+    let node = TestNode::start(&[
+        "--debug",
+        "--sts-timeout=4s",
+        "--sts-concurrency=32",
+        "--sts-max-rps=10000",
+        "--sts-burst=10000",
+    ])
+    .await;
     let app = node.app();
     for round in 0..ROUNDS {
         let pods: Vec<(String, String)> = (0..PODS)

@@ -256,3 +256,91 @@ async fn pods_roles_are_assumed_with_the_intermediate_roles_session_renewed_ahea
     );
     assert!(calls.iter().filter(|c| c["RoleArn"] == role_arn("app")).all(|c| c[SIGNED_BY] != "testing"));
 }
+
+/// The calls STS saw for `session`, with when each arrived (ms since the epoch).
+fn calls_for(node: &TestNode, session: &str) -> Vec<u128> {
+    use iamlet_testkit::sts_proxy::AT_MS;
+    node.sts
+        .assume_role_calls()
+        .iter()
+        .filter(|call| call["RoleSessionName"] == session)
+        .map(|call| call[AT_MS].parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn while_sts_throttles_a_cached_pod_is_served_and_a_new_one_gets_a_retryable_error_then_credentials() {
+    use iamlet_testkit::sts_proxy::Injected;
+    // A long error TTL: a throttled call must never be remembered as a final failure.
+    let node = TestNode::start(&["--iam-role-error-ttl=10m", "--backoff-max-elapsed-time=2s"]).await;
+    node.api.create_pod(pod("shop", "steady").ip("127.0.0.45").role("app").build());
+    let before = node.get("127.0.0.45", &format!("{CREDS}app")).await.json();
+
+    node.sts.inject(Some(Injected::Throttling));
+    node.api.create_pod(pod("shop", "newcomer").ip("127.0.0.46").role("other").build());
+    eventually(10, "the newcomer's prefetch throttled", async || {
+        node.metric("iamlet_sts_assume_role_calls_total{result=\"throttled\"}").await >= 1.0
+    })
+    .await;
+    for _ in 0..5 {
+        let during = node.get("127.0.0.45", &format!("{CREDS}app")).await;
+        assert_eq!(during.status, 200, "{during:?}");
+        assert_eq!(during.json()["AccessKeyId"], before["AccessKeyId"], "the cached credentials, not an error");
+    }
+    let started = std::time::Instant::now();
+    let refused = node.get("127.0.0.46", &format!("{CREDS}other")).await;
+    let waited = started.elapsed();
+    assert_eq!(refused.status, 503, "an error SDKs retry: {refused:?}");
+    assert!(refused.body.contains("Throttling"), "{}", refused.body);
+    assert!(waited < Duration::from_millis(2800), "within --backoff-max-elapsed-time: {waited:?}");
+    let tries = calls_for(&node, "shop.newcomer").len();
+    assert!(tries >= 2, "the request tried again within its wait: {tries} calls");
+
+    node.sts.inject(None);
+    let started = std::time::Instant::now();
+    let served = node.get("127.0.0.46", &format!("{CREDS}other")).await;
+    assert_eq!(
+        served.status, 200,
+        "served once the throttle lifts, the 10-minute error TTL notwithstanding: {served:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_final_error_is_not_tried_again() {
+    use iamlet_testkit::sts_proxy::Injected;
+    let node = TestNode::start(&["--iam-role-error-ttl=10m"]).await;
+    node.sts.inject(Some(Injected::AccessDenied));
+    node.api.create_pod(pod("shop", "denied").ip("127.0.0.47").role("app").build());
+    let refused = node.get("127.0.0.47", &format!("{CREDS}app")).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("AccessDenied"), "{}", refused.body);
+    // The prefetch's one call, or the request's if it came first: one, and no retry later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(calls_for(&node, "shop.denied").len(), 1, "AccessDenied is final: never retried");
+    assert_eq!(node.metric("iamlet_sts_assume_role_calls_total{result=\"error\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
+    use iamlet_testkit::sts_proxy::Injected;
+    let (rate, burst) = (5.0, 3.0);
+    let node = TestNode::start(&["--sts-max-rps=5", "--sts-burst=3"]).await;
+    node.sts.inject(Some(Injected::Throttling));
+    let pods = 30;
+    for i in 0..pods {
+        node.api.create_pod(pod("jobs", &format!("j{i}")).ip(&format!("127.0.2.{}", 10 + i)).role("app").build());
+    }
+    // Every pod's prefetch, and the retries of the throttled ones, until 20 calls.
+    eventually(30, "20 calls", async || node.sts.assume_role_calls().len() >= 20).await;
+    let mut at: Vec<u128> =
+        node.sts.assume_role_calls().iter().map(|c| c[iamlet_testkit::sts_proxy::AT_MS].parse().unwrap()).collect();
+    at.sort();
+    let first = at[0];
+    for (i, t) in at.iter().enumerate() {
+        let allowed = burst + rate * (t - first) as f64 / 1000.0;
+        // One call of slack for the clocks: the proxy's arrival time lags the agent's turn.
+        assert!((i + 1) as f64 <= allowed + 1.0, "call {} at +{} ms, over the budget's {allowed:.1}", i + 1, t - first);
+    }
+    assert!(node.metric_exported("iamlet_sts_budget_tokens").await.is_some());
+}
