@@ -54,6 +54,12 @@ pub struct ImdsArgs {
     #[arg(long)]
     pub pod_events: bool,
 
+    /// Log, once per pod and AccessKeyId, which pod was handed which credentials (namespace,
+    /// name, uid, ServiceAccount, role, session): CloudTrail names the AccessKeyId behind each
+    /// call, and this finds the pod. `--credential-audit-log=false` switches it off.
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool, env = "IAMLET_CREDENTIAL_AUDIT_LOG")]
+    pub credential_audit_log: bool,
+
     /// Most metadata API connections open at once, from all pods.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
@@ -97,6 +103,7 @@ impl ImdsArgs {
             require_imdsv2: self.require_imdsv2,
             backoff_max_elapsed_time: self.backoff_max_elapsed_time,
             pod_events: self.pod_events,
+            credential_audit_log: self.credential_audit_log,
             limits: crate::http::Limits {
                 connections: self.max_connections as usize,
                 connections_per_ip: self.max_connections_per_ip as usize,

@@ -307,6 +307,8 @@ mod tests {
         assert_eq!(s.policy.namespace_key, "iam.amazonaws.com/allowed-roles");
         assert_eq!(s.sts.iam_role_session_ttl.refresh_before(), Duration::from_secs(1800));
         assert_eq!(s.imds.backoff_max_elapsed_time, Duration::from_secs(2));
+        assert!(s.imds.credential_audit_log);
+        assert!(!settings(&["--credential-audit-log=false"]).imds.credential_audit_log);
         assert_eq!(s.imds.metadata_addr.as_str(), "169.254.169.254");
         assert!(s.policy.namespace_restrictions.is_none());
         assert_eq!(s.network.iptables_keep_on_exit, KeepOnExit::Auto);

@@ -4,6 +4,7 @@
 //! key [`token_key`] keeps in the state directory, [`render`] shapes bodies like IMDS, [`upstream`] talks to the node's real IMDS, and
 //! [`service`] puts them together for one request.
 
+pub mod audit;
 pub mod render;
 pub mod routes;
 pub mod service;
@@ -29,6 +30,8 @@ pub struct ImdsSettings {
     pub backoff_max_elapsed_time: Duration,
     /// Record Kubernetes Events on pods that get no credentials.
     pub pod_events: bool,
+    /// Log each pod's credentials once, joining the AccessKeyId to the pod.
+    pub credential_audit_log: bool,
     /// `--max-connections`, `--max-connections-per-ip`, `--header-read-timeout`.
     pub limits: crate::http::Limits,
     pub shutdown_grace_period: Duration,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use super::ImdsSettings;
+use super::audit::CredentialAudit;
 use super::render;
 use super::routes::{AllowList, Route, classify, normalize};
 use super::token::{TokenIssuer, parse_ttl};
@@ -39,6 +40,8 @@ pub struct ImdsService {
     events: Option<PodEvents>,
     /// Which port each pod address belongs to (`--bind-pod-ports`; off until decided).
     ports: Ports,
+    /// `--credential-audit-log`.
+    audit: Option<CredentialAudit>,
 }
 
 impl ImdsService {
@@ -65,6 +68,7 @@ impl ImdsService {
             metrics,
             events: None,
             ports: Ports::default(),
+            audit: settings.credential_audit_log.then(CredentialAudit::new),
         }
     }
 
@@ -257,7 +261,12 @@ impl ImdsService {
         let fetched =
             fetched.unwrap_or_else(|_| Err(CredentialError::Busy { role: assignment.role.to_string(), waited: wait }));
         match fetched {
-            Ok(issued) => text(StatusCode::OK, issued.rendered(render::credentials)),
+            Ok(issued) => {
+                if let Some(audit) = &self.audit {
+                    audit.handed(&pod, &key, &issued.credentials.access_key_id).await;
+                }
+                text(StatusCode::OK, issued.rendered(render::credentials))
+            }
             Err(error) => {
                 tracing::warn!(namespace = %pod.namespace, pod = %pod.name, role = %assignment.role, %error, "no credentials");
                 if let Some(events) = &self.events {

@@ -344,3 +344,46 @@ async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
     }
     assert!(node.metric_exported("iamlet_sts_budget_tokens").await.is_some());
 }
+
+#[tokio::test]
+async fn each_pods_credentials_are_joined_to_it_in_the_log_once() {
+    use iamlet_testkit::agent::AgentCommand;
+    use iamlet_testkit::apiserver::FakeApiServer;
+    use iamlet_testkit::imds::FakeImds;
+    use iamlet_testkit::sts_proxy::StsProxy;
+    use iamlet_testkit::{AgentFlags, free_port};
+
+    let api = FakeApiServer::start().await;
+    api.create_pod(pod("shop", "web-0").ip("127.0.0.48").role("app").service_account("web").build());
+    let (sts, imds) = (StsProxy::start().await, FakeImds::start().await);
+    let (app, admin) = (free_port(), free_port());
+    let flags =
+        AgentFlags::loopback(&api.url, &imds.addr).without_startup_taint().ports(app, admin).flag("--log-format=json");
+    let mut agent = AgentCommand::new(flags, &sts.url).spawn();
+    agent.wait_ready().await;
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], app));
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let reply = iamlet_testkit::pod_client::get("127.0.0.48", to, &format!("{CREDS}app")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        keys.push(reply.json());
+    }
+    let access_key_id = keys[0]["AccessKeyId"].as_str().unwrap().to_string();
+    let log = agent.terminate().await;
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "credentials handed to a pod")
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for three requests of one pod and AccessKeyId: {lines:?}\n{log}");
+    let fields = &lines[0];
+    assert_eq!(fields["target"], "iamlet::audit");
+    assert_eq!(fields["access_key_id"], access_key_id.as_str());
+    assert_eq!((fields["namespace"].as_str(), fields["pod"].as_str()), (Some("shop"), Some("web-0")));
+    assert_eq!(fields["service_account"], "web");
+    assert_eq!(fields["role"], role_arn("app").as_str());
+    assert_eq!(fields["scope"], "pod");
+    assert!(fields["uid"].as_str().is_some_and(|uid| !uid.is_empty()), "{fields}");
+    let secret = keys[0]["SecretAccessKey"].as_str().unwrap();
+    assert!(!log.contains(secret) && !log.contains(keys[0]["Token"].as_str().unwrap()), "no secret in the log");
+}
