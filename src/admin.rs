@@ -193,6 +193,7 @@ impl AdminService {
                     key.tags.iter().flat_map(|tags| tags.iter()).map(|t| (t.key.to_string(), json!(t.value))).collect();
                 json!({"role": key.role.as_str(), "session": key.session_name.as_ref(),
                        "external_id": key.external_id.is_some(), "tags": tags,
+                       "source_identity": key.source_identity.as_deref(),
                        "expiration": humantime::format_rfc3339_seconds(expiration).to_string(),
                        "refresh_at": humantime::format_rfc3339_seconds(refresh_at).to_string()})
             })

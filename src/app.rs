@@ -169,6 +169,7 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let resolver = Arc::new(Resolver::configured(
         policy,
         sts.session_tags.clone(),
+        sts.source_identity,
         caches.namespaces.clone(),
         caches.service_accounts.clone(),
     ));

@@ -95,6 +95,12 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
                 format!("{} (transitive; the role's trust policy must allow sts:TagSession)", tags.join(", ")),
             ));
         }
+        if let Some(identity) = &key.source_identity {
+            lines.push((
+                "source identity",
+                format!("{identity} (the role's trust policy must allow sts:SetSourceIdentity)"),
+            ));
+        }
     }
     Explanation { lines, verdict, key }
 }
@@ -258,7 +264,8 @@ async fn resolver(
         false => None,
     };
     let tagging = settings.sts.session_tags.clone();
-    Ok(Resolver::configured(Arc::new(policy), tagging, namespaces, service_accounts))
+    let source_identity = settings.sts.source_identity;
+    Ok(Resolver::configured(Arc::new(policy), tagging, source_identity, namespaces, service_accounts))
 }
 
 /// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its

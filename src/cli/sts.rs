@@ -58,6 +58,13 @@ pub struct StsArgs {
     #[arg(long)]
     pub session_tags: bool,
 
+    /// Set each AssumeRole's SourceIdentity to `<namespace>@<serviceaccount>` of the pod:
+    /// unlike the session name it survives role chaining, and CloudTrail shows it on every
+    /// call the pod's credentials make. The roles' trust policies must allow
+    /// sts:SetSourceIdentity, or every AssumeRole fails.
+    #[arg(long)]
+    pub source_identity: bool,
+
     /// The cluster's name, sent as the eks-cluster-name session tag (with --session-tags).
     #[arg(long)]
     pub cluster_name: Option<String>,
@@ -116,6 +123,7 @@ impl StsArgs {
             iam_role_error_ttl: self.iam_role_error_ttl,
             sts_timeout: self.sts_timeout,
             sts_concurrency: self.sts_concurrency.into(),
+            source_identity: self.source_identity,
             sts_budget: BudgetSettings { rate: self.sts_max_rps, burst: self.sts_burst.into() },
             use_regional_sts_endpoint: self.use_regional_sts_endpoint,
         })

@@ -66,6 +66,7 @@ pub(crate) fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_
         sts_timeout,
         sts_concurrency,
         sts_budget: BudgetSettings { rate: 1e6, burst: 1e6 },
+        source_identity: false,
         use_regional_sts_endpoint: false,
         session_tags: None,
         assume_role_arn: None,
@@ -78,6 +79,7 @@ pub(crate) fn key(session: &str) -> CredentialKey {
         external_id: None,
         session_name: session.into(),
         tags: None,
+        source_identity: None,
     }
 }
 

@@ -26,6 +26,9 @@ pub struct StsSettings {
     pub use_regional_sts_endpoint: bool,
     /// `--session-tags` (with `--cluster-name`): tag each session with the pod's attributes.
     pub session_tags: Option<SessionTagging>,
+    /// `--source-identity`: each session's `SourceIdentity` names the pod's namespace and
+    /// ServiceAccount.
+    pub source_identity: bool,
     /// `--assume-role-arn`: the intermediate role the pods' roles are assumed with.
     pub assume_role_arn: Option<RoleArn>,
 }

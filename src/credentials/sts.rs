@@ -273,9 +273,10 @@ impl RoleAssumer for AwsSts {
                 .set_transitive_tag_keys(
                     key.tags.as_deref().map(|tags| tags.iter().map(|tag| tag.key.to_string()).collect()),
                 )
+                .set_source_identity(key.source_identity.as_deref().map(str::to_string))
                 .send()
                 .await
-                .map_err(|error| StsError::from_sdk(&error))?;
+                .map_err(|error| with_source_identity_hint(StsError::from_sdk(&error), key))?;
             let creds =
                 output.credentials.ok_or_else(|| StsError::transient("AssumeRole answered without credentials"))?;
             let expiration = SystemTime::try_from(creds.expiration)
@@ -288,6 +289,17 @@ impl RoleAssumer for AwsSts {
             })
         })
     }
+}
+
+/// A refusal of a call that set `SourceIdentity` names the permission it needs: without
+/// `sts:SetSourceIdentity` in the role's trust policy, STS refuses every such call.
+fn with_source_identity_hint(mut error: StsError, key: &CredentialKey) -> StsError {
+    if key.source_identity.is_some() && error.code.as_deref() == Some("AccessDenied") {
+        error.message.push_str(
+            " (with --source-identity, the role's trust policy must allow sts:SetSourceIdentity as well as sts:AssumeRole)",
+        );
+    }
+    error
 }
 
 /// The tags of a session, as the SDK takes them.

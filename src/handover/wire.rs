@@ -75,6 +75,9 @@ pub struct Entry {
     external_id: Option<String>,
     session_name: String,
     tags: Option<Vec<(String, String)>>,
+    /// Absent from a predecessor older than `--source-identity`.
+    #[serde(default)]
+    source_identity: Option<String>,
     access_key_id: String,
     secret_access_key: String,
     session_token: String,
@@ -111,6 +114,7 @@ impl Entry {
             external_id: key.external_id.as_deref().map(str::to_string),
             session_name: key.session_name.to_string(),
             tags: key.tags.as_ref().map(|tags| tags.iter().map(|t| (t.key.to_string(), t.value.clone())).collect()),
+            source_identity: key.source_identity.as_deref().map(str::to_string),
             access_key_id: credentials.access_key_id.clone(),
             secret_access_key: credentials.secret_access_key.clone(),
             session_token: credentials.session_token.clone(),
@@ -139,6 +143,7 @@ impl Entry {
             external_id: self.external_id.map(Into::into),
             session_name: self.session_name.into(),
             tags,
+            source_identity: self.source_identity.map(Into::into),
         };
         let credentials = Credentials {
             access_key_id: self.access_key_id,
@@ -300,6 +305,7 @@ mod tests {
             external_id: Some("ext".into()),
             session_name: "shop.web".into(),
             tags: Some(vec![SessionTag { key: TAG_KEYS[1], value: "shop".into() }].into()),
+            source_identity: Some("shop@web".into()),
         };
         let expiration = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
         let credentials = Credentials {

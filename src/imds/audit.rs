@@ -82,6 +82,7 @@ mod tests {
             external_id: None,
             session_name: "shop.web-0".into(),
             tags: None,
+            source_identity: None,
         };
         assert!(audit.handed(&pod("u1"), &key, "ASIA1").await);
         assert!(!audit.handed(&pod("u1"), &key, "ASIA1").await, "asked again: already in the log");

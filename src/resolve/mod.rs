@@ -7,7 +7,7 @@ mod tags;
 
 use std::sync::Arc;
 
-pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name, session_of};
+pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name, session_of, source_identity};
 pub use tags::{SessionTag, SessionTagging, SessionTags, TAG_KEYS, valid_tag_value};
 
 use crate::cluster::{NamespaceStore, ServiceAccountEntry, ServiceAccountStore};
@@ -23,6 +23,8 @@ pub struct CredentialKey {
     pub session_name: Arc<str>,
     /// With `--session-tags`: the pod's tags, passed to AssumeRole.
     pub tags: Option<SessionTags>,
+    /// With `--source-identity`: `<namespace>@<serviceaccount>`, passed as `SourceIdentity`.
+    pub source_identity: Option<Arc<str>>,
 }
 
 /// Why the resolver gives a pod no role now.
@@ -62,11 +64,13 @@ pub struct Resolver {
     service_accounts: Option<Arc<ServiceAccountStore>>,
     /// With `--session-tags`.
     tagging: Option<SessionTagging>,
+    /// `--source-identity`.
+    source_identity: bool,
 }
 
 impl Resolver {
     pub fn new(policy: Arc<Policy>) -> Self {
-        Self { policy, namespaces: None, service_accounts: None, tagging: None }
+        Self { policy, namespaces: None, service_accounts: None, tagging: None, source_identity: false }
     }
 
     /// The resolver as the agent's flags configure it: the agent (fed by watches) and
@@ -75,10 +79,18 @@ impl Resolver {
     pub fn configured(
         policy: Arc<Policy>,
         tagging: Option<SessionTagging>,
+        source_identity: bool,
         namespaces: Option<Arc<NamespaceStore>>,
         service_accounts: Option<Arc<ServiceAccountStore>>,
     ) -> Self {
-        Self { policy, namespaces, service_accounts, tagging }
+        Self { policy, namespaces, service_accounts, tagging, source_identity }
+    }
+
+    /// Sets each session's `SourceIdentity` to the pod's namespace and ServiceAccount
+    /// (`--source-identity`).
+    pub fn with_source_identity(mut self) -> Self {
+        self.source_identity = true;
+        self
     }
 
     /// Restricts roles to what each namespace allows (`--namespace-restrictions`).
@@ -122,6 +134,7 @@ impl Resolver {
             external_id: assignment.external_id.as_deref().map(Into::into),
             session_name: session_of(pod).into(),
             tags: self.tagging.as_ref().map(|tagging| tagging.tags(pod)),
+            source_identity: self.source_identity.then(|| source_identity(&pod.namespace, &pod.service_account).into()),
         };
         Ok(Resolved { assignment, key })
     }
@@ -241,5 +254,14 @@ mod tests {
         let tags = a.tags.unwrap();
         assert!(tags.iter().any(|t| t.key == "kubernetes-pod-uid" && t.value == "uid-1"));
         assert_eq!(Resolver::new(policy(None)).resolve(&first).unwrap().key.tags, None);
+    }
+
+    #[test]
+    fn with_source_identity_the_key_names_the_namespace_and_service_account() {
+        let mut web = pod("shop", "web-0", "app");
+        web.service_account = "web".into();
+        assert_eq!(Resolver::new(policy(None)).resolve(&web).unwrap().key.source_identity, None);
+        let key = Resolver::new(policy(None)).with_source_identity().resolve(&web).unwrap().key;
+        assert_eq!(key.source_identity.as_deref(), Some("shop@web"));
     }
 }

@@ -69,17 +69,32 @@ const MIN_NAMESPACE: usize = 20;
 ///
 /// The same on every node and every release: the hash is over the names alone.
 pub fn session_name(namespace: &str, pod: &str) -> String {
-    let namespace = sts_characters(namespace);
-    let name = sts_characters(pod);
+    joined(namespace, '.', pod)
+}
+
+/// The `SourceIdentity` of a pod's sessions with `--source-identity`:
+/// `<namespace>@<serviceaccount>`, in STS's characters (`[\w+=,.@-]`, 2 to 64 of them; `/` is
+/// refused), shortened as [`session_name`] shortens (the namespace's start, the
+/// ServiceAccount's end, a hash of both), so a 63-character namespace with a 253-character
+/// ServiceAccount still gives a valid, recognisable value. Unlike the session name, it
+/// survives role chaining: whatever the pod's role assumes next still names it.
+pub fn source_identity(namespace: &str, service_account: &str) -> String {
+    joined(namespace, '@', service_account)
+}
+
+/// `<first><separator><second>` within STS's 64 characters, shortened recognisably.
+fn joined(first: &str, separator: char, second: &str) -> String {
+    let namespace = sts_characters(first);
+    let name = sts_characters(second);
     if namespace.len() + 1 + name.len() <= MAX_LEN {
-        return format!("{namespace}.{name}");
+        return format!("{namespace}{separator}{name}");
     }
     let room = MAX_LEN - 1 - 1 - HASH_LEN;
     let namespace_kept = namespace.len().min(MIN_NAMESPACE.max(room.saturating_sub(name.len())));
     let name_kept = (room - namespace_kept).min(name.len());
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{namespace}/{pod}").as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, format!("{first}/{second}").as_bytes());
     let hash: String = digest.as_ref()[..HASH_LEN / 2].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}.{}_{hash}", &namespace[..namespace_kept], &name[name.len() - name_kept..])
+    format!("{}{separator}{}_{hash}", &namespace[..namespace_kept], &name[name.len() - name_kept..])
 }
 
 /// `text` with every character outside STS's session-name set replaced by `-`: ASCII only,
@@ -136,6 +151,17 @@ mod tests {
         // A long namespace with a short pod keeps more of the namespace.
         let name = session_name(&"n".repeat(63), "web-1");
         assert!(name.starts_with(&format!("{}.web-1_", "n".repeat(49))), "{name}");
+    }
+
+    #[test]
+    fn a_source_identity_names_the_namespace_and_service_account_in_stss_characters() {
+        assert_eq!(source_identity("shop", "web"), "shop@web");
+        let long = source_identity(&"n".repeat(63), &format!("{}-reader", "s".repeat(246)));
+        assert!((2..=64).contains(&long.len()), "{long}");
+        assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)), "{long}");
+        assert!(long.starts_with(&"n".repeat(20)) && long.contains("-reader_"), "recognisable: {long}");
+        assert_ne!(long, source_identity(&"n".repeat(63), &format!("{}-writer", "s".repeat(246))));
+        assert!(!source_identity("a/b", "c").contains('/'), "STS refuses a slash");
     }
 
     #[test]

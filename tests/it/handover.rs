@@ -250,8 +250,9 @@ async fn after_a_kill_9_the_pods_that_asked_in_the_minutes_before_are_prefetched
 
     agent.signal(Signal::SIGKILL);
     let before = node.sts.assume_role_calls().len();
-    // Every AssumeRole a little slow, as STS is from a node: the prefetches queue.
-    node.sts.set_delay(Duration::from_millis(20));
+    // Every AssumeRole slow enough that the first turns are still under way when the whole
+    // listing's prefetches have queued (the order applies among calls that wait).
+    node.sts.set_delay(Duration::from_millis(200));
     let mut successor = node.agent().spawn();
     eventually(60, "every pod's credentials prefetched again", async || {
         successor.metric(fetched).await.is_some_and(|n| n >= pods as f64)

@@ -387,3 +387,29 @@ async fn each_pods_credentials_are_joined_to_it_in_the_log_once() {
     let secret = keys[0]["SecretAccessKey"].as_str().unwrap();
     assert!(!log.contains(secret) && !log.contains(keys[0]["Token"].as_str().unwrap()), "no secret in the log");
 }
+
+#[tokio::test]
+async fn with_source_identity_each_call_names_the_pods_namespace_and_service_account() {
+    use iamlet_testkit::sts_proxy::Injected;
+    let node = TestNode::start(&["--source-identity"]).await;
+    node.api.create_pod(pod("shop", "web-0").ip("127.0.0.49").role("app").service_account("web").build());
+    assert_eq!(node.get("127.0.0.49", &format!("{CREDS}app")).await.status, 200);
+    let calls = node.sts.assume_role_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].get("SourceIdentity").map(String::as_str), Some("shop@web"));
+
+    // A trust policy without sts:SetSourceIdentity refuses every call: the error says so.
+    node.sts.inject(Some(Injected::AccessDenied));
+    node.api.create_pod(pod("shop", "api-0").ip("127.0.0.50").role("other").service_account("api").build());
+    let refused = node.get("127.0.0.50", &format!("{CREDS}other")).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("sts:SetSourceIdentity"), "{}", refused.body);
+}
+
+#[tokio::test]
+async fn without_source_identity_none_is_sent() {
+    let node = TestNode::start(&[]).await;
+    node.api.create_pod(pod("shop", "web-0").ip("127.0.0.51").role("app").service_account("web").build());
+    assert_eq!(node.get("127.0.0.51", &format!("{CREDS}app")).await.status, 200);
+    assert!(node.sts.assume_role_calls().iter().all(|call| !call.contains_key("SourceIdentity")));
+}
