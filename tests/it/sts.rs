@@ -339,8 +339,9 @@ async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
     let first = at[0];
     for (i, t) in at.iter().enumerate() {
         let allowed = burst + rate * (t - first) as f64 / 1000.0;
-        // One call of slack for the clocks: the proxy's arrival time lags the agent's turn.
-        assert!((i + 1) as f64 <= allowed + 1.0, "call {} at +{} ms, over the budget's {allowed:.1}", i + 1, t - first);
+        // Two calls of slack for the clocks: a call arrives at the proxy a little after its
+        // turn, and the burst's first connections may arrive later than calls after them.
+        assert!((i + 1) as f64 <= allowed + 2.0, "call {} at +{} ms, over the budget's {allowed:.1}", i + 1, t - first);
     }
     assert!(node.metric_exported("iamlet_sts_budget_tokens").await.is_some());
 }
