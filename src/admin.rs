@@ -191,7 +191,7 @@ impl AdminService {
             .map(|(key, expiration, refresh_at)| {
                 let tags: serde_json::Map<String, serde_json::Value> =
                     key.tags.iter().flat_map(|tags| tags.iter()).map(|t| (t.key.to_string(), json!(t.value))).collect();
-                json!({"role": key.role.as_str(), "session": key.session_name.as_ref(),
+                json!({"role": key.role.as_str(), "session": key.session_name.as_ref(), "scope": key.scope.as_str(),
                        "external_id": key.external_id.is_some(), "tags": tags,
                        "source_identity": key.source_identity.as_deref(),
                        "expiration": humantime::format_rfc3339_seconds(expiration).to_string(),

@@ -168,8 +168,8 @@ pub async fn start(config: Config, deps: Dependencies) -> Result<RunningAgent, S
     let caches = Caches::start(&deps.kube, &node, cache_settings, &metrics, changes, &mut background);
     let resolver = Arc::new(Resolver::configured(
         policy,
-        sts.session_tags.clone(),
-        sts.source_identity,
+        sts.sessions.clone(),
+        &node,
         caches.namespaces.clone(),
         caches.service_accounts.clone(),
     ));

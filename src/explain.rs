@@ -24,7 +24,7 @@ use crate::policy::{
     Assignment, IRSA_ROLE_ANNOTATION, KIAM_PERMITTED_ANNOTATION, NamespaceRule, RoleSource, ServiceAccountLookup,
 };
 use crate::ports::Verdict;
-use crate::resolve::{CredentialKey, Resolved, Resolver, Unresolved};
+use crate::resolve::{CredentialKey, Resolved, Resolver, SessionScope, Unresolved};
 
 /// What `explain` found, line by line, and its verdict.
 #[derive(Debug)]
@@ -88,6 +88,19 @@ pub fn explain(pod: &Pod, resolver: &Resolver, keys: &AnnotationKeys, namespace_
             key.external_id.as_deref().map(|id| format!("{id:?}")).unwrap_or_else(|| "(none)".into()),
         ));
         lines.push(("session name", key.session_name.to_string()));
+        lines.push((
+            "session scope",
+            match key.scope {
+                SessionScope::Pod => "pod (the session is this pod's alone)".to_string(),
+                scope => format!(
+                    "{scope} (shared with the node's other pods of this role{}; the audit log names each pod)",
+                    match scope {
+                        SessionScope::ServiceAccount => " and ServiceAccount",
+                        _ => "",
+                    }
+                ),
+            },
+        ));
         if let Some(tags) = &key.tags {
             let tags: Vec<String> = tags.iter().map(|tag| format!("{}={}", tag.key, tag.value)).collect();
             lines.push((
@@ -188,7 +201,9 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
     let policy = &settings.policy;
     let keys = AnnotationKeys::of(policy);
     let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
-    let resolver = resolver(settings, client, namespace, service_account, &keys, &sts).await?;
+    // A `role` scope's session names the node whose agent serves the pod.
+    let pod_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).or(node).unwrap_or("(not scheduled)");
+    let resolver = resolver(settings, client, (namespace, service_account), pod_node, &keys, &sts).await?;
     let namespace_key = policy.namespace_restrictions.map(|_| policy.namespace_key.as_str());
     let mut explanation = explain(&pod, &resolver, &keys, namespace_key);
     let mut ok = explanation.verdict.is_ok();
@@ -229,8 +244,8 @@ pub async fn run(settings: &Settings, node: Option<&str>, target: &str, check_st
 async fn resolver(
     settings: &Settings,
     client: kube::Client,
-    namespace: &str,
-    service_account: &str,
+    (namespace, service_account): (&str, &str),
+    node: &str,
     keys: &AnnotationKeys,
     sts: &AwsSts,
 ) -> anyhow::Result<Resolver> {
@@ -263,9 +278,8 @@ async fn resolver(
         }
         false => None,
     };
-    let tagging = settings.sts.session_tags.clone();
-    let source_identity = settings.sts.source_identity;
-    Ok(Resolver::configured(Arc::new(policy), tagging, source_identity, namespaces, service_accounts))
+    let sessions = settings.sts.sessions.clone();
+    Ok(Resolver::configured(Arc::new(policy), sessions, node, namespaces, service_accounts))
 }
 
 /// Whether the pod's metadata traffic reaches iamlet: which interface the kernel routes its
@@ -414,9 +428,19 @@ mod tests {
             "namespace: restrictions off",
             "external id: \"x-1\"",
             "session name: shop.web",
+            "session scope: pod (the session is this pod's alone)",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
+        let shared = explain(
+            &pod(json!({"iam.amazonaws.com/role": "app"})),
+            &resolver(policy()).with_scope(SessionScope::Role, "node-a"),
+            &AnnotationKeys::default(),
+            None,
+        );
+        let text = plain(&shared);
+        assert!(text.contains("session name: iamlet@node-a"), "{text}");
+        assert!(text.contains("session scope: role (shared with the node's other pods of this role;"), "{text}");
     }
 
     #[test]

@@ -318,6 +318,18 @@ mod tests {
     }
 
     #[test]
+    fn the_session_scope_is_the_pods_unless_asked_otherwise() {
+        use crate::resolve::SessionScope;
+        assert_eq!(settings(&[]).sts.sessions.scope, SessionScope::Pod);
+        assert_eq!(settings(&["--session-scope=service-account"]).sts.sessions.scope, SessionScope::ServiceAccount);
+        assert_eq!(settings(&["--session-scope", "role"]).sts.sessions.scope, SessionScope::Role);
+        let sessions = settings(&["--session-scope=service-account", "--source-identity"]).sts.sessions;
+        assert!(sessions.source_identity, "a ServiceAccount's session can name its ServiceAccount");
+        let error = parse(&["--session-scope=role", "--source-identity"]).unwrap_err();
+        assert!(error.contains("--session-scope=role") && error.contains("service-account"), "{error}");
+    }
+
+    #[test]
     fn the_sts_budget_has_a_default_and_refuses_what_is_no_rate() {
         let budget = settings(&[]).sts.sts_budget;
         assert_eq!((budget.rate, budget.burst), (10.0, 20.0));
@@ -469,6 +481,7 @@ mod tests {
             (&["--session-tags", "--cluster-name=prod,eu"], "--cluster-name"),
             (&["--session-tags", "--cluster-name= "], "--cluster-name"),
             (&["--assume-role-arn=iamlet-intermediate"], "--assume-role-arn"),
+            (&["--session-scope=role", "--source-identity"], "--source-identity"),
             (&["--assume-role-arn=arn:aws:iam::123456789012:user/iamlet"], "--assume-role-arn"),
         ];
         for (args, flag) in cases {
@@ -484,6 +497,7 @@ mod tests {
             (vec!["--log-level=loud"], "--log-level"),
             (vec!["--iam-role-session-ttl=soon"], "--iam-role-session-ttl"),
             (vec!["--app-port=99999"], "--app-port"),
+            (vec!["--session-scope=namespace"], "--session-scope"),
         ] {
             let error = parse(&args).unwrap_err();
             assert!(error.contains(flag), "{error}");

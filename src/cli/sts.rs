@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::FlagError;
 use super::values::{parse_duration, parse_rate};
 use crate::credentials::{BudgetSettings, StsSettings};
 use crate::policy::RoleArn;
-use crate::resolve::{SessionRules, SessionTagging, valid_tag_value};
+use crate::resolve::{SessionOptions, SessionRules, SessionScope, SessionTagging, valid_tag_value};
 
 /// Shortest `--iam-role-session-ttl`: credentials handed out keep at least this long, which is
 /// the window in which the Java SDK refetches on every call (kiam #191).
@@ -51,10 +51,19 @@ pub struct StsArgs {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000), env = "IAMLET_STS_BURST")]
     pub sts_burst: u32,
 
+    /// Which pods share one STS session: `pod` (one each, named `<namespace>.<pod>`),
+    /// `service-account` (one per role, namespace and ServiceAccount on the node, named
+    /// `<namespace>@<serviceaccount>`) or `role` (one per role on the node, named
+    /// `iamlet@<node>`, as kube2iam). Wider scopes make fewer AssumeRole calls (STS limits
+    /// them per account); the audit log still joins each AccessKeyId to its pods.
+    #[arg(long, value_enum, default_value_t = SessionScopeArg::Pod, env = "IAMLET_SESSION_SCOPE")]
+    pub session_scope: SessionScopeArg,
+
     /// Tag each AssumeRole with the pod's attributes under EKS Pod Identity's keys
     /// (kubernetes-namespace, kubernetes-service-account, kubernetes-pod-name,
-    /// kubernetes-pod-uid; eks-cluster-name with --cluster-name), all transitive. The roles'
-    /// trust policies must allow sts:TagSession.
+    /// kubernetes-pod-uid; eks-cluster-name with --cluster-name), all transitive, as far as the
+    /// session scope shares them (no pod's name or uid in a shared session). The roles' trust
+    /// policies must allow sts:TagSession.
     #[arg(long)]
     pub session_tags: bool,
 
@@ -74,6 +83,24 @@ pub struct StsArgs {
     /// The node role then needs sts:AssumeRole on this role only.
     #[arg(long)]
     pub assume_role_arn: Option<String>,
+}
+
+/// `--session-scope` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SessionScopeArg {
+    Pod,
+    ServiceAccount,
+    Role,
+}
+
+impl From<SessionScopeArg> for SessionScope {
+    fn from(arg: SessionScopeArg) -> Self {
+        match arg {
+            SessionScopeArg::Pod => SessionScope::Pod,
+            SessionScopeArg::ServiceAccount => SessionScope::ServiceAccount,
+            SessionScopeArg::Role => SessionScope::Role,
+        }
+    }
 }
 
 impl StsArgs {
@@ -110,6 +137,15 @@ impl StsArgs {
             }
             (true, name) => Some(SessionTagging { cluster_name: name.map(str::to_string) }),
         };
+        let scope = SessionScope::from(self.session_scope);
+        if self.source_identity && scope == SessionScope::Role {
+            return Err(flag(
+                "--source-identity",
+                "cannot be combined with --session-scope=role: a session shared by every pod of a role on the node \
+                 cannot carry one pod's ServiceAccount; use --session-scope=service-account or pod"
+                    .into(),
+            ));
+        }
         let assume_role_arn = match self.assume_role_arn.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(arn) => Some(RoleArn::parse(arn).map_err(|e| {
@@ -118,12 +154,11 @@ impl StsArgs {
         };
         Ok(StsSettings {
             assume_role_arn,
-            session_tags,
+            sessions: SessionOptions { scope, tagging: session_tags, source_identity: self.source_identity },
             iam_role_session_ttl: SessionRules::new(self.iam_role_session_ttl),
             iam_role_error_ttl: self.iam_role_error_ttl,
             sts_timeout: self.sts_timeout,
             sts_concurrency: self.sts_concurrency.into(),
-            source_identity: self.source_identity,
             sts_budget: BudgetSettings { rate: self.sts_max_rps, burst: self.sts_burst.into() },
             use_regional_sts_endpoint: self.use_regional_sts_endpoint,
         })

@@ -129,7 +129,7 @@ impl CredentialCache {
         key: &CredentialKey,
         until: tokio::time::Instant,
     ) -> Result<Arc<Issued>, CredentialError> {
-        self.recent.asked(&key.session_name, SystemTime::now());
+        self.recent.asked(&key.session_id(), SystemTime::now());
         let issued = self.get_with(key, Priority::Demand, until).await?;
         if issued.remaining(SystemTime::now()) < LATE {
             self.metrics.credentials_served_late.inc();
@@ -154,7 +154,7 @@ impl CredentialCache {
             return Err(sts_error(error));
         }
         self.metrics.cache_misses.inc();
-        let fetching = self.liveness.fetching(&key.session_name);
+        let fetching = self.liveness.fetching(&key.session_id());
         // A request promotes the prefetch it joins (the cache runs one fetch per key).
         let _demand = (priority == Priority::Demand).then(|| self.queue.demand(key, until));
         let issued =
@@ -175,7 +175,7 @@ impl CredentialCache {
         if self.is_retired() {
             return;
         }
-        let priority = match self.recent.is_recent(&key.session_name, SystemTime::now()) {
+        let priority = match self.recent.is_recent(&key.session_id(), SystemTime::now()) {
             true => Priority::PrefetchAsked,
             false => Priority::Prefetch,
         };
@@ -235,7 +235,7 @@ impl CredentialCache {
             };
             let delay = backoff(class, attempt, super::refresh::jitter());
             attempt += 1;
-            let gone = class != Priority::Demand && (self.is_retired() || !self.liveness.is_live(&key.session_name));
+            let gone = class != Priority::Demand && (self.is_retired() || !self.liveness.is_live(&key.session_id()));
             if !error.failure.is_retryable() || gone || tokio::time::Instant::now() + delay >= until {
                 // A refresh says so itself, with what it means for the pod.
                 if priority != Priority::Refresh {

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use super::{BudgetSettings, CredentialCache, Credentials, RoleAssumer, StsError, StsSettings};
 use crate::metrics::Metrics;
 use crate::policy::RoleArn;
-use crate::resolve::{CredentialKey, SessionRules};
+use crate::resolve::{CredentialKey, SessionOptions, SessionRules, SessionScope};
 
 /// A fake STS: counts calls, can fail, hands out credentials valid for `validity`.
 pub(crate) struct FakeSts {
@@ -66,9 +66,8 @@ pub(crate) fn settings(iam_role_error_ttl: Duration, sts_timeout: Duration, sts_
         sts_timeout,
         sts_concurrency,
         sts_budget: BudgetSettings { rate: 1e6, burst: 1e6 },
-        source_identity: false,
+        sessions: SessionOptions::default(),
         use_regional_sts_endpoint: false,
-        session_tags: None,
         assume_role_arn: None,
     }
 }
@@ -77,6 +76,7 @@ pub(crate) fn key(session: &str) -> CredentialKey {
     CredentialKey {
         role: RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap(),
         external_id: None,
+        scope: SessionScope::Pod,
         session_name: session.into(),
         tags: None,
         source_identity: None,
@@ -90,7 +90,7 @@ pub(crate) fn cache(sts: &Arc<FakeSts>, error_ttl: Duration) -> Arc<CredentialCa
 
 /// A pod `uid` on the node under `session`, as the prefetcher reports it.
 pub(crate) fn arrives(cache: &CredentialCache, uid: &str, session: &str) {
-    cache.liveness.arrived(uid, &session.into());
+    cache.liveness.arrived(uid, Some(&session.into()));
 }
 
 /// Lets background work run until STS has had `calls` calls (virtual time).

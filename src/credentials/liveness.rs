@@ -2,8 +2,10 @@
 //! one owner of credential liveness. The prefetcher tells it of pods arriving and departing;
 //! the cache asks it before keeping what a fetch brought back and when it refreshes.
 //!
-//! A session is `<namespace>.<pod>`: a StatefulSet's pod recreated under the same name has the
-//! same session as the pod it replaces, so a session departs only with its last pod. A fetch
+//! A session is what [`CredentialKey::session_id`] names: in `pod` scope `<namespace>.<pod>`,
+//! which a StatefulSet's pod recreated under the same name shares with the pod it replaces;
+//! in a shared scope a role's session, which every pod of that role (and ServiceAccount)
+//! shares. So a session departs only with its last pod. A fetch
 //! inserts its result after it completes, so a session that departs while one is under way is
 //! marked, and the fetch takes its result back; a pod that arrives again under the session
 //! before the fetch completes wants it after all, and clears the mark. What a departed
@@ -19,8 +21,9 @@ use crate::resolve::CredentialKey;
 
 #[derive(Debug, Default)]
 struct State {
-    /// The session of every pod on the node (by uid), with or without a role.
-    pods: HashMap<String, Arc<str>>,
+    /// Every pod on the node (by uid), with its session: in `pod` scope with or without a
+    /// role, in a shared scope none without one.
+    pods: HashMap<String, Option<Arc<str>>>,
     /// How many of those pods have each session: asked on every refresh of every key.
     sessions: HashMap<Arc<str>, usize>,
     /// Fetches under way, by session.
@@ -50,39 +53,63 @@ struct InFlight {
     departed: bool,
 }
 
+/// What a pod's arrival (or update) did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// The pod had not been seen.
+    pub first_sight: bool,
+    /// The session the pod had before, now without a pod (a shared scope's pod whose role
+    /// changed): what it kept should go, fetches under way included.
+    pub left: Option<Arc<str>>,
+}
+
 /// What the pods on the node keep alive. Cheap to share; every method takes the lock once.
 #[derive(Debug, Default)]
 pub struct Liveness {
     state: Mutex<State>,
 }
 
+impl State {
+    /// `session` has no pod left: the fetches under way for it must not keep their results.
+    fn mark_departed(&mut self, session: &Arc<str>) {
+        if let Some(fetching) = self.in_flight.get_mut(session) {
+            fetching.departed = true;
+        }
+    }
+}
+
 impl Liveness {
-    /// The pod `uid` is on the node under `session` (arriving, or updated). Returns the
-    /// session it had before, if any: `None` on first sight.
-    pub fn arrived(&self, uid: &str, session: &Arc<str>) -> Option<Arc<str>> {
+    /// The pod `uid` is on the node under `session` (arriving, or updated; no session: a
+    /// shared scope's pod without a role).
+    pub fn arrived(&self, uid: &str, session: Option<&Arc<str>>) -> Arrival {
         let mut state = self.state.lock();
-        if let Some(fetching) = state.in_flight.get_mut(session) {
-            fetching.departed = false;
+        if let Some(session) = session {
+            if let Some(fetching) = state.in_flight.get_mut(session) {
+                fetching.departed = false;
+            }
+            *state.sessions.entry(session.clone()).or_default() += 1;
         }
-        let before = state.pods.insert(uid.to_string(), session.clone());
-        *state.sessions.entry(session.clone()).or_default() += 1;
-        if let Some(before) = &before {
-            state.leave(before);
-        }
-        before
+        let before = state.pods.insert(uid.to_string(), session.cloned());
+        let first_sight = before.is_none();
+        let left = match before.flatten() {
+            Some(before) if !state.leave(&before) => {
+                state.mark_departed(&before);
+                Some(before)
+            }
+            _ => None,
+        };
+        Arrival { first_sight, left }
     }
 
     /// The pod `uid` left the node. Returns its session when no other pod has it: that
     /// session has departed, and what it kept should go (fetches under way included).
     pub fn departed(&self, uid: &str) -> Option<Arc<str>> {
         let mut state = self.state.lock();
-        let session = state.pods.remove(uid)?;
+        let session = state.pods.remove(uid).flatten()?;
         if state.leave(&session) {
             return None;
         }
-        if let Some(fetching) = state.in_flight.get_mut(&session) {
-            fetching.departed = true;
-        }
+        state.mark_departed(&session);
         Some(session)
     }
 
@@ -91,11 +118,11 @@ impl Liveness {
         self.state.lock().pods.contains_key(uid)
     }
 
-    /// Whether another pod than `uid` (a StatefulSet's, recreated under the same name) has
-    /// `session`.
+    /// Whether another pod than `uid` (a StatefulSet's, recreated under the same name, or
+    /// any pod of a shared session) has `session`.
     pub fn shared(&self, uid: &str, session: &str) -> bool {
         let state = self.state.lock();
-        let own = state.pods.get(uid).is_some_and(|s| &**s == session);
+        let own = state.pods.get(uid).is_some_and(|s| s.as_deref() == Some(session));
         state.sessions.get(session).is_some_and(|count| *count > usize::from(own))
     }
 
@@ -153,12 +180,12 @@ impl CredentialCache {
         }
     }
 
-    /// Forgets every key of the session `session` (one pod's) but `keep`: when the pod goes,
-    /// or its role changes, its keys go too, whether prefetched or made by a request. (When
-    /// the pod went, [`Liveness::departed`] has marked the fetches under way first, so none
-    /// of them brings a key back afterwards.)
+    /// Forgets every key of the session `session` (see [`CredentialKey::session_id`]) but
+    /// `keep`: when its last pod goes, or the pod's role changes, its keys go too, whether
+    /// prefetched or made by a request. (When the pod went, [`Liveness::departed`] has marked
+    /// the fetches under way first, so none of them brings a key back afterwards.)
     pub async fn forget_session(&self, session: &str, keep: Option<&CredentialKey>) {
-        let stale = |key: &CredentialKey| &*key.session_name == session && Some(key) != keep;
+        let stale = |key: &CredentialKey| &*key.session_id() == session && Some(key) != keep;
         let keys: Vec<Arc<CredentialKey>> = self.entries.iter().map(|(key, _)| key).filter(|k| stale(k)).collect();
         let failed: Vec<Arc<CredentialKey>> = self
             .failures
@@ -186,10 +213,11 @@ mod tests {
     #[test]
     fn a_session_departs_with_its_last_pod() {
         let live = Liveness::default();
-        assert_eq!(live.arrived("a", &session("shop.db-0")), None, "first sight");
-        assert_eq!(live.arrived("a", &session("shop.db-0")).as_deref(), Some("shop.db-0"));
+        let db = session("shop.db-0");
+        assert_eq!(live.arrived("a", Some(&db)), Arrival { first_sight: true, left: None });
+        assert_eq!(live.arrived("a", Some(&db)), Arrival { first_sight: false, left: None });
         // The StatefulSet recreates db-0 before the old pod's removal is seen.
-        live.arrived("b", &session("shop.db-0"));
+        live.arrived("b", Some(&db));
         assert!(live.shared("a", "shop.db-0"));
         assert_eq!(live.departed("a"), None, "b still has the session");
         assert!(live.is_live("shop.db-0"));
@@ -202,15 +230,30 @@ mod tests {
     fn a_fetch_under_way_learns_that_its_session_departed_unless_a_pod_came_back() {
         let live = Liveness::default();
         let db = session("shop.db-0");
-        live.arrived("a", &db);
+        live.arrived("a", Some(&db));
         let fetch = live.fetching(&db);
         assert!(!fetch.departed());
         live.departed("a");
         assert!(fetch.departed(), "the result must not stay");
-        live.arrived("b", &db);
+        live.arrived("b", Some(&db));
         assert!(!fetch.departed(), "a pod under the same session wants it after all");
         drop(fetch);
         assert_eq!(live.counts(), (1, 0), "nothing kept for a fetch that ended");
+    }
+
+    #[test]
+    fn a_shared_session_departs_when_its_last_pod_leaves_it_for_another_role() {
+        let live = Liveness::default();
+        let (a, b) = (session("arn:role/a#iamlet@n"), session("arn:role/b#iamlet@n"));
+        live.arrived("p1", Some(&a));
+        live.arrived("p2", Some(&a));
+        assert_eq!(live.arrived("p1", Some(&b)).left, None, "p2 still has role a's session");
+        assert!(!live.shared("p2", &a) && live.is_live(&a));
+        let fetch = live.fetching(&a);
+        assert_eq!(live.arrived("p2", None).left.as_deref(), Some(&*a), "p2 lost its role: a has no pod left");
+        assert!(fetch.departed() && !live.is_live(&a) && live.knows("p2"));
+        assert_eq!(live.departed("p2"), None, "no session of its own");
+        assert_eq!(live.departed("p1").as_deref(), Some(&*b));
     }
 
     #[tokio::test(start_paused = true)]

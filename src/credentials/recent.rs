@@ -9,7 +9,9 @@
 //! fetching theirs first lets them find their credentials in memory.
 //!
 //! The file (`recent-sessions`, 0600 in the 0700 directory) is a hint, never a credential:
-//! a header line, then one line per session, `<unix seconds> <session name>`. It is replaced
+//! a header line, then one line per session, `<unix seconds> <session>` (its
+//! [`crate::resolve::CredentialKey::session_id`]: the session name, and in a shared scope
+//! the role's ARN before it). It is replaced
 //! whole, at most every [`PERSIST_EVERY`], when something changed; lines older than
 //! [`WINDOW`], from the future, or unreadable are skipped, so a file of an earlier boot or of
 //! another version costs nothing but the order.

@@ -44,7 +44,7 @@ impl CredentialCache {
         self.report_budget();
         let mut orphans = Vec::new();
         for (key, issued) in self.entries.iter() {
-            if self.liveness.is_live(&key.session_name) {
+            if self.liveness.is_live(&key.session_id()) {
                 self.refresh_if_due(&key, &issued);
             } else {
                 orphans.push(key);
@@ -81,7 +81,7 @@ impl CredentialCache {
         let key = key.clone();
         let issued_left = issued.remaining(SystemTime::now());
         tokio::spawn(async move {
-            let fetching = cache.liveness.fetching(&key.session_name);
+            let fetching = cache.liveness.fetching(&key.session_id());
             // Tried again through throttling while the cached credentials may still be served.
             let left = issued_left.saturating_sub(super::cache::MIN_VALIDITY);
             match cache.fetch(&key, Priority::Refresh, tokio::time::Instant::now() + left).await {

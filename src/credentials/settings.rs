@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::budget::BudgetSettings;
 use super::sts::StsClientSettings;
 use crate::policy::RoleArn;
-use crate::resolve::{SessionRules, SessionTagging};
+use crate::resolve::{SessionOptions, SessionRules, SessionScope};
 
 /// STS and the cache in front of it, from the STS flags.
 #[derive(Debug, Clone)]
@@ -24,11 +24,9 @@ pub struct StsSettings {
     pub sts_budget: BudgetSettings,
     /// Call the region's STS endpoint rather than the global one.
     pub use_regional_sts_endpoint: bool,
-    /// `--session-tags` (with `--cluster-name`): tag each session with the pod's attributes.
-    pub session_tags: Option<SessionTagging>,
-    /// `--source-identity`: each session's `SourceIdentity` names the pod's namespace and
-    /// ServiceAccount.
-    pub source_identity: bool,
+    /// `--session-scope`, `--session-tags` (with `--cluster-name`) and `--source-identity`:
+    /// which pods share a session, and what it carries.
+    pub sessions: SessionOptions,
     /// `--assume-role-arn`: the intermediate role the pods' roles are assumed with.
     pub assume_role_arn: Option<RoleArn>,
 }
@@ -40,10 +38,18 @@ impl StsSettings {
         if let Some(role) = &self.assume_role_arn {
             tracing::info!(%role, "pods' roles are assumed with this intermediate role's session (--assume-role-arn)");
         }
-        if let Some(tagging) = &self.session_tags {
+        if let Some(tagging) = &self.sessions.tagging {
             tracing::info!(
                 cluster_name = tagging.cluster_name.as_deref(),
-                "sessions carry the pods' tags (--session-tags)"
+                scope = %self.sessions.scope,
+                "sessions carry the tags their pods share (--session-tags)"
+            );
+        }
+        if self.sessions.scope != SessionScope::Pod {
+            tracing::info!(
+                scope = %self.sessions.scope,
+                "pods share sessions (--session-scope): CloudTrail names the shared session; the audit log \
+                 (target iamlet::audit) joins each AccessKeyId to the pods handed it"
             );
         }
         if let Some(requested) = self.iam_role_session_ttl.lowered_from() {

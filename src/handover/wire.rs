@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 
 use crate::credentials::{Credentials, Issued};
 use crate::policy::RoleArn;
-use crate::resolve::{CredentialKey, SessionTag, TAG_KEYS};
+use crate::resolve::{CredentialKey, SessionScope, SessionTag, TAG_KEYS};
 
 /// The protocol this build speaks. A successor and a predecessor that differ hand over
 /// nothing: the successor starts cold.
@@ -73,6 +73,11 @@ pub struct Offered {
 pub struct Entry {
     role: String,
     external_id: Option<String>,
+    /// `--session-scope` of the predecessor (`pod` when it was older than the flag). A key of
+    /// another scope than the successor's is adopted but never asked for, and is forgotten at
+    /// the first refresh scan, as no pod keeps its session alive here.
+    #[serde(default = "pod_scope")]
+    scope: String,
     session_name: String,
     tags: Option<Vec<(String, String)>>,
     /// Absent from a predecessor older than `--source-identity`.
@@ -98,6 +103,10 @@ impl std::fmt::Debug for Entry {
     }
 }
 
+fn pod_scope() -> String {
+    SessionScope::Pod.as_str().to_string()
+}
+
 fn seconds(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
@@ -112,6 +121,7 @@ impl Entry {
         Self {
             role: key.role.as_str().to_string(),
             external_id: key.external_id.as_deref().map(str::to_string),
+            scope: key.scope.as_str().to_string(),
             session_name: key.session_name.to_string(),
             tags: key.tags.as_ref().map(|tags| tags.iter().map(|t| (t.key.to_string(), t.value.clone())).collect()),
             source_identity: key.source_identity.as_deref().map(str::to_string),
@@ -141,6 +151,7 @@ impl Entry {
         let key = CredentialKey {
             role: RoleArn::parse(&self.role).ok()?,
             external_id: self.external_id.map(Into::into),
+            scope: SessionScope::parse(&self.scope)?,
             session_name: self.session_name.into(),
             tags,
             source_identity: self.source_identity.map(Into::into),
@@ -303,7 +314,8 @@ mod tests {
         let key = CredentialKey {
             role: RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap(),
             external_id: Some("ext".into()),
-            session_name: "shop.web".into(),
+            scope: SessionScope::ServiceAccount,
+            session_name: "shop@web".into(),
             tags: Some(vec![SessionTag { key: TAG_KEYS[1], value: "shop".into() }].into()),
             source_identity: Some("shop@web".into()),
         };
@@ -325,5 +337,14 @@ mod tests {
         let mut entry = Entry::new(&key, &issued);
         entry.tags = Some(vec![("from-a-later-version".into(), "x".into())]);
         assert!(entry.into_parts().is_none(), "fetched again rather than keyed wrong");
+        let mut entry = Entry::new(&key, &issued);
+        entry.scope = "namespace".into();
+        assert!(entry.into_parts().is_none(), "a scope of a later version: fetched again");
+
+        // A predecessor older than --session-scope sent no scope: its sessions were pods'.
+        let mut old = serde_json::to_value(Entry::new(&key, &issued)).unwrap();
+        old.as_object_mut().unwrap().remove("scope");
+        let (old_key, _) = serde_json::from_value::<Entry>(old).unwrap().into_parts().unwrap();
+        assert_eq!(old_key.scope, SessionScope::Pod);
     }
 }

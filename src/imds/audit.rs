@@ -49,7 +49,7 @@ impl CredentialAudit {
             service_account = %pod.service_account,
             role = %key.role,
             session = %key.session_name,
-            scope = "pod",
+            scope = key.scope.as_str(),
             "credentials handed to a pod"
         );
         true
@@ -80,6 +80,7 @@ mod tests {
         let key = CredentialKey {
             role: RoleArn::parse("arn:aws:iam::123456789012:role/app").unwrap(),
             external_id: None,
+            scope: crate::resolve::SessionScope::Pod,
             session_name: "shop.web-0".into(),
             tags: None,
             source_identity: None,

@@ -7,7 +7,9 @@ mod tags;
 
 use std::sync::Arc;
 
-pub use session::{MAX_CHAINED_SESSION, SessionRules, session_name, session_of, source_identity};
+pub use session::{
+    MAX_CHAINED_SESSION, SessionRules, SessionScope, scoped_session_name, session_name, session_of, source_identity,
+};
 pub use tags::{SessionTag, SessionTagging, SessionTags, TAG_KEYS, valid_tag_value};
 
 use crate::cluster::{NamespaceStore, ServiceAccountEntry, ServiceAccountStore};
@@ -15,16 +17,44 @@ use crate::pod::PodIdentity;
 use crate::policy::{Assignment, Denial, NamespaceRule, Policy, RoleArn, ServiceAccountLookup};
 
 /// What credentials are cached by: the same role with another external ID, for another pod
-/// or with other session tags is another session (kube2iam keyed by role alone, #98 #128).
+/// (in `pod` scope) or with other session tags is another session (kube2iam keyed by role
+/// alone, #98 #128).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CredentialKey {
     pub role: RoleArn,
     pub external_id: Option<Arc<str>>,
+    /// `--session-scope`: which pods share the session.
+    pub scope: SessionScope,
     pub session_name: Arc<str>,
     /// With `--session-tags`: the pod's tags, passed to AssumeRole.
     pub tags: Option<SessionTags>,
     /// With `--source-identity`: `<namespace>@<serviceaccount>`, passed as `SourceIdentity`.
     pub source_identity: Option<Arc<str>>,
+}
+
+impl CredentialKey {
+    /// The session as the node keeps it alive (its pods, their fetches, the sessions asked
+    /// for recently): in `pod` scope the session name, whatever the role, so that a pod whose
+    /// role changes leaves no keys behind; in a shared scope the role and the session name
+    /// (`<role ARN>#<session name>`), since every role's session on a node has the same name
+    /// in `role` scope. No whitespace: the state directory keeps them one per line.
+    pub fn session_id(&self) -> Arc<str> {
+        match self.scope {
+            SessionScope::Pod => self.session_name.clone(),
+            _ => format!("{}#{}", self.role, self.session_name).into(),
+        }
+    }
+}
+
+/// What the STS flags make of each pod's session: which pods share it (`--session-scope`),
+/// its tags (`--session-tags`) and its `SourceIdentity` (`--source-identity`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    pub scope: SessionScope,
+    pub tagging: Option<SessionTagging>,
+    /// Never with `role` scope (refused at startup): a session shared by every pod of a role
+    /// cannot name one pod's ServiceAccount.
+    pub source_identity: bool,
 }
 
 /// Why the resolver gives a pod no role now.
@@ -62,35 +92,48 @@ pub struct Resolver {
     namespaces: Option<Arc<NamespaceStore>>,
     /// With `--service-account-roles`.
     service_accounts: Option<Arc<ServiceAccountStore>>,
-    /// With `--session-tags`.
-    tagging: Option<SessionTagging>,
-    /// `--source-identity`.
-    source_identity: bool,
+    /// `--session-scope`, `--session-tags`, `--source-identity`.
+    sessions: SessionOptions,
+    /// The node the pods run on: `role` scope's sessions name it.
+    node: Arc<str>,
 }
 
 impl Resolver {
     pub fn new(policy: Arc<Policy>) -> Self {
-        Self { policy, namespaces: None, service_accounts: None, tagging: None, source_identity: false }
+        Self { policy, namespaces: None, service_accounts: None, sessions: SessionOptions::default(), node: "".into() }
     }
 
-    /// The resolver as the agent's flags configure it: the agent (fed by watches) and
-    /// `iamlet explain` (fed by one read) build it here, so both answer alike. A store is
-    /// given when its flag is on (`--namespace-restrictions`, `--service-account-roles`).
+    /// The resolver as the agent's flags configure it for the pods of `node`: the agent (fed
+    /// by watches) and `iamlet explain` (fed by one read) build it here, so both answer
+    /// alike. A store is given when its flag is on (`--namespace-restrictions`,
+    /// `--service-account-roles`).
     pub fn configured(
         policy: Arc<Policy>,
-        tagging: Option<SessionTagging>,
-        source_identity: bool,
+        sessions: SessionOptions,
+        node: &str,
         namespaces: Option<Arc<NamespaceStore>>,
         service_accounts: Option<Arc<ServiceAccountStore>>,
     ) -> Self {
-        Self { policy, namespaces, service_accounts, tagging, source_identity }
+        Self { policy, namespaces, service_accounts, sessions, node: node.into() }
     }
 
     /// Sets each session's `SourceIdentity` to the pod's namespace and ServiceAccount
     /// (`--source-identity`).
     pub fn with_source_identity(mut self) -> Self {
-        self.source_identity = true;
+        self.sessions.source_identity = true;
         self
+    }
+
+    /// Shares sessions among the pods of `node` as `scope` says (`--session-scope`).
+    pub fn with_scope(mut self, scope: SessionScope, node: &str) -> Self {
+        self.sessions.scope = scope;
+        self.node = node.into();
+        self
+    }
+
+    /// `--session-scope`.
+    pub fn scope(&self) -> SessionScope {
+        self.sessions.scope
     }
 
     /// Restricts roles to what each namespace allows (`--namespace-restrictions`).
@@ -107,7 +150,7 @@ impl Resolver {
 
     /// Tags every session with the pod's attributes (`--session-tags`).
     pub fn with_session_tags(mut self, tagging: SessionTagging) -> Self {
-        self.tagging = Some(tagging);
+        self.sessions.tagging = Some(tagging);
         self
     }
 
@@ -129,14 +172,28 @@ impl Resolver {
         }
         let rule = self.namespace_rule(&pod.namespace);
         let assignment = self.policy.assign(pod, lookup, rule.as_deref())?;
+        let scope = self.sessions.scope;
         let key = CredentialKey {
             role: assignment.role.clone(),
             external_id: assignment.external_id.as_deref().map(Into::into),
-            session_name: session_of(pod).into(),
-            tags: self.tagging.as_ref().map(|tagging| tagging.tags(pod)),
-            source_identity: self.source_identity.then(|| source_identity(&pod.namespace, &pod.service_account).into()),
+            scope,
+            session_name: scoped_session_name(scope, pod, &self.node).into(),
+            tags: self.sessions.tagging.as_ref().and_then(|tagging| tagging.tags(pod, scope)),
+            source_identity: (self.sessions.source_identity && scope != SessionScope::Role)
+                .then(|| source_identity(&pod.namespace, &pod.service_account).into()),
         };
         Ok(Resolved { assignment, key })
+    }
+
+    /// The session `pod` keeps alive on the node (see [`CredentialKey::session_id`]), given
+    /// its resolved `key`: in `pod` scope its own, role or not (a key a request makes later
+    /// is the pod's too); in a shared scope its key's, and none without a role.
+    pub fn session_id(&self, pod: &PodIdentity, key: Option<&CredentialKey>) -> Option<Arc<str>> {
+        match (self.sessions.scope, key) {
+            (_, Some(key)) => Some(key.session_id()),
+            (SessionScope::Pod, None) => Some(session_of(pod).into()),
+            (_, None) => None,
+        }
     }
 
     /// Resolves once every store the answers depend on has been listed since the agent
@@ -254,6 +311,49 @@ mod tests {
         let tags = a.tags.unwrap();
         assert!(tags.iter().any(|t| t.key == "kubernetes-pod-uid" && t.value == "uid-1"));
         assert_eq!(Resolver::new(policy(None)).resolve(&first).unwrap().key.tags, None);
+    }
+
+    #[test]
+    fn in_a_shared_scope_pods_share_a_key_and_a_session_that_names_no_pod() {
+        let node = "node-a";
+        let tagging = SessionTagging { cluster_name: Some("prod".into()) };
+        let pods: Vec<PodIdentity> = [("web-0", "u1", "web"), ("web-1", "u2", "web"), ("db-0", "u3", "db")]
+            .into_iter()
+            .map(|(name, uid, service_account)| PodIdentity {
+                uid: uid.into(),
+                service_account: service_account.into(),
+                ..pod("shop", name, "app")
+            })
+            .collect();
+        let keys = |scope| -> Vec<CredentialKey> {
+            let resolver = Resolver::new(policy(None)).with_session_tags(tagging.clone()).with_scope(scope, node);
+            pods.iter().map(|pod| resolver.resolve(pod).unwrap().key).collect()
+        };
+        let by_pod = keys(SessionScope::Pod);
+        assert!(by_pod[0] != by_pod[1] && by_pod[1] != by_pod[2], "one session per pod");
+        let by_account = keys(SessionScope::ServiceAccount);
+        assert_eq!(by_account[0], by_account[1], "web-0 and web-1 run as web");
+        assert_ne!(by_account[0], by_account[2], "db-0 runs as db");
+        assert_eq!(&*by_account[0].session_name, "shop@web");
+        assert!(by_account[0].tags.as_ref().unwrap().iter().all(|t| t.key != "kubernetes-pod-name"));
+        let by_role = keys(SessionScope::Role);
+        assert!(by_role[0] == by_role[1] && by_role[1] == by_role[2], "one role, one session");
+        assert_eq!(&*by_role[0].session_name, "iamlet@node-a");
+        assert_eq!(by_role[0].session_id().as_ref(), "arn:aws:iam::123456789012:role/app#iamlet@node-a");
+        assert_eq!(by_pod[0].session_id().as_ref(), "shop.web-0");
+        let with_identity = Resolver::new(policy(None)).with_source_identity();
+        let role_scoped = with_identity.with_scope(SessionScope::Role, node);
+        assert_eq!(role_scoped.resolve(&pods[0]).unwrap().key.source_identity, None, "no one pod's identity");
+    }
+
+    #[test]
+    fn a_pod_without_a_role_keeps_a_session_alive_only_in_pod_scope() {
+        let mut unannotated = pod("shop", "web-0", "");
+        unannotated.role_annotation = None;
+        let resolver = Resolver::new(policy(None));
+        assert_eq!(resolver.session_id(&unannotated, None).as_deref(), Some("shop.web-0"));
+        let shared = Resolver::new(policy(None)).with_scope(SessionScope::ServiceAccount, "n");
+        assert_eq!(shared.session_id(&unannotated, None), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Sessions: how long they last, when they are refreshed, and their names, which name the
-//! pod so CloudTrail shows which pod acted.
+//! Sessions: how long they last, when they are refreshed, which pods share one
+//! (`--session-scope`), and their names, which name what the scope names (the pod, the
+//! ServiceAccount, the node) so CloudTrail shows who acted.
 
 use std::time::Duration;
 
@@ -42,9 +43,63 @@ impl SessionRules {
     }
 }
 
-/// The session name of `pod`'s credentials (see [`session_name`]).
+/// Which pods share one session (`--session-scope`): the trade between what CloudTrail tells
+/// apart and how many AssumeRole calls a fleet makes. STS limits AssumeRole per account and
+/// region (about 600/s); a node whose 110 pods share a role makes 110 sessions of it in `pod`
+/// scope and one in `role` scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SessionScope {
+    /// One session per pod, named `<namespace>.<pod>` (the default).
+    #[default]
+    Pod,
+    /// One per role, namespace and ServiceAccount on the node, named
+    /// `<namespace>@<serviceaccount>`.
+    ServiceAccount,
+    /// One per role on the node, named `iamlet@<node>`, as kube2iam shares them.
+    Role,
+}
+
+impl SessionScope {
+    /// The flag's value: `pod`, `service-account` or `role`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionScope::Pod => "pod",
+            SessionScope::ServiceAccount => "service-account",
+            SessionScope::Role => "role",
+        }
+    }
+
+    /// Whether one session may serve more than one pod: the session then names no pod and
+    /// carries no pod's tags.
+    pub fn is_shared(self) -> bool {
+        self != SessionScope::Pod
+    }
+
+    /// The scope `text` names (its [`Self::as_str`]), if any.
+    pub fn parse(text: &str) -> Option<Self> {
+        [SessionScope::Pod, SessionScope::ServiceAccount, SessionScope::Role].into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for SessionScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The session name of `pod`'s credentials in `pod` scope (see [`session_name`]).
 pub fn session_of(pod: &PodIdentity) -> String {
     session_name(&pod.namespace, &pod.name)
+}
+
+/// The session name of `pod`'s credentials in `scope`, on the node `node`: what the scope
+/// names, in STS's characters and 64 characters at most (see [`session_name`]).
+pub fn scoped_session_name(scope: SessionScope, pod: &PodIdentity, node: &str) -> String {
+    match scope {
+        SessionScope::Pod => session_of(pod),
+        SessionScope::ServiceAccount => joined(&pod.namespace, '@', &pod.service_account),
+        SessionScope::Role => joined("iamlet", '@', node),
+    }
 }
 
 /// STS's limit on `RoleSessionName`.
@@ -162,6 +217,26 @@ mod tests {
         assert!(long.starts_with(&"n".repeat(20)) && long.contains("-reader_"), "recognisable: {long}");
         assert_ne!(long, source_identity(&"n".repeat(63), &format!("{}-writer", "s".repeat(246))));
         assert!(!source_identity("a/b", "c").contains('/'), "STS refuses a slash");
+    }
+
+    #[test]
+    fn each_scope_names_what_it_shares() {
+        let pod = PodIdentity {
+            namespace: "shop".into(),
+            name: "web-7d9f-x2k".into(),
+            service_account: "web".into(),
+            ..PodIdentity::default()
+        };
+        let node = "ip-10-0-1-23.eu-west-1.compute.internal";
+        assert_eq!(scoped_session_name(SessionScope::Pod, &pod, node), "shop.web-7d9f-x2k");
+        assert_eq!(scoped_session_name(SessionScope::ServiceAccount, &pod, node), "shop@web");
+        assert_eq!(scoped_session_name(SessionScope::Role, &pod, node), format!("iamlet@{node}"));
+        let long = scoped_session_name(SessionScope::Role, &pod, &format!("{}-node", "n".repeat(240)));
+        assert!(long.len() <= 64 && long.starts_with("iamlet@") && long.contains("-node_"), "{long}");
+        for scope in [SessionScope::Pod, SessionScope::ServiceAccount, SessionScope::Role] {
+            assert_eq!(SessionScope::parse(scope.as_str()), Some(scope));
+        }
+        assert_eq!(SessionScope::parse("namespace"), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::SessionScope;
 use crate::pod::PodIdentity;
 
 /// The tag keys, as EKS Pod Identity names them.
@@ -37,20 +38,29 @@ pub struct SessionTagging {
 }
 
 impl SessionTagging {
-    /// The tags of `pod`'s session. All of them are passed as transitive, as Pod Identity's
-    /// are: a pod that chains into another role (another account's) keeps them.
-    pub fn tags(&self, pod: &PodIdentity) -> SessionTags {
+    /// The tags of `pod`'s session in `scope`: only what every pod sharing the session shares
+    /// (a `service-account` session carries no pod's name or uid, a `role` session only the
+    /// cluster's name), so a tag never names one pod of many. `None` when that leaves none.
+    /// All of them are passed as transitive, as Pod Identity's are: a pod that chains into
+    /// another role (another account's) keeps them.
+    pub fn tags(&self, pod: &PodIdentity, scope: SessionScope) -> Option<SessionTags> {
         let mut tags = Vec::with_capacity(5);
         if let Some(cluster) = &self.cluster_name {
             tags.push(SessionTag { key: TAG_CLUSTER_NAME, value: cluster.clone() });
         }
-        tags.extend([
-            SessionTag { key: TAG_NAMESPACE, value: pod.namespace.clone() },
-            SessionTag { key: TAG_SERVICE_ACCOUNT, value: pod.service_account.clone() },
-            SessionTag { key: TAG_POD_NAME, value: pod.name.clone() },
-            SessionTag { key: TAG_POD_UID, value: pod.uid.clone() },
-        ]);
-        tags.into()
+        if scope != SessionScope::Role {
+            tags.extend([
+                SessionTag { key: TAG_NAMESPACE, value: pod.namespace.clone() },
+                SessionTag { key: TAG_SERVICE_ACCOUNT, value: pod.service_account.clone() },
+            ]);
+        }
+        if scope == SessionScope::Pod {
+            tags.extend([
+                SessionTag { key: TAG_POD_NAME, value: pod.name.clone() },
+                SessionTag { key: TAG_POD_UID, value: pod.uid.clone() },
+            ]);
+        }
+        (!tags.is_empty()).then(|| tags.into())
     }
 }
 
@@ -78,7 +88,7 @@ mod tests {
             ..PodIdentity::default()
         };
         let tagging = SessionTagging { cluster_name: Some("prod-eu".into()) };
-        let tags = tagging.tags(&pod);
+        let tags = tagging.tags(&pod, SessionScope::Pod).unwrap();
         let tags: Vec<(&str, &str)> = tags.iter().map(|t| (t.key, t.value.as_str())).collect();
         assert_eq!(
             tags,
@@ -90,9 +100,30 @@ mod tests {
                 ("kubernetes-pod-uid", "0b6b8f4e-1111-2222-3333-444455556666"),
             ]
         );
-        let untagged_cluster = SessionTagging { cluster_name: None }.tags(&pod);
+        let untagged_cluster = SessionTagging { cluster_name: None }.tags(&pod, SessionScope::Pod).unwrap();
         assert!(untagged_cluster.iter().all(|t| t.key != TAG_CLUSTER_NAME));
         assert!(tags.iter().all(|(_, value)| valid_tag_value(value)));
+    }
+
+    #[test]
+    fn a_shared_session_carries_only_what_its_pods_share() {
+        let pod = PodIdentity {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "uid-1".into(),
+            service_account: "web".into(),
+            ..PodIdentity::default()
+        };
+        let keys = |tagging: &SessionTagging, scope| -> Option<Vec<&'static str>> {
+            tagging.tags(&pod, scope).map(|tags| tags.iter().map(|t| t.key).collect())
+        };
+        let cluster = SessionTagging { cluster_name: Some("prod".into()) };
+        assert_eq!(
+            keys(&cluster, SessionScope::ServiceAccount).unwrap(),
+            [TAG_CLUSTER_NAME, TAG_NAMESPACE, TAG_SERVICE_ACCOUNT]
+        );
+        assert_eq!(keys(&cluster, SessionScope::Role).unwrap(), [TAG_CLUSTER_NAME]);
+        assert_eq!(keys(&SessionTagging { cluster_name: None }, SessionScope::Role), None, "no tag at all");
     }
 
     #[test]

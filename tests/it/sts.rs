@@ -414,3 +414,105 @@ async fn without_source_identity_none_is_sent() {
     assert_eq!(node.get("127.0.0.51", &format!("{CREDS}app")).await.status, 200);
     assert!(node.sts.assume_role_calls().iter().all(|call| !call.contains_key("SourceIdentity")));
 }
+
+/// The JSON audit lines in an agent's log.
+fn audit_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "iamlet::audit")
+        .collect()
+}
+
+#[tokio::test]
+async fn in_role_scope_a_roles_pods_share_one_session_and_the_audit_names_each_pod() {
+    use iamlet_testkit::agent::AgentCommand;
+    use iamlet_testkit::apiserver::FakeApiServer;
+    use iamlet_testkit::imds::FakeImds;
+    use iamlet_testkit::sts_proxy::StsProxy;
+    use iamlet_testkit::{AgentFlags, free_port};
+
+    let api = FakeApiServer::start().await;
+    api.create_pod(pod("shop", "web-0").ip("127.0.0.52").role("app").service_account("web").build());
+    api.create_pod(pod("batch", "job-0").ip("127.0.0.53").role("app").service_account("jobs").build());
+    api.create_pod(pod("shop", "db-0").ip("127.0.0.54").role("db").service_account("web").build());
+    let (sts, imds) = (StsProxy::start().await, FakeImds::start().await);
+    let (app, admin) = (free_port(), free_port());
+    let flags = AgentFlags::loopback(&api.url, &imds.addr)
+        .without_startup_taint()
+        .ports(app, admin)
+        .flag("--log-format=json")
+        .flag("--session-scope=role")
+        .flag("--session-tags")
+        .flag("--cluster-name=prod");
+    let mut agent = AgentCommand::new(flags, &sts.url).spawn();
+    agent.wait_ready().await;
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], app));
+    let mut access_key = std::collections::HashMap::new();
+    for (ip, role) in [("127.0.0.52", "app"), ("127.0.0.53", "app"), ("127.0.0.54", "db")] {
+        let reply = iamlet_testkit::pod_client::get(ip, to, &format!("{CREDS}{role}")).await;
+        assert_eq!(reply.status, 200, "{ip}: {reply:?}");
+        access_key.insert(ip, reply.json()["AccessKeyId"].as_str().unwrap().to_string());
+    }
+    assert_eq!(access_key["127.0.0.52"], access_key["127.0.0.53"], "two pods of one role, one session");
+    assert_ne!(access_key["127.0.0.52"], access_key["127.0.0.54"], "another role, another session");
+    let calls = sts.assume_role_calls();
+    assert_eq!(calls.len(), 2, "one AssumeRole per role on the node: {calls:?}");
+    for call in &calls {
+        assert_eq!(call["RoleSessionName"], "iamlet@node-a", "the session names the node: {call:?}");
+        let (tags, _) = tags_of(call);
+        assert_eq!(
+            tags,
+            [("eks-cluster-name".to_string(), "prod".to_string())],
+            "no one pod's tags in a shared session"
+        );
+    }
+
+    let log = agent.terminate().await;
+    let lines = audit_lines(&log);
+    let shared = access_key["127.0.0.52"].as_str();
+    let mut named: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .filter(|line| line["access_key_id"] == shared)
+        .map(|line| {
+            assert_eq!(line["scope"], "role", "{line}");
+            assert_eq!(line["session"], "iamlet@node-a", "{line}");
+            (
+                line["namespace"].as_str().unwrap(),
+                line["pod"].as_str().unwrap(),
+                line["service_account"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    named.sort();
+    assert_eq!(named, [("batch", "job-0", "jobs"), ("shop", "web-0", "web")], "each pod of the shared session: {log}");
+}
+
+#[tokio::test]
+async fn in_service_account_scope_two_service_accounts_get_two_sessions() {
+    let node = TestNode::start(&["--session-scope=service-account", "--source-identity"]).await;
+    for (name, ip, service_account) in
+        [("web-0", "127.0.0.55", "web"), ("web-1", "127.0.0.56", "web"), ("report-0", "127.0.0.57", "reports")]
+    {
+        node.api.create_pod(pod("shop", name).ip(ip).role("app").service_account(service_account).build());
+    }
+    let mut access_keys = Vec::new();
+    for ip in ["127.0.0.55", "127.0.0.56", "127.0.0.57"] {
+        let reply = node.get(ip, &format!("{CREDS}app")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        access_keys.push(reply.json()["AccessKeyId"].as_str().unwrap().to_string());
+    }
+    assert_eq!(access_keys[0], access_keys[1], "web-0 and web-1 run as web");
+    assert_ne!(access_keys[0], access_keys[2], "report-0 runs as reports");
+    let mut sessions: Vec<(String, String)> = node
+        .sts
+        .assume_role_calls()
+        .iter()
+        .map(|call| (call["RoleSessionName"].clone(), call.get("SourceIdentity").cloned().unwrap_or_default()))
+        .collect();
+    sessions.sort();
+    assert_eq!(
+        sessions,
+        [("shop@reports".to_string(), "shop@reports".to_string()), ("shop@web".to_string(), "shop@web".to_string())],
+        "one AssumeRole per ServiceAccount, each naming it"
+    );
+}
