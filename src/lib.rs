@@ -33,6 +33,7 @@
 //! | [`netfilter`] | the DNAT and its backstop: install, check and repair, keep or remove on exit; the pod port binding (nftables); CNI detection, connection reset, the coverage check |
 //! | [`shutdown`] | signals: the first drains, a second aborts |
 //! | [`state`] | the agent's root-only state directory on the node (`--state-dir`): what outlives one process but never the node's boot |
+//! | [`clock`] | wall-clock time for credentials: the system's, or one following tokio's paused clock (tests, the fleet simulation) |
 //! | [`http`] | the HTTP serving loop both ports share, with its limits and graceful drain |
 //!
 //! Dependencies point one way: the order, and what each module may import, is the module map
@@ -43,6 +44,7 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod credentials;
 pub mod explain;

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub sts_calls: Family<StsLabels, Counter>,
     pub sts_duration: Histogram,
     pub sts_budget_tokens: Gauge<f64, AtomicU64>,
+    pub sts_background_pace: Gauge<f64, AtomicU64>,
     pub credentials_served_late: Counter,
     pub pods_indexed: Gauge,
     pub watch_errors: Family<WatchLabels, Counter>,
@@ -90,6 +91,7 @@ impl Metrics {
         let sts_calls = Family::<StsLabels, Counter>::default();
         let sts_duration = Histogram::new(latency_buckets());
         let sts_budget_tokens = Gauge::<f64, AtomicU64>::default();
+        let sts_background_pace = Gauge::<f64, AtomicU64>::default();
         let credentials_served_late = Counter::default();
         let pods_indexed = Gauge::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
@@ -122,6 +124,11 @@ impl Metrics {
             "sts_budget_tokens",
             "AssumeRole calls the node may still make at once under --sts-max-rps and --sts-burst (as of its last call or refresh scan)",
             sts_budget_tokens.clone(),
+        );
+        registry.register(
+            "sts_background_pace",
+            "AssumeRole calls per second the node allows its refreshes and prefetches now: grows with each call STS accepts, halves when it throttles",
+            sts_background_pace.clone(),
         );
         registry.register(
             "credentials_served_late",
@@ -188,6 +195,7 @@ impl Metrics {
             cache_misses,
             sts_calls,
             sts_budget_tokens,
+            sts_background_pace,
             credentials_served_late,
             sts_duration,
             pods_indexed,

@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
@@ -41,14 +40,14 @@ impl Adopted {
 impl CredentialCache {
     /// Every cached credential still worth handing over (valid for more than a minute).
     pub fn handover_entries(&self) -> Vec<(Arc<CredentialKey>, Arc<Issued>)> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         self.entries.iter().filter(|(_, issued)| issued.remaining(now) > MIN_VALIDITY).collect()
     }
 
     /// Takes `entries` from a predecessor, each with its refresh point: served at once, and
     /// refreshed when due once a pod claims it. Returns how many were adopted.
     pub async fn adopt(&self, entries: Vec<(CredentialKey, Issued)>) -> usize {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut adopted = 0;
         for (key, issued) in entries {
             if issued.remaining(now) <= MIN_VALIDITY {

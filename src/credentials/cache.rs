@@ -12,11 +12,12 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::adopt::Adopted;
-use super::queue::{Priority, StsQueue};
+use super::queue::{Permit, Priority, StsQueue};
 use super::recent::RecentAsks;
 use super::refresh::refresh_point;
 use super::sts::{Failure, RoleAssumer, StsError};
 use super::{Issued, Liveness, StsSettings};
+use crate::clock::Clock;
 use crate::metrics::{Metrics, StsLabels};
 use crate::resolve::CredentialKey;
 
@@ -42,12 +43,13 @@ pub enum CredentialError {
     Busy { role: String, waited: Duration },
 }
 
-/// Entries live until their credentials are about to expire.
-struct UntilExpiry;
+/// Entries live until their credentials are about to expire. Eviction only: moka's timer is
+/// the system's, so a read checks the credentials' validity itself (see [`Clock`]).
+struct UntilExpiry(Clock);
 
 impl Expiry<CredentialKey, Arc<Issued>> for UntilExpiry {
     fn expire_after_create(&self, _: &CredentialKey, value: &Arc<Issued>, _: Instant) -> Option<Duration> {
-        Some(value.remaining(SystemTime::now()).saturating_sub(MIN_VALIDITY))
+        Some(value.remaining(self.0.now()).saturating_sub(MIN_VALIDITY))
     }
 
     fn expire_after_update(
@@ -57,7 +59,7 @@ impl Expiry<CredentialKey, Arc<Issued>> for UntilExpiry {
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.remaining(SystemTime::now()).saturating_sub(MIN_VALIDITY))
+        Some(value.remaining(self.0.now()).saturating_sub(MIN_VALIDITY))
     }
 }
 
@@ -82,6 +84,8 @@ pub struct CredentialCache {
     assumer: Arc<dyn RoleAssumer>,
     pub(super) settings: StsSettings,
     metrics: Arc<Metrics>,
+    /// Wall-clock time: the system's, or tokio's in simulations.
+    pub(super) clock: Clock,
 }
 
 impl CredentialCache {
@@ -93,7 +97,19 @@ impl CredentialCache {
         liveness: Arc<Liveness>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let entries = Cache::builder().max_capacity(CAPACITY).expire_after(UntilExpiry).build();
+        Self::with_clock(assumer, settings, liveness, metrics, Clock::System)
+    }
+
+    /// The same, telling the time by `clock` (the fleet simulation's follows tokio's paused
+    /// clock).
+    pub fn with_clock(
+        assumer: Arc<dyn RoleAssumer>,
+        settings: StsSettings,
+        liveness: Arc<Liveness>,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Arc<Self> {
+        let entries = Cache::builder().max_capacity(CAPACITY).expire_after(UntilExpiry(clock)).build();
         let failures = (!settings.iam_role_error_ttl.is_zero())
             .then(|| Cache::builder().max_capacity(CAPACITY).time_to_live(settings.iam_role_error_ttl).build());
         let queue = StsQueue::new(settings.sts_concurrency, Some(settings.sts_budget));
@@ -111,6 +127,7 @@ impl CredentialCache {
             assumer,
             settings,
             metrics,
+            clock,
         })
     }
 
@@ -129,9 +146,9 @@ impl CredentialCache {
         key: &CredentialKey,
         until: tokio::time::Instant,
     ) -> Result<Arc<Issued>, CredentialError> {
-        self.recent.asked(&key.session_id(), SystemTime::now());
+        self.recent.asked(&key.session_id(), self.clock.now());
         let issued = self.get_with(key, Priority::Demand, until).await?;
-        if issued.remaining(SystemTime::now()) < LATE {
+        if issued.remaining(self.clock.now()) < LATE {
             self.metrics.credentials_served_late.inc();
         }
         Ok(issued)
@@ -144,10 +161,15 @@ impl CredentialCache {
         until: tokio::time::Instant,
     ) -> Result<Arc<Issued>, CredentialError> {
         if let Some(issued) = self.entries.get(key).await {
-            self.metrics.cache_hits.inc();
-            self.adopted.claim(key);
-            self.refresh_if_due(key, &issued);
-            return Ok(issued);
+            if issued.remaining(self.clock.now()) > MIN_VALIDITY {
+                self.metrics.cache_hits.inc();
+                self.adopted.claim(key);
+                self.refresh_if_due(key, &issued);
+                return Ok(issued);
+            }
+            // Too close to expiry to hand out, and not evicted yet (moka's timer is the
+            // system's, not necessarily this cache's clock): fetched again.
+            self.entries.invalidate(key).await;
         }
         let sts_error = |error: Arc<StsError>| CredentialError::Sts { role: key.role.to_string(), error };
         if let Some(error) = self.recent_failure(key).await {
@@ -175,7 +197,7 @@ impl CredentialCache {
         if self.is_retired() {
             return;
         }
-        let priority = match self.recent.is_recent(&key.session_id(), SystemTime::now()) {
+        let priority = match self.recent.is_recent(&key.session_id(), self.clock.now()) {
             true => Priority::PrefetchAsked,
             false => Priority::Prefetch,
         };
@@ -187,10 +209,13 @@ impl CredentialCache {
         });
     }
 
-    /// Sets `iamlet_sts_budget_tokens` to what the budget holds now.
+    /// Sets `iamlet_sts_budget_tokens` and `iamlet_sts_background_pace` to what they are now.
     pub(super) fn report_budget(&self) {
         if let Some(tokens) = self.queue.budget_tokens() {
             self.metrics.sts_budget_tokens.set(tokens);
+        }
+        if let Some(pace) = self.queue.background_pace() {
+            self.metrics.sts_background_pace.set(pace);
         }
     }
 
@@ -221,11 +246,25 @@ impl CredentialCache {
         until: tokio::time::Instant,
     ) -> Result<Arc<Issued>, StsError> {
         let mut attempt = 0;
+        // Whether a call was made with a request waiting: the request's next call is a retry.
+        let mut demanded_before = false;
+        let mut last_error: Option<StsError> = None;
         loop {
-            let error = match self.call(key, priority).await {
+            let turn = match demanded_before {
+                // A request's retry: now, at the background's pace, or not at all.
+                true => match self.queue.retry_now() {
+                    Some(turn) => Some(turn),
+                    None => return Err(last_error.unwrap_or_else(|| StsError::other("no retry"))),
+                },
+                false => None,
+            };
+            let answer = self.call(key, priority, turn).await;
+            demanded_before |= priority == Priority::Demand || self.queue.demanded_until(key).is_some();
+            let error = match answer {
                 Ok(issued) => return Ok(issued),
                 Err(error) => error,
             };
+            last_error = Some(error.clone());
             // A request joined this fetch (or made it): its pod's wait bounds the retries.
             let demanded = self.queue.demanded_until(key);
             let (class, until) = match (priority, demanded) {
@@ -274,8 +313,16 @@ impl CredentialCache {
     /// One AssumeRole call, timed, counted, and bounded by the STS timeout once its turn
     /// among the concurrent calls (and in the node's budget) has come: a queue of prefetches
     /// is not a slow STS.
-    async fn call(&self, key: &CredentialKey, priority: Priority) -> Result<Arc<Issued>, StsError> {
-        let _turn = self.queue.turn(key, priority).await;
+    async fn call(
+        &self,
+        key: &CredentialKey,
+        priority: Priority,
+        turn: Option<Permit>,
+    ) -> Result<Arc<Issued>, StsError> {
+        let _turn = match turn {
+            Some(turn) => turn,
+            None => self.queue.turn(key, priority).await,
+        };
         self.report_budget();
         let started = Instant::now();
         let duration = self.settings.iam_role_session_ttl.duration();
@@ -294,6 +341,11 @@ impl CredentialCache {
             Err(_) => "error",
         };
         self.metrics.sts_calls.get_or_create(&StsLabels { result: outcome }).inc();
+        match &result {
+            Ok(_) => self.queue.answered(false),
+            Err(error) if error.failure == Failure::Throttled => self.queue.answered(true),
+            Err(_) => {}
+        }
         let credentials = result?;
         tracing::debug!(role = %key.role, session = %key.session_name, "assumed role");
         let refresh_at = refresh_point(
@@ -301,7 +353,7 @@ impl CredentialCache {
             self.settings.iam_role_session_ttl.refresh_before(),
             super::refresh::jitter(),
         );
-        Ok(Arc::new(Issued::new(credentials, SystemTime::now()).refreshed_at(refresh_at)))
+        Ok(Arc::new(Issued::new(credentials, self.clock.now()).refreshed_at(refresh_at)))
     }
 }
 
@@ -332,6 +384,24 @@ mod tests {
 
     use super::*;
     use crate::credentials::fake::{FakeSts, cache, key, settings, settle};
+
+    #[tokio::test(start_paused = true)]
+    async fn credentials_within_their_last_minutes_are_never_handed_out_whatever_moka_keeps() {
+        // The clock follows paused time; moka's eviction timer does not, so only the cache's
+        // own check stands between a pod and credentials about to expire.
+        let clock = Clock::following_tokio();
+        let sts = FakeSts::with_clock(Duration::from_secs(3600), Duration::ZERO, clock);
+        let settings = settings(Duration::ZERO, Duration::from_secs(2), 4);
+        let cache = CredentialCache::with_clock(sts.clone(), settings, Arc::default(), Arc::new(Metrics::new()), clock);
+        let first = cache.get(&key("ns.pod")).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(54 * 60)).await;
+        assert_eq!(cache.get(&key("ns.pod")).await.unwrap().credentials, first.credentials, "6 minutes left");
+        tokio::time::sleep(Duration::from_secs(2 * 60)).await;
+        let second = cache.get(&key("ns.pod")).await.unwrap();
+        assert_ne!(second.credentials, first.credentials, "4 minutes left: fetched again");
+        assert!(second.remaining(clock.now()) > Duration::from_secs(55 * 60));
+        assert_eq!(sts.calls(), 2);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_misses_make_one_sts_call() {

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 use super::{BudgetSettings, CredentialCache, Credentials, RoleAssumer, StsError, StsSettings};
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::policy::RoleArn;
 use crate::resolve::{CredentialKey, SessionOptions, SessionRules, SessionScope};
@@ -20,16 +21,24 @@ pub(crate) struct FakeSts {
     pub(crate) throttling: AtomicBool,
     validity: Duration,
     delay: Duration,
+    /// What expirations are counted from.
+    clock: Clock,
 }
 
 impl FakeSts {
     pub(crate) fn new(validity: Duration, delay: Duration) -> Arc<Self> {
+        Self::with_clock(validity, delay, Clock::System)
+    }
+
+    /// The same, its expirations counted from `clock`'s time.
+    pub(crate) fn with_clock(validity: Duration, delay: Duration, clock: Clock) -> Arc<Self> {
         Arc::new(Self {
             calls: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
             throttling: AtomicBool::new(false),
             validity,
             delay,
+            clock,
         })
     }
     pub(crate) fn calls(&self) -> usize {
@@ -52,7 +61,7 @@ impl RoleAssumer for FakeSts {
                 access_key_id: format!("ASIA{n}-{}", key.session_name),
                 secret_access_key: "secret".into(),
                 session_token: "token".into(),
-                expiration: SystemTime::now() + self.validity,
+                expiration: self.clock.now() + self.validity,
             })
         })
     }

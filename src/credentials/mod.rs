@@ -38,6 +38,7 @@ pub use budget::BudgetSettings;
 pub use cache::{CredentialCache, CredentialError};
 pub use liveness::Liveness;
 pub use prefetch::Prefetcher;
+pub use refresh::refresh_point;
 pub use settings::StsSettings;
 pub use sts::{
     AwsSts, Failure, INTERMEDIATE_REFRESH_BEFORE, RoleAssumer, StsClientSettings, StsError, classify, global_endpoint,
@@ -61,7 +62,7 @@ pub fn keep_ahead(
     tasks: &mut JoinSet<()>,
 ) {
     if let Some(dir) = state {
-        match recent::load(&dir, SystemTime::now()) {
+        match recent::load(&dir, cache.clock.now()) {
             Ok(asked) if !asked.is_empty() => {
                 tracing::info!(
                     sessions = asked.len(),

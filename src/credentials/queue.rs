@@ -69,9 +69,10 @@ struct State {
 }
 
 impl State {
-    /// Takes a token of the budget, if there is one (always without a budget).
-    fn take_token(&mut self, now: Instant) -> bool {
-        self.budget.as_mut().is_none_or(|budget| budget.take(now))
+    /// Takes a token of the budget for a request or a background call (or a request's
+    /// retry), if there is one (always without a budget).
+    fn take_token(&mut self, now: Instant, background: bool) -> bool {
+        self.budget.as_mut().is_none_or(|budget| budget.take(now, background))
     }
 
     /// Hands free turns, and the budget's tokens, to the most urgent waiters. Returns when
@@ -84,16 +85,16 @@ impl State {
                 Some(queue) if self.background < self.background_limit => queue,
                 _ => return None,
             };
-            if !self.take_token(now) {
-                return self.budget.as_mut().map(|budget| budget.next_token(now));
+            let background = queue != Priority::Demand as usize;
+            if !self.take_token(now, background) {
+                return self.budget.as_mut().map(|budget| budget.next_token(now, background));
             }
             let waiter = self.waiting[queue].pop_front().expect("not empty");
-            let background = queue != Priority::Demand as usize;
             if waiter.turn.send(background).is_ok() {
                 self.free -= 1;
                 self.background += usize::from(background);
             } else if let Some(budget) = &mut self.budget {
-                budget.give_back();
+                budget.give_back(background);
             }
         }
         None
@@ -158,7 +159,7 @@ impl StsQueue {
             if state.free > 0
                 && !queued
                 && (!background || state.background < state.background_limit)
-                && state.take_token(Instant::now())
+                && state.take_token(Instant::now(), background)
             {
                 state.free -= 1;
                 state.background += usize::from(background);
@@ -179,9 +180,41 @@ impl StsQueue {
         Permit { state: self.state.clone(), background }
     }
 
+    /// A turn for a request's retry, now or not at all: a free turn and a token at the
+    /// background's pace (see `budget`). A pod's first call goes at once; retrying it while
+    /// STS throttles the account would multiply every throttled node's calls, and a retry
+    /// waiting for the pace would hold the key's next request behind it: without a turn now,
+    /// the request is answered with its error, and the pod's next request calls afresh.
+    pub fn retry_now(&self) -> Option<Permit> {
+        let mut state = self.state.lock();
+        if state.free > 0 && state.take_token(Instant::now(), true) {
+            state.free -= 1;
+            return Some(Permit { state: self.state.clone(), background: false });
+        }
+        None
+    }
+
     /// Tokens left in the budget now (`iamlet_sts_budget_tokens`), if there is one.
     pub fn budget_tokens(&self) -> Option<f64> {
         self.state.lock().budget.as_mut().map(|budget| budget.tokens(Instant::now()))
+    }
+
+    /// The background's pace now (`iamlet_sts_background_pace`), if there is a budget.
+    pub fn background_pace(&self) -> Option<f64> {
+        self.state.lock().budget.as_ref().map(Budget::pace)
+    }
+
+    /// What STS made of a call: the background's pace grows when it accepted one, and
+    /// halves when it throttled one.
+    pub fn answered(&self, throttled: bool) {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        if let Some(budget) = &mut state.budget {
+            match throttled {
+                true => budget.throttled(now),
+                false => budget.accepted(now),
+            }
+        }
     }
 
     /// A request waits for `key`, and may have it tried again until `until`: until the

@@ -56,12 +56,15 @@ impl CredentialCache {
         }
     }
 
-    /// Runs [`Self::refresh_due`] every `period`, the first one `period` after the pod cache
-    /// has synced (`pods_synced`): before, every session would look departed, and what a
-    /// predecessor handed over would be dropped.
+    /// Runs [`Self::refresh_due`] every `period`, the first one half a period to one and a
+    /// half after the pod cache has synced (`pods_synced`): before, every session would look
+    /// departed, and what a predecessor handed over would be dropped.
     pub async fn refresh_every(self: Arc<Self>, period: Duration, mut pods_synced: watch::Receiver<bool>) {
         let _ = pods_synced.wait_for(|synced| *synced).await;
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // At a random phase: agents started together (a rollout, a crash of all) would
+        // otherwise scan, and send their due refreshes to STS, in the same second.
+        let first = tokio::time::Instant::now() + period.mul_f64(0.5 + jitter());
+        let mut ticks = tokio::time::interval_at(first, period);
         loop {
             ticks.tick().await;
             self.refresh_due().await;
@@ -71,7 +74,7 @@ impl CredentialCache {
     /// Starts a background refresh of `key` when less than the TTL remains of `issued` (and
     /// none is under way): the request that noticed is answered with `issued` meanwhile.
     pub(super) fn refresh_if_due(self: &Arc<Self>, key: &CredentialKey, issued: &Issued) {
-        if SystemTime::now() < issued.refresh_at || self.is_retired() || self.adopted.is_unclaimed(key) {
+        if self.clock.now() < issued.refresh_at || self.is_retired() || self.adopted.is_unclaimed(key) {
             return;
         }
         if !self.refreshing.lock().insert(key.clone()) {
@@ -79,7 +82,7 @@ impl CredentialCache {
         }
         let cache = self.clone();
         let key = key.clone();
-        let issued_left = issued.remaining(SystemTime::now());
+        let issued_left = issued.remaining(cache.clock.now());
         tokio::spawn(async move {
             let fetching = cache.liveness.fetching(&key.session_id());
             // Tried again through throttling while the cached credentials may still be served.

@@ -13,6 +13,7 @@ pub mod container;
 pub mod e2e;
 pub mod env;
 pub mod flags;
+pub mod fleet;
 pub mod imds;
 pub mod metrics;
 pub mod moto;

@@ -10,6 +10,7 @@
 mod churn;
 mod exhaustion;
 mod explain;
+mod fleet;
 mod handover;
 mod imds_api;
 mod node_protection;
