@@ -15,7 +15,7 @@
 //! `--sts-max-rps`, grows by [`PACE_GROWTH`] a second while STS accepts what it is sent (by
 //! `PACE_GROWTH / pace` with each accepted call, as TCP's window grows by one segment a round
 //! trip), and halves when STS throttles (at most once per [`DECREASE_EVERY`], one episode),
-//! down to [`MIN_PACE`]. A
+//! down to [`MIN_PACE`], then holds for [`HOLD_AFTER_DECREASE`]. A
 //! fleet's agents then share the account's limit among themselves without knowing each
 //! other, and keep the headroom a pod's request needs: a request's first call keeps to the
 //! budget alone, its retries to the pace (`StsQueue::retry_now`).
@@ -47,6 +47,16 @@ pub const MIN_PACE: f64 = 0.02;
 /// limit with a small overshoot, and a lone node restarted with 110 keys to fetch has them in
 /// about 7 minutes (a pod that asks meanwhile is served by its request).
 pub const PACE_GROWTH: f64 = 0.001;
+/// The most retries of requests a node may make in a row: each takes one, each call STS
+/// accepts gives back [`RETRY_REFUND`]. As the AWS SDKs' retry quota: while most calls
+/// succeed, a throttled request is retried at once; while STS throttles the account, the
+/// quota runs dry and throttled nodes stop multiplying their calls.
+pub const RETRY_QUOTA: f64 = 10.0;
+/// What each accepted call gives back to the retry quota: one retry per ten successes.
+pub const RETRY_REFUND: f64 = 0.1;
+/// After a halving the pace holds this long before it grows again: the fleet's other nodes
+/// are halving too, and growing at once would find the limit again within seconds.
+pub const HOLD_AFTER_DECREASE: Duration = Duration::from_secs(60);
 /// Throttled answers within this of a decrease belong to the same episode: one halving.
 pub const DECREASE_EVERY: Duration = Duration::from_secs(2);
 
@@ -91,6 +101,8 @@ pub struct Budget {
     background: Bucket,
     /// When the pace was last halved.
     decreased: Option<Instant>,
+    /// Retries of requests left (see [`RETRY_QUOTA`]).
+    retries: f64,
 }
 
 impl Budget {
@@ -98,8 +110,9 @@ impl Budget {
     pub fn new(settings: BudgetSettings, now: Instant) -> Self {
         let rate = settings.rate.max(f64::MIN_POSITIVE);
         let ceiling = Bucket { rate, burst: settings.burst.max(1.0), tokens: settings.burst.max(1.0), refilled: now };
-        let background = Bucket { rate, burst: rate.max(1.0), tokens: rate.max(1.0), refilled: now };
-        Self { ceiling, background, decreased: None }
+        // One call at once to begin with: every agent may be starting now (a crash of all).
+        let background = Bucket { rate, burst: rate.max(1.0), tokens: 1.0, refilled: now };
+        Self { ceiling, background, decreased: None, retries: RETRY_QUOTA }
     }
 
     /// Takes a token at `now` for a request (`background` false) or a refresh or prefetch,
@@ -111,6 +124,16 @@ impl Budget {
             if background {
                 self.background.tokens -= 1.0;
             }
+        }
+        ready
+    }
+
+    /// Takes a token and a retry of the quota at `now` for a request's retry, if there are.
+    pub fn take_retry(&mut self, now: Instant) -> bool {
+        let ready = self.retries >= 1.0 - ROUNDING && self.ceiling.has(now);
+        if ready {
+            self.ceiling.tokens -= 1.0;
+            self.retries -= 1.0;
         }
         ready
     }
@@ -132,9 +155,13 @@ impl Budget {
         }
     }
 
-    /// STS accepted a call at `now`: the pace grows.
+    /// STS accepted a call at `now`: the pace grows, and the retry quota.
     pub fn accepted(&mut self, now: Instant) {
+        self.retries = (self.retries + RETRY_REFUND).min(RETRY_QUOTA);
         self.background.refill(now);
+        if self.decreased.is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE) {
+            return;
+        }
         let pace = self.background.rate;
         self.background.rate = (pace + PACE_GROWTH / pace).min(self.ceiling.rate);
         self.background.burst = self.background.rate.max(1.0);
@@ -193,15 +220,18 @@ mod tests {
     fn the_background_keeps_a_pace_that_grows_with_acceptance_and_halves_when_throttled() {
         let start = Instant::now();
         let mut budget = Budget::new(BudgetSettings { rate: 10.0, burst: 20.0 }, start);
-        assert!((0..10).all(|_| budget.take(start, true)), "a second's worth of background calls at once");
+        assert!(budget.take(start, true), "one background call at once to begin with");
         assert!(!budget.take(start, true) && budget.take(start, false), "a request keeps to the budget alone");
         assert_eq!(budget.next_token(start, true), start + Duration::from_millis(100));
         for s in 0..4 {
             budget.throttled(start + DECREASE_EVERY * s);
         }
         assert_eq!(budget.pace(), 10.0 / 16.0);
-        // A minute of calls at the pace, all accepted: about PACE_GROWTH × 60 more.
-        let start = start + DECREASE_EVERY * 4;
+        // After the hold, a minute of calls at the pace, all accepted: about PACE_GROWTH × 60
+        // more.
+        budget.accepted(start + DECREASE_EVERY * 4);
+        assert_eq!(budget.pace(), 10.0 / 16.0, "held after a halving");
+        let start = start + DECREASE_EVERY * 4 + HOLD_AFTER_DECREASE;
         let before = budget.pace();
         let mut at = start;
         while at < start + Duration::from_secs(60) {
@@ -210,6 +240,7 @@ mod tests {
         }
         let grown = budget.pace();
         assert!((grown - before - 60.0 * PACE_GROWTH).abs() < 0.01, "{grown}");
+        let start = at + DECREASE_EVERY;
         budget.throttled(start);
         let halved = budget.pace();
         assert!((halved - grown / 2.0).abs() < 1e-9, "{halved}");
@@ -219,9 +250,24 @@ mod tests {
             budget.throttled(start + DECREASE_EVERY * s);
         }
         assert_eq!(budget.pace(), MIN_PACE, "never below the floor");
+        let later = start + DECREASE_EVERY * 21 + HOLD_AFTER_DECREASE;
         for _ in 0..1_000_000 {
-            budget.accepted(start);
+            budget.accepted(later);
         }
         assert_eq!(budget.pace(), 10.0, "never above --sts-max-rps");
+    }
+
+    #[test]
+    fn retries_of_requests_take_a_quota_that_accepted_calls_refill() {
+        let start = Instant::now();
+        let mut budget = Budget::new(BudgetSettings { rate: 1000.0, burst: 1000.0 }, start);
+        let retries = (0..100).filter(|_| budget.take_retry(start)).count();
+        assert_eq!(retries as f64, RETRY_QUOTA, "no more retries in a row than the quota");
+        for _ in 0..9 {
+            budget.accepted(start);
+        }
+        assert!(!budget.take_retry(start), "nine successes: not yet one retry");
+        budget.accepted(start);
+        assert!(budget.take_retry(start), "ten successes give back one retry");
     }
 }

@@ -404,6 +404,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn while_sts_throttles_requests_are_retried_within_the_quota_and_the_pace_halves() {
+        use crate::credentials::budget::RETRY_QUOTA;
+        let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(10));
+        sts.throttling.store(true, Ordering::SeqCst);
+        let mut settings = settings(Duration::ZERO, Duration::from_secs(2), 4);
+        settings.sts_budget = crate::credentials::BudgetSettings { rate: 10.0, burst: 20.0 };
+        let cache = CredentialCache::new(sts.clone(), settings, Arc::default(), Arc::new(Metrics::new()));
+        let requests = 8;
+        for n in 0..requests {
+            let until = tokio::time::Instant::now() + Duration::from_secs(1);
+            assert!(cache.get_until(&key(&format!("ns.pod-{n}")), until).await.is_err());
+        }
+        let calls = sts.calls();
+        assert!(calls > requests, "a throttled request is retried while the quota lasts: {calls}");
+        assert!(
+            calls <= requests + RETRY_QUOTA as usize,
+            "{calls} calls for {requests} requests: retries beyond the quota multiply a throttled node's calls"
+        );
+        assert!(cache.queue.background_pace().unwrap() < 10.0, "the pace halved");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn concurrent_misses_make_one_sts_call() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(50));
         let cache = cache(&sts, Duration::ZERO);

@@ -180,14 +180,15 @@ impl StsQueue {
         Permit { state: self.state.clone(), background }
     }
 
-    /// A turn for a request's retry, now or not at all: a free turn and a token at the
-    /// background's pace (see `budget`). A pod's first call goes at once; retrying it while
+    /// A turn for a request's retry, now or not at all: a free turn, a token and a retry of
+    /// the budget's quota (see `budget`). A pod's first call goes at once; retrying it while
     /// STS throttles the account would multiply every throttled node's calls, and a retry
-    /// waiting for the pace would hold the key's next request behind it: without a turn now,
-    /// the request is answered with its error, and the pod's next request calls afresh.
+    /// waiting would hold the key's next request behind it: without a turn now, the request
+    /// is answered with its error, and the pod's next request calls afresh.
     pub fn retry_now(&self) -> Option<Permit> {
         let mut state = self.state.lock();
-        if state.free > 0 && state.take_token(Instant::now(), true) {
+        let now = Instant::now();
+        if state.free > 0 && state.budget.as_mut().is_none_or(|budget| budget.take_retry(now)) {
             state.free -= 1;
             return Some(Permit { state: self.state.clone(), background: false });
         }

@@ -13,7 +13,7 @@
 //! own few roles (as large fleets are run: a pool per team or workload), plus the pods of a
 //! few DaemonSets with roles on every node. Each role has its ServiceAccounts. A pod's SDK
 //! asks for credentials when it starts, then when what it holds has 5 to 15 minutes left (the
-//! SDKs' refresh windows), and a second after a failure.
+//! SDKs' refresh windows), and after a failure, again after a jittered backoff (1 s doubling to 20 s).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -376,9 +376,12 @@ fn pod_of(
     }
 }
 
-/// A pod's SDK: asks at `first_ask`, then whenever what it holds has 5 to 15 minutes left.
+/// A pod's SDK: asks at `first_ask`, then whenever what it holds has 5 to 15 minutes left;
+/// after a failure, again after a backoff (full jitter, 1 s doubling to 20 s, as the AWS SDKs'
+/// standard retry mode).
 async fn sdk(shared: Arc<Shared>, node: Arc<Node>, pod: Arc<PodIdentity>, first_ask: Instant, mut rng: fastrand::Rng) {
     let mut next = first_ask;
+    let mut failed = 0;
     loop {
         tokio::time::sleep_until(next).await;
         let agent = node.agent();
@@ -389,6 +392,7 @@ async fn sdk(shared: Arc<Shared>, node: Arc<Node>, pod: Arc<PodIdentity>, first_
         shared.requests.fetch_add(1, Ordering::Relaxed);
         next = match answer {
             Ok(Ok(issued)) => {
+                failed = 0;
                 let left = issued.remaining(shared.clock.now());
                 let window = Duration::from_secs(5 * 60 + rng.u64(..600));
                 Instant::now() + left.saturating_sub(window).max(Duration::from_secs(60))
@@ -396,7 +400,9 @@ async fn sdk(shared: Arc<Shared>, node: Arc<Node>, pod: Arc<PodIdentity>, first_
             _ => {
                 shared.failures.fetch_add(1, Ordering::Relaxed);
                 shared.failed_at.lock().push(started.saturating_duration_since(shared.started).as_secs() as u32);
-                Instant::now() + Duration::from_secs(1)
+                failed += 1;
+                let ceiling = Duration::from_secs(1 << failed.min(5)).min(Duration::from_secs(20));
+                Instant::now() + Duration::from_millis(100) + ceiling.mul_f64(rng.f64())
             }
         };
     }
