@@ -331,8 +331,9 @@ async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
     for i in 0..pods {
         node.api.create_pod(pod("jobs", &format!("j{i}")).ip(&format!("127.0.2.{}", 10 + i)).role("app").build());
     }
-    // Every pod's prefetch, and the retries of the throttled ones, until 20 calls.
-    eventually(30, "20 calls", async || node.sts.assume_role_calls().len() >= 20).await;
+    // Every pod's prefetch, and the retries of the throttled ones, at a pace that halves with
+    // each throttling episode: about ten calls in the first seconds, then fewer and fewer.
+    eventually(30, "8 calls", async || node.sts.assume_role_calls().len() >= 8).await;
     let mut at: Vec<u128> =
         node.sts.assume_role_calls().iter().map(|c| c[iamlet_testkit::sts_proxy::AT_MS].parse().unwrap()).collect();
     at.sort();
@@ -344,6 +345,10 @@ async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
         assert!((i + 1) as f64 <= allowed + 2.0, "call {} at +{} ms, over the budget's {allowed:.1}", i + 1, t - first);
     }
     assert!(node.metric_exported("iamlet_sts_budget_tokens").await.is_some());
+    eventually(30, "the pace halved", async || {
+        node.metric_exported("iamlet_sts_background_pace").await.is_some_and(|pace| pace < rate)
+    })
+    .await;
 }
 
 #[tokio::test]
