@@ -83,6 +83,7 @@ fn main() {
     config.node_budget = BudgetSettings { rate: args.node_max_rps, burst: args.node_burst.into() };
     config.churn_per_hour = args.churn_per_hour;
     config.seed = args.seed;
+    config.progress = true;
     eprintln!("{config:?}");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
     let wall = Instant::now();

@@ -76,6 +76,8 @@ pub struct FleetConfig {
     /// How long an SDK waits for the metadata service.
     pub pod_timeout: Duration,
     pub seed: u64,
+    /// Says on stderr how far the simulation is, every 10 simulated minutes.
+    pub progress: bool,
 }
 
 impl FleetConfig {
@@ -105,6 +107,7 @@ impl FleetConfig {
             job_runs: Duration::from_secs(4 * 60),
             pod_timeout: Duration::from_secs(1),
             seed: 1,
+            progress: false,
         }
     }
 
@@ -618,6 +621,24 @@ pub async fn simulate(config: FleetConfig) -> FleetReport {
         }
     }
 
+    if config.progress {
+        let (shared, sts) = (shared.clone(), sts.clone());
+        let wall = std::time::Instant::now();
+        events.spawn(async move {
+            let mut ticks = tokio::time::interval_at(started + Duration::from_secs(600), Duration::from_secs(600));
+            loop {
+                ticks.tick().await;
+                eprintln!(
+                    "{:>4} min simulated in {:.0} s: {} AssumeRole calls, {} throttled, {} pod-visible failures",
+                    started.elapsed().as_secs() / 60,
+                    wall.elapsed().as_secs_f64(),
+                    sts.calls.load(Ordering::Relaxed),
+                    sts.throttled.load(Ordering::Relaxed),
+                    shared.failures.load(Ordering::Relaxed),
+                );
+            }
+        });
+    }
     tokio::time::sleep_until(started + config.duration).await;
     events.abort_all();
     let per_second = {
