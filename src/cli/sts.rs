@@ -42,7 +42,8 @@ pub struct StsArgs {
 
     /// The node's budget of AssumeRole calls per second over time, retries included: STS
     /// limits calls per account and region (about 600/s), and every node of the cluster
-    /// calls it. A pod's request takes the next call before refreshes and prefetches.
+    /// calls it. A pod's request takes the next call before refreshes and prefetches, which
+    /// also keep to a pace that starts at this rate and halves whenever STS throttles.
     #[arg(long, default_value_t = 10.0, value_parser = parse_rate, env = "IAMLET_STS_MAX_RPS")]
     pub sts_max_rps: f64,
 
