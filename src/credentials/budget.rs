@@ -18,7 +18,7 @@
 //! down to [`MIN_PACE`], then holds for [`HOLD_AFTER_DECREASE`]. A
 //! fleet's agents then share the account's limit among themselves without knowing each
 //! other, and keep the headroom a pod's request needs: a request's first call keeps to the
-//! budget alone, its retries to the pace (`StsQueue::retry_now`).
+//! budget alone, and its retries take a retry quota ([`RETRY_QUOTA`], `StsQueue::retry_now`).
 //! Refreshes are due 22.5 to 30 minutes before expiry and tried until 5 minutes before, so a
 //! slow pace delays them without a pod noticing.
 //!

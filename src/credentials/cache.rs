@@ -246,25 +246,27 @@ impl CredentialCache {
         until: tokio::time::Instant,
     ) -> Result<Arc<Issued>, StsError> {
         let mut attempt = 0;
-        // Whether a call was made with a request waiting: the request's next call is a retry.
-        let mut demanded_before = false;
-        let mut last_error: Option<StsError> = None;
+        // The last failure of a call a request was waiting for: while a request still waits,
+        // the next call is its retry, made now within the retry quota or not at all.
+        let mut failed_a_request: Option<StsError> = None;
         loop {
-            let turn = match demanded_before {
-                // A request's retry: now, at the background's pace, or not at all.
-                true => match self.queue.retry_now() {
-                    Some(turn) => Some(turn),
-                    None => return Err(last_error.unwrap_or_else(|| StsError::other("no retry"))),
-                },
-                false => None,
-            };
+            let mut turn = None;
+            if let Some(failure) = &failed_a_request
+                && self.queue.demanded_until(key).is_some()
+            {
+                match self.queue.retry_now() {
+                    Some(now) => turn = Some(now),
+                    None => return Err(failure.clone()),
+                }
+            }
             let answer = self.call(key, priority, turn).await;
-            demanded_before |= priority == Priority::Demand || self.queue.demanded_until(key).is_some();
             let error = match answer {
                 Ok(issued) => return Ok(issued),
                 Err(error) => error,
             };
-            last_error = Some(error.clone());
+            if priority == Priority::Demand || self.queue.demanded_until(key).is_some() {
+                failed_a_request = Some(error.clone());
+            }
             // A request joined this fetch (or made it): its pod's wait bounds the retries.
             let demanded = self.queue.demanded_until(key);
             let (class, until) = match (priority, demanded) {

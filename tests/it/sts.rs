@@ -333,7 +333,7 @@ async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
     }
     // Every pod's prefetch, and the retries of the throttled ones, at a pace that halves with
     // each throttling episode: about ten calls in the first seconds, then fewer and fewer.
-    eventually(30, "8 calls", async || node.sts.assume_role_calls().len() >= 8).await;
+    eventually(30, "6 calls", async || node.sts.assume_role_calls().len() >= 6).await;
     let mut at: Vec<u128> =
         node.sts.assume_role_calls().iter().map(|c| c[iamlet_testkit::sts_proxy::AT_MS].parse().unwrap()).collect();
     at.sort();
