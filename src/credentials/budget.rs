@@ -18,8 +18,8 @@
 //! down to [`MIN_PACE`], then holds for [`HOLD_AFTER_DECREASE`]. A
 //! fleet's agents then share the account's limit among themselves without knowing each
 //! other, and keep the headroom a pod's request needs: a request's first call keeps to the
-//! budget alone, and its retries take a retry quota ([`RETRY_QUOTA`], `StsQueue::retry_now`).
-//! Refreshes are due 22.5 to 30 minutes before expiry and tried until 5 minutes before, so a
+//! budget alone, and its retries take background calls' places ([`RETRY_QUOTA`],
+//! `StsQueue::retry_now`). Refreshes are due 22.5 to 30 minutes before expiry and tried until 5 minutes before, so a
 //! slow pace delays them without a pod noticing.
 //!
 //! Pure: the clock is passed in (tokio's, so it can be paused).
@@ -47,13 +47,14 @@ pub const MIN_PACE: f64 = 0.02;
 /// limit with a small overshoot, and a lone node restarted with 110 keys to fetch has them in
 /// about 7 minutes (a pod that asks meanwhile is served by its request).
 pub const PACE_GROWTH: f64 = 0.001;
-/// The most retries of requests a node may make in a row: each takes one, each call STS
-/// accepts gives back [`RETRY_REFUND`]. As the AWS SDKs' retry quota: while most calls
-/// succeed, a throttled request is retried at once; while STS throttles the account, the
-/// quota runs dry and throttled nodes stop multiplying their calls.
+/// The most retries of requests a node may make ahead of its pace: each takes the place of
+/// a background call, and the pace's bucket may owe this many. While STS accepts the node's
+/// calls, a throttled request is retried at once; while STS throttles the account, the pace
+/// halves and the retries come back no faster than it, so throttled nodes do not multiply
+/// their calls. (A quota refilled by successes alone, as the AWS SDKs' retry quota, ran dry
+/// in the minutes after a crash of every agent, when each node's few calls a minute are
+/// accepted: every pod whose first call was throttled then failed.)
 pub const RETRY_QUOTA: f64 = 10.0;
-/// What each accepted call gives back to the retry quota: one retry per ten successes.
-pub const RETRY_REFUND: f64 = 0.1;
 /// After a halving the pace holds this long before it grows again: the fleet's other nodes
 /// are halving too, and growing at once would find the limit again within seconds.
 pub const HOLD_AFTER_DECREASE: Duration = Duration::from_secs(60);
@@ -101,8 +102,6 @@ pub struct Budget {
     background: Bucket,
     /// When the pace was last halved.
     decreased: Option<Instant>,
-    /// Retries of requests left (see [`RETRY_QUOTA`]).
-    retries: f64,
 }
 
 impl Budget {
@@ -112,7 +111,7 @@ impl Budget {
         let ceiling = Bucket { rate, burst: settings.burst.max(1.0), tokens: settings.burst.max(1.0), refilled: now };
         // One call at once to begin with: every agent may be starting now (a crash of all).
         let background = Bucket { rate, burst: rate.max(1.0), tokens: 1.0, refilled: now };
-        Self { ceiling, background, decreased: None, retries: RETRY_QUOTA }
+        Self { ceiling, background, decreased: None }
     }
 
     /// Takes a token at `now` for a request (`background` false) or a refresh or prefetch,
@@ -128,12 +127,16 @@ impl Budget {
         ready
     }
 
-    /// Takes a token and a retry of the quota at `now` for a request's retry, if there are.
+    /// Takes a token at `now` for a request's retry, and the place of a background call: the
+    /// pace's bucket may owe up to [`RETRY_QUOTA`] calls, which refreshes and prefetches then
+    /// wait out. A throttled node's retries thus replace calls it would have made anyway,
+    /// and come back at the pace STS accepts from it.
     pub fn take_retry(&mut self, now: Instant) -> bool {
-        let ready = self.retries >= 1.0 - ROUNDING && self.ceiling.has(now);
+        self.background.refill(now);
+        let ready = self.background.tokens >= 1.0 - RETRY_QUOTA - ROUNDING && self.ceiling.has(now);
         if ready {
             self.ceiling.tokens -= 1.0;
-            self.retries -= 1.0;
+            self.background.tokens -= 1.0;
         }
         ready
     }
@@ -155,9 +158,8 @@ impl Budget {
         }
     }
 
-    /// STS accepted a call at `now`: the pace grows, and the retry quota.
+    /// STS accepted a call at `now`: the pace grows.
     pub fn accepted(&mut self, now: Instant) {
-        self.retries = (self.retries + RETRY_REFUND).min(RETRY_QUOTA);
         self.background.refill(now);
         if self.decreased.is_some_and(|at| now.saturating_duration_since(at) < HOLD_AFTER_DECREASE) {
             return;
@@ -258,16 +260,21 @@ mod tests {
     }
 
     #[test]
-    fn retries_of_requests_take_a_quota_that_accepted_calls_refill() {
+    fn a_requests_retries_take_background_calls_places_owing_at_most_the_quota() {
         let start = Instant::now();
-        let mut budget = Budget::new(BudgetSettings { rate: 1000.0, burst: 1000.0 }, start);
+        let mut budget = Budget::new(BudgetSettings { rate: 10.0, burst: 20.0 }, start);
         let retries = (0..100).filter(|_| budget.take_retry(start)).count();
-        assert_eq!(retries as f64, RETRY_QUOTA, "no more retries in a row than the quota");
-        for _ in 0..9 {
-            budget.accepted(start);
-        }
-        assert!(!budget.take_retry(start), "nine successes: not yet one retry");
-        budget.accepted(start);
-        assert!(budget.take_retry(start), "ten successes give back one retry");
+        assert_eq!(retries as f64, 1.0 + RETRY_QUOTA, "the pace's one token, then the quota owed");
+        assert_eq!(budget.tokens(start), 20.0 - 11.0, "each retry took a token of the budget too");
+        assert_eq!(
+            budget.next_token(start, true),
+            start + Duration::from_millis(1100),
+            "the background waits the debt out"
+        );
+        // Throttled: the debt is paid at the halved pace, and so come the next retries.
+        budget.throttled(start);
+        assert!(!budget.take_retry(start + Duration::from_millis(199)));
+        assert!(budget.take_retry(start + Duration::from_millis(200)), "one retry per call of the pace (5/s)");
+        assert_eq!(budget.next_token(start + Duration::from_millis(200), true), start + Duration::from_millis(2400));
     }
 }

@@ -247,7 +247,7 @@ impl CredentialCache {
     ) -> Result<Arc<Issued>, StsError> {
         let mut attempt = 0;
         // The last failure of a call a request was waiting for: while a request still waits,
-        // the next call is its retry, made now within the retry quota or not at all.
+        // the next call is its retry, made now in a background call's place or not at all.
         let mut failed_a_request: Option<StsError> = None;
         loop {
             let mut turn = None;
@@ -409,25 +409,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn while_sts_throttles_requests_are_retried_within_the_quota_and_the_pace_halves() {
-        use crate::credentials::budget::RETRY_QUOTA;
+    async fn while_sts_throttles_requests_are_retried_at_a_pace_that_halves() {
         let sts = FakeSts::new(Duration::from_secs(3600), Duration::from_millis(10));
         sts.throttling.store(true, Ordering::SeqCst);
         let mut settings = settings(Duration::ZERO, Duration::from_secs(2), 4);
         settings.sts_budget = crate::credentials::BudgetSettings { rate: 10.0, burst: 20.0 };
         let cache = CredentialCache::new(sts.clone(), settings, Arc::default(), Arc::new(Metrics::new()));
-        let requests = 8;
-        for n in 0..requests {
-            let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        // A new pod a second for a minute, each request waiting up to a second.
+        let mut calls = Vec::new();
+        for n in 0..60 {
+            let started = tokio::time::Instant::now();
+            let until = started + Duration::from_secs(1);
             assert!(cache.get_until(&key(&format!("ns.pod-{n}")), until).await.is_err());
+            calls.push(sts.calls());
+            tokio::time::sleep_until(until).await;
         }
-        let calls = sts.calls();
-        assert!(calls > requests, "a throttled request is retried while the quota lasts: {calls}");
+        assert!(calls[0] > 1, "a throttled request is retried at once while the node keeps its pace");
+        let late = calls[59] - calls[29];
         assert!(
-            calls <= requests + RETRY_QUOTA as usize,
-            "{calls} calls for {requests} requests: retries beyond the quota multiply a throttled node's calls"
+            late <= 30 + 2,
+            "{late} calls for the last 30 requests: a throttled node's retries must come at its halved pace, not multiply its calls"
         );
-        assert!(cache.queue.background_pace().unwrap() < 10.0, "the pace halved");
+        assert!(cache.queue.background_pace().unwrap() < 0.1, "the pace halved");
     }
 
     #[tokio::test(start_paused = true)]

@@ -180,8 +180,8 @@ impl StsQueue {
         Permit { state: self.state.clone(), background }
     }
 
-    /// A turn for a request's retry, now or not at all: a free turn, a token and a retry of
-    /// the budget's quota (see `budget`). A pod's first call goes at once; retrying it while
+    /// A turn for a request's retry, now or not at all: a free turn, a token and a background
+    /// call's place (see `budget`). A pod's first call goes at once; retrying it while
     /// STS throttles the account would multiply every throttled node's calls, and a retry
     /// waiting would hold the key's next request behind it: without a turn now, the request
     /// is answered with its error, and the pod's next request calls afresh.

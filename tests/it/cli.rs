@@ -155,7 +155,7 @@ async fn kube2iams_chart_arguments_one_port_and_a_healthz_probe() {
     let port = free_port();
     let one_port = flags(&api, &imds, port).ports(port, port);
     let mut agent = AgentCommand::new(one_port, &sts.url).spawn();
-    eventually(20, "the /healthz probe on the app port", async || {
+    eventually(60, "the /healthz probe on the app port", async || {
         pod_client::try_get("127.0.0.1".parse().unwrap(), agent.app, "/healthz").await.is_ok_and(|r| r.status == 200)
     })
     .await;

@@ -331,9 +331,15 @@ async fn the_nodes_calls_stay_within_its_budget_even_while_sts_throttles() {
     for i in 0..pods {
         node.api.create_pod(pod("jobs", &format!("j{i}")).ip(&format!("127.0.2.{}", 10 + i)).role("app").build());
     }
-    // Every pod's prefetch, and the retries of the throttled ones, at a pace that halves with
-    // each throttling episode: about ten calls in the first seconds, then fewer and fewer.
-    eventually(30, "6 calls", async || node.sts.assume_role_calls().len() >= 6).await;
+    // Every pod asks at once: each request's first call keeps to the budget alone (three at
+    // once, then five a second), and its retries take the prefetches' places.
+    let asks = (0..pods).map(|i| {
+        let node = &node;
+        async move { node.get(&format!("127.0.2.{}", 10 + i), &format!("{CREDS}app")).await }
+    });
+    let answers = futures::future::join_all(asks).await;
+    assert!(answers.iter().all(|answer| answer.status != 200), "STS throttles every call");
+    eventually(30, "12 calls", async || node.sts.assume_role_calls().len() >= 12).await;
     let mut at: Vec<u128> =
         node.sts.assume_role_calls().iter().map(|c| c[iamlet_testkit::sts_proxy::AT_MS].parse().unwrap()).collect();
     at.sort();
