@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A run from a clean clone writes about 9 GiB (cargo's debug build, the image's layers in
+# podman's vfs storage, the rootfs): say so up front rather than fail on "no space left on
+# device" twenty minutes in.
+avail_kib=$(df --output=avail -k . | tail -1)
+if [ "$avail_kib" -lt $((10 * 1024 * 1024)) ]; then
+  echo "install-test-deps: warning: only $((avail_kib / 1024 / 1024)) GiB free here; a run from a clean clone needs about 10 GiB" >&2
+fi
+
 need_apt=()
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
