@@ -15,12 +15,12 @@
 //! `--sts-max-rps`, grows by [`PACE_GROWTH`] a second while STS accepts what it is sent (by
 //! `PACE_GROWTH / pace` with each accepted call, as TCP's window grows by one segment a round
 //! trip), and halves when STS throttles (at most once per [`DECREASE_EVERY`], one episode),
-//! down to [`MIN_PACE`], then holds for [`HOLD_AFTER_DECREASE`]. A
-//! fleet's agents then share the account's limit among themselves without knowing each
-//! other, and keep the headroom a pod's request needs: a request's first call keeps to the
-//! budget alone, and its retries take background calls' places ([`RETRY_QUOTA`],
-//! `StsQueue::retry_now`). Refreshes are due 22.5 to 30 minutes before expiry and tried until 5 minutes before, so a
-//! slow pace delays them without a pod noticing.
+//! down to [`MIN_PACE`], then holds for [`HOLD_AFTER_DECREASE`]. A fleet's agents then share
+//! the account's limit among themselves without knowing each other, and keep the headroom a
+//! pod's request needs: a request's first call keeps to the budget alone, and its retries
+//! take background calls' places ([`RETRY_QUOTA`], `StsQueue::retry_now`). Refreshes are due
+//! 22.5 to 30 minutes before expiry and tried until 5 minutes before, so a slow pace delays
+//! them without a pod noticing.
 //!
 //! Pure: the clock is passed in (tokio's, so it can be paused).
 
